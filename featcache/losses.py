@@ -1,0 +1,634 @@
+"""Margin-based softmax losses for training retrieval heads on cached features.
+
+Every loss owns its class weights ``weight`` of shape ``(num_classes * k, embed_dim)``; row ``c * k + j``
+is sub-center ``j`` of class ``c`` (k = 1 except for ``subcenter-arcface``). A forward pass takes the
+head's RAW (unnormalised) embeddings ``(B, E)`` and int64 class ids ``(B,)``, computes the ``(B, C * k)``
+cosine matrix once, reduces it to ``(B, C)`` by the max over each class's sub-centers, turns it into
+scaled logits (margins applied to the target column only, except where a formula needs every column)
+and returns the mean softmax cross-entropy.
+
+Margins are in RADIANS for the angular losses (arcface family, airface, curricularface, adaface);
+cosface's margin is subtracted from the cosine itself.
+
+Build losses by name with :func:`build_loss`; :data:`LOSSES` describes them (defaults, one-line formula).
+Formulas and defaults follow ``REFERENCES.md`` ("Loss family").
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "LOSSES",
+    "LossSpec",
+    "MarginSoftmaxLoss",
+    "SoftmaxLoss",
+    "NormFaceLoss",
+    "CosFaceLoss",
+    "ArcFaceLoss",
+    "SubCenterArcFaceLoss",
+    "DynamicArcFaceLoss",
+    "AirFaceLoss",
+    "CurricularFaceLoss",
+    "AdaFaceLoss",
+    "AdaCosLoss",
+    "build_loss",
+    "loss_names",
+]
+
+# Floor under 1 - cos^2 before the square root: keeps d sin/d cos finite when cos = ±1 exactly.
+_SIN_EPS = 1e-12
+# acos is only used where the angle itself is needed; its gradient is infinite at ±1.
+_ACOS_CLAMP = 1.0 - 1e-7
+_ADAFACE_EPS = 1e-3
+
+
+# ----------------------------------------------------------------------------------------- validation
+
+
+def _fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def _integer(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool):
+        _fail(f"{name} must be an integer >= {minimum}, got {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        _fail(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if number < minimum:
+        _fail(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return number
+
+
+def _real(name: str, value: Any, ok, rule: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        _fail(f"{name} must be a number {rule}, got {value!r}")
+    if isinstance(value, bool) or not math.isfinite(number) or not ok(number):
+        _fail(f"{name} must be {rule}, got {value!r}")
+    return number
+
+
+def _scale(value: Any) -> float:
+    return _real("scale", value, lambda v: v > 0, "> 0")
+
+
+def _margin(name: str, value: Any) -> float:
+    return _real(name, value, lambda v: 0 <= v < math.pi, "in [0, pi) (radians)")
+
+
+def _rate(name: str, value: Any) -> float:
+    return _real(name, value, lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def _gather(matrix: Tensor, column: Tensor) -> Tensor:
+    """``matrix[i, column[i]]`` for every row, shape (B,)."""
+    return matrix.gather(1, column[:, None]).squeeze(1)
+
+
+def _set_target(logits: Tensor, column: Tensor, values: Tensor) -> Tensor:
+    """Write ``values`` (B,) into each row's target column in place; returns ``logits``."""
+    return logits.scatter_(1, column[:, None], values[:, None].to(logits.dtype))
+
+
+def _cos_plus(cos: Tensor, margin: float | Tensor) -> Tensor:
+    """cos(θ + m) by the angle-sum identity, with sin θ = sqrt(1 − cos²θ) (no acos)."""
+    margin = torch.as_tensor(margin, dtype=cos.dtype, device=cos.device)
+    sin = (1.0 - cos * cos).clamp_min(_SIN_EPS).sqrt()
+    return cos * torch.cos(margin) - sin * torch.sin(margin)
+
+
+def _arc_target(cos: Tensor, margin: float | Tensor) -> Tensor:
+    """ArcFace target cosine: cos(θ + m), or cos θ − m·sin m once θ + m would pass π.
+
+    The fallback keeps the target logit monotonic in θ (cos(θ + m) turns back up past π).
+    ``margin`` is in radians, a float or a (B,) tensor of per-sample margins.
+    """
+    margin = torch.as_tensor(margin, dtype=cos.dtype, device=cos.device)
+    past_pi = cos <= torch.cos(math.pi - margin)
+    return torch.where(past_pi, cos - margin * torch.sin(margin), _cos_plus(cos, margin))
+
+
+@dataclass
+class _Batch:
+    """What a loss's logit hook sees for one forward pass."""
+
+    cos: Tensor  # (B, C') float32 cosines, max over sub-centers (raw scores for `softmax`)
+    target: Tensor  # (B,) column of each sample's class in `cos`
+    labels: Tensor  # (B,) class ids; differs from `target` only under Partial FC
+    emb: Tensor  # (B, E) raw float32 embeddings
+    update_state: bool  # training forward: running statistics may move
+
+
+# ----------------------------------------------------------------------------------------- base
+
+
+class MarginSoftmaxLoss(nn.Module):
+    """Base class: class weights, cosine matrix, sub-center max, Partial FC and cross-entropy.
+
+    Subclasses override :meth:`_scaled_logits`, which turns the (B, C) cosine matrix and the target
+    columns into the scaled logits fed to cross-entropy.
+
+    Common options:
+        sub_centers: weights per class (k); the class cosine is the max over its k sub-centers.
+        sample_fraction: Partial FC ratio R in (0, 1]. In training mode with R < 1, each forward uses
+            the batch's own classes plus a random ceil(R * rest) of the other classes (drawn from
+            torch's global RNG, so seeding makes it reproducible). Eval mode always uses all classes.
+        precision: "fp32" or "bf16": dtype of the cosine matmul; margin arithmetic is always fp32.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    normalise: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        num_classes: int,
+        embed_dim: int,
+        *,
+        sub_centers: int = 1,
+        sample_fraction: float = 1.0,
+        precision: str = "fp32",
+    ) -> None:
+        super().__init__()
+        self.num_classes = _integer("num_classes", num_classes, 2)
+        self.embed_dim = _integer("embed_dim", embed_dim, 1)
+        self.sub_centers = _integer("sub_centers", sub_centers, 1)
+        self.sample_fraction = _real("sample_fraction", sample_fraction, lambda v: 0 < v <= 1, "in (0, 1]")
+        if precision not in ("fp32", "bf16"):
+            _fail(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        self.precision = precision
+        self.weight = nn.Parameter(torch.empty(self.num_classes * self.sub_centers, self.embed_dim))
+        # Gaussian rows point in uniformly random directions; std 1/sqrt(E) keeps `softmax` logits O(|x|).
+        nn.init.normal_(self.weight, std=self.embed_dim**-0.5)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, embed_dim={self.embed_dim}, sub_centers={self.sub_centers}, "
+            f"sample_fraction={self.sample_fraction}, precision={self.precision!r}"
+        )
+
+    # --- hook -------------------------------------------------------------------------------------
+
+    def _scaled_logits(self, b: _Batch) -> Tensor:
+        """(B, C') float32 logits for cross-entropy. Must not modify ``b.cos`` in place."""
+        raise NotImplementedError
+
+    # --- public -----------------------------------------------------------------------------------
+
+    def cosine(self, embeddings: Tensor) -> Tensor:
+        """(B, C) cosine to every class (max over its sub-centers); argmax is the predicted class.
+
+        For ``softmax`` these are the raw class scores ``x · W_c`` instead, since that is what its
+        classifier ranks by.
+        """
+        return self._class_scores(self._check_embeddings(embeddings), None)
+
+    def logits_with_classes(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Scaled logits (B, C'), each sample's target column (B,), and the class id of each column (C',).
+
+        C' = C except under Partial FC (training mode, sample_fraction < 1). Never updates running
+        statistics (curricularface t, adaface mean/std, adacos scale): only ``forward`` does.
+        """
+        logits, target, classes, _ = self._compute(embeddings, labels, update_state=False)
+        if classes is None:
+            classes = torch.arange(self.num_classes, device=logits.device)
+        return logits, target, classes
+
+    def logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """(B, C') float32 scaled logits with margins applied to the targets (see logits_with_classes)."""
+        return self.logits_with_classes(embeddings, labels)[0]
+
+    def forward_with_cosine(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean cross-entropy loss and the detached (B, C) cosine matrix over ALL classes (for accuracy).
+
+        In training mode, running statistics are updated (without gradient) before the logits are formed.
+        """
+        logits, target, classes, cos = self._compute(embeddings, labels, update_state=self.training)
+        loss = F.cross_entropy(logits, target)
+        if classes is not None:  # Partial FC scored a subset; accuracy still ranks every class
+            with torch.no_grad():
+                cos = self.cosine(embeddings)
+        return loss, cos.detach()
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Scalar mean softmax cross-entropy over the scaled logits."""
+        return self.forward_with_cosine(embeddings, labels)[0]
+
+    # --- internals --------------------------------------------------------------------------------
+
+    def _check_embeddings(self, embeddings: Tensor) -> Tensor:
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.embed_dim:
+            _fail(f"embeddings must have shape (B, {self.embed_dim}), got {tuple(embeddings.shape)}")
+        return embeddings.float()
+
+    def _compute(self, embeddings: Tensor, labels: Tensor, update_state: bool):
+        emb = self._check_embeddings(embeddings)
+        if labels.shape != (emb.shape[0],):
+            _fail(f"labels must have shape ({emb.shape[0]},), got {tuple(labels.shape)}")
+        labels = labels.to(device=emb.device, dtype=torch.long)
+        classes, target = self._sample_classes(labels)
+        cos = self._class_scores(emb, classes)
+        logits = self._scaled_logits(_Batch(cos, target, labels, emb, update_state))
+        return logits, target, classes, cos
+
+    def _sample_classes(self, labels: Tensor) -> tuple[Tensor | None, Tensor]:
+        """Partial FC: (sorted class ids in play, labels remapped to columns), or (None, labels)."""
+        if not self.training or self.sample_fraction >= 1.0:
+            return None, labels
+        n, device = self.num_classes, labels.device
+        present = torch.zeros(n, dtype=torch.bool, device=device)
+        present[labels] = True
+        n_present = int(present.sum())
+        n_other = math.ceil(self.sample_fraction * (n - n_present))
+        # Random keys in [0, 1); the batch's classes get 2 so top-k always keeps them.
+        keys = torch.rand(n, device=device).masked_fill_(present, 2.0)
+        classes = keys.topk(n_present + n_other, sorted=False).indices.sort().values
+        column = torch.full((n,), -1, dtype=torch.long, device=device)
+        column[classes] = torch.arange(classes.numel(), device=device)
+        return classes, column[labels]
+
+    def _class_scores(self, emb: Tensor, classes: Tensor | None) -> Tensor:
+        """(B, C') cosines (max over sub-centers) against all classes or the given subset."""
+        k = self.sub_centers
+        weight = self.weight
+        if classes is not None:
+            rows = (classes[:, None] * k + torch.arange(k, device=classes.device)).flatten()
+            weight = weight.index_select(0, rows)
+        if self.normalise:
+            emb = F.normalize(emb, dim=1)
+            weight = F.normalize(weight, dim=1)
+        # Autocast off: the precision option alone decides the matmul dtype.
+        with torch.autocast(device_type=emb.device.type, enabled=False):
+            if self.precision == "bf16":
+                scores = F.linear(emb.bfloat16(), weight.bfloat16()).float()
+            else:
+                scores = F.linear(emb, weight.float())
+        if k > 1:
+            scores = scores.view(scores.shape[0], -1, k).amax(dim=2)
+        return scores
+
+
+# ----------------------------------------------------------------------------------------- losses
+
+
+class SoftmaxLoss(MarginSoftmaxLoss):
+    """The no-margin baseline: a plain linear classifier, logits = x · W_c.
+
+    No normalisation of embedding or weight, no scale, no margin, no bias.
+    """
+
+    name = "softmax"
+    summary = "plain linear classifier: logit_c = x·W_c (no normalisation, scale, margin or bias)"
+    normalise = False
+
+    def __init__(self, num_classes: int, embed_dim: int, **common: Any) -> None:
+        super().__init__(num_classes, embed_dim, **common)
+
+    def _scaled_logits(self, b: _Batch) -> Tensor:
+        return b.cos
+
+
+class NormFaceLoss(MarginSoftmaxLoss):
+    """Normalised softmax: logits s·cos θ_c, no margin."""
+
+    name = "normface"
+    summary = "s·cos θ_c for every class (normalised softmax, no margin)"
+
+    def __init__(self, num_classes: int, embed_dim: int, *, scale: float = 16.0, **common: Any) -> None:
+        super().__init__(num_classes, embed_dim, **common)
+        self.scale = _scale(scale)
+
+    def _scaled_logits(self, b: _Batch) -> Tensor:
+        return b.cos * self.scale
+
+
+class CosFaceLoss(MarginSoftmaxLoss):
+    """CosFace: target s·(cos θ_y − m), others s·cos θ_c. The margin is additive on the cosine."""
+
+    name = "cosface"
+    summary = "target s·(cos θ_y − m), others s·cos θ_c (m subtracted from the cosine)"
+
+    def __init__(
+        self, num_classes: int, embed_dim: int, *, scale: float = 30.0, margin: float = 0.35, **common: Any
+    ) -> None:
+        super().__init__(num_classes, embed_dim, **common)
+        self.scale = _scale(scale)
+        self.margin = _margin("margin", margin)
+
+    def _scaled_logits(self, b: _Batch) -> Tensor:
+        target = (_gather(b.cos, b.target) - self.margin) * self.scale
+        return _set_target(b.cos * self.scale, b.target, target)
+
+
+class ArcFaceLoss(MarginSoftmaxLoss):
+    """ArcFace: target s·cos(θ_y + m) (m in radians), others s·cos θ_c.
+
+    Once θ_y + m would pass π (cos θ_y <= cos(π − m)) the target is s·(cos θ_y − m·sin m).
+    """
+
+    name = "arcface"
+    summary = "target s·cos(θ_y + m), or s·(cos θ_y − m·sin m) once θ_y + m > π; others s·cos θ_c (m in rad)"
+
+    def __init__(
+        self, num_classes: int, embed_dim: int, *, scale: float = 30.0, margin: float = 0.5, **common: Any
+    ) -> None:
+        super().__init__(num_classes, embed_dim, **common)
+        self.scale = _scale(scale)
+        self.margin = _margin("margin", margin)
+
+    def _target_margin(self, labels: Tensor) -> float | Tensor:
+        return self.margin
+
+    def _scaled_logits(self, b: _Batch) -> Tensor:
+        target = _arc_target(_gather(b.cos, b.target), self._target_margin(b.labels)) * self.scale
+        return _set_target(b.cos * self.scale, b.target, target)
+
+
+class SubCenterArcFaceLoss(ArcFaceLoss):
+    """Sub-center ArcFace: k weights per class, cos θ_c = max over them, then ArcFace (m in radians)."""
+
+    name = "subcenter-arcface"
+    summary = "arcface on cos θ_c = max over the class's k sub-center cosines"
+
+    def __init__(
+        self,
+        num_classes: int,
+        embed_dim: int,
+        *,
+        scale: float = 30.0,
+        margin: float = 0.5,
+        sub_centers: int = 3,
+        **common: Any,
+    ) -> None:
+        super().__init__(num_classes, embed_dim, scale=scale, margin=margin, sub_centers=sub_centers, **common)
+
+
+class DynamicArcFaceLoss(ArcFaceLoss):
+    """ArcFace with a per-class margin (radians) from the training class sizes.
+
+    m_c = m_min + ½(m_max − m_min)(1 + cos(π·n̂_c)), n̂_c = (n_c − n_min)/(n_max − n_min): the rarest class
+    gets m_max, the largest m_min. ``class_counts[c]`` is the training count of class id c; the margins
+    live in the ``margins`` buffer, indexed by class id.
+    """
+
+    name = "dynamic-arcface"
+    summary = "arcface with per-class m_c = m_min + ½(m_max − m_min)(1 + cos(π·n̂_c)), n̂_c = count scaled to [0, 1]"
+
+    def __init__(
+        self,
+        num_classes: int,
+        embed_dim: int,
+        *,
+        class_counts: Any,
+        scale: float = 30.0,
+        margin_min: float = 0.2,
+        margin_max: float = 0.5,
+        **common: Any,
+    ) -> None:
+        margin_min = _margin("margin_min", margin_min)
+        margin_max = _margin("margin_max", margin_max)
+        if margin_min > margin_max:
+            _fail(f"margin_min must be <= margin_max, got {margin_min} > {margin_max}")
+        super().__init__(num_classes, embed_dim, scale=scale, margin=margin_max, **common)
+        self.margin_min, self.margin_max = margin_min, margin_max
+        self.register_buffer("margins", self._margins_from_counts(class_counts).float())
+
+    def _margins_from_counts(self, class_counts: Any) -> Tensor:
+        try:
+            counts = torch.as_tensor(class_counts, dtype=torch.float64).cpu()
+        except (TypeError, ValueError, RuntimeError):
+            _fail(f"class_counts must be a 1-D sequence of numbers, got {type(class_counts).__name__}")
+        if counts.ndim != 1 or counts.numel() != self.num_classes:
+            _fail(
+                f"class_counts must be 1-D with one count per class id (length {self.num_classes}), "
+                f"got shape {tuple(counts.shape)}"
+            )
+        if not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
+            _fail("class_counts must be finite and >= 0")
+        span = counts.max() - counts.min()
+        scaled = (counts - counts.min()) / span if span > 0 else torch.zeros_like(counts)
+        return self.margin_min + 0.5 * (self.margin_max - self.margin_min) * (1 + torch.cos(math.pi * scaled))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, margin_min={self.margin_min}, margin_max={self.margin_max}"
+
+    def _target_margin(self, labels: Tensor) -> Tensor:
+        return self.margins[labels]
+
+
+class AirFaceLoss(MarginSoftmaxLoss):
+    """AirFace / Li-ArcFace: logits linear in the angle, s·(π − 2(θ_c + m·[c = y]))/π (m in radians).
+
+    Default m = 0.45 as in the Li-ArcFace paper. θ = acos of the cosine clamped to ±(1 − 1e-7).
+    """
+
+    name = "airface"
+    summary = "s·(π − 2(θ_c + m·[c = y]))/π for every class (linear in the angle, m in rad)"
+
+    def __init__(
+        self, num_classes: int, embed_dim: int, *, scale: float = 30.0, margin: float = 0.45, **common: Any
+    ) -> None:
+        super().__init__(num_classes, embed_dim, **common)
+        self.scale = _scale(scale)
+        self.margin = _margin("margin", margin)
+
+    def _scaled_logits(self, b: _Batch) -> Tensor:
+        theta = torch.acos(b.cos.clamp(-_ACOS_CLAMP, _ACOS_CLAMP))
+        slope = 2.0 * self.scale / math.pi  # s(π − 2θ)/π = s − slope·θ
+        logits = theta.mul(-slope).add_(self.scale)
+        target = self.scale - slope * (_gather(theta, b.target) + self.margin)
+        return _set_target(logits, b.target, target)
+
+
+class CurricularFaceLoss(MarginSoftmaxLoss):
+    """CurricularFace: ArcFace target; negatives harder than it are re-weighted by a running t.
+
+    Target s·cos(θ_y + m) (ArcFace fallback past π, m in radians). A negative with
+    cos θ_c > cos(θ_y + m) becomes s·cos θ_c·(t + cos θ_c); the others stay s·cos θ_c.
+    t (buffer, starts at 0) ← momentum·mean(cos θ_y) + (1 − momentum)·t on each training forward,
+    before the logits are formed, without gradient.
+    """
+
+    name = "curricularface"
+    summary = "target s·cos(θ_y + m); negatives above cos(θ_y + m) get s·cos θ_c·(t + cos θ_c), t = EMA of cos θ_y"
+
+    def __init__(
+        self,
+        num_classes: int,
+        embed_dim: int,
+        *,
+        scale: float = 30.0,
+        margin: float = 0.5,
+        momentum: float = 0.01,
+        **common: Any,
+    ) -> None:
+        super().__init__(num_classes, embed_dim, **common)
+        self.scale = _scale(scale)
+        self.margin = _margin("margin", margin)
+        self.momentum = _rate("momentum", momentum)
+        self.register_buffer("t", torch.zeros(()))
+
+    def _scaled_logits(self, b: _Batch) -> Tensor:
+        cos_y = _gather(b.cos, b.target)
+        if b.update_state:
+            with torch.no_grad():
+                self.t.lerp_(cos_y.mean(), self.momentum)
+        # Hardness is judged against cos(θ_y + m) itself, not the fallback value (as upstream).
+        hard = b.cos > _cos_plus(cos_y, self.margin).detach()[:, None]
+        logits = torch.where(hard, b.cos * (b.cos + self.t), b.cos).mul_(self.scale)
+        return _set_target(logits, b.target, _arc_target(cos_y, self.margin) * self.scale)
+
+
+class AdaFaceLoss(MarginSoftmaxLoss):
+    """AdaFace: margin adapted by the raw embedding norm (m in radians for the angular part).
+
+    ‖x‖ is clipped to [1e-3, 100] and detached; running mean μ and std σ (buffers, start 20 and 100)
+    move at rate ``momentum`` on each training forward before use. ẑ = clip(h·(‖x‖ − μ)/(σ + 1e-3), −1, 1).
+    Cosines are clamped to ±(1 − 1e-3); target s·(cos(clip(θ_y − m·ẑ, 1e-3, π − 1e-3)) − (m + m·ẑ)),
+    others s·cos θ_c.
+    """
+
+    name = "adaface"
+    summary = "target s·(cos(θ_y − m·ẑ) − m·(1 + ẑ)), ẑ = clip(h·(‖x‖ − μ)/σ, −1, 1), μ, σ running norm stats"
+
+    def __init__(
+        self,
+        num_classes: int,
+        embed_dim: int,
+        *,
+        scale: float = 64.0,
+        margin: float = 0.4,
+        h: float = 0.333,
+        momentum: float = 0.01,
+        **common: Any,
+    ) -> None:
+        super().__init__(num_classes, embed_dim, **common)
+        self.scale = _scale(scale)
+        self.margin = _margin("margin", margin)
+        self.h = _real("h", h, lambda v: v >= 0, ">= 0")
+        self.momentum = _rate("momentum", momentum)
+        self.register_buffer("batch_mean", torch.tensor(20.0))
+        self.register_buffer("batch_std", torch.tensor(100.0))
+
+    def _scaled_logits(self, b: _Batch) -> Tensor:
+        eps = _ADAFACE_EPS
+        norms = b.emb.detach().norm(dim=1).clamp(eps, 100.0)
+        if b.update_state:
+            with torch.no_grad():
+                # Unbiased std as upstream; a batch of one has no spread.
+                std = norms.std() if norms.numel() > 1 else norms.new_zeros(())
+                self.batch_mean.lerp_(norms.mean(), self.momentum)
+                self.batch_std.lerp_(std, self.momentum)
+        z = (self.h * (norms - self.batch_mean) / (self.batch_std + eps)).clamp(-1.0, 1.0)
+        theta_y = torch.acos(_gather(b.cos, b.target).clamp(-1 + eps, 1 - eps))
+        target = torch.cos((theta_y - self.margin * z).clamp(eps, math.pi - eps)) - self.margin * (1 + z)
+        logits = b.cos.clamp(-1 + eps, 1 - eps).mul_(self.scale)
+        return _set_target(logits, b.target, target * self.scale)
+
+
+class AdaCosLoss(MarginSoftmaxLoss):
+    """AdaCos: no margin, logits s·cos θ_c with an adaptive scale (buffer ``scale``).
+
+    s starts at √2·ln(C − 1). Each training forward, before the logits and without gradient:
+    B_avg = mean over samples of Σ_{c≠y} exp(s·cos θ_c), θ_med = median target angle (the lower middle
+    value for even batches, as torch.median), s ← ln(B_avg) / cos(min(π/4, θ_med)).
+    """
+
+    name = "adacos"
+    summary = "s·cos θ_c, s₀ = √2·ln(C − 1), s ← ln(mean Σ_{c≠y} exp(s·cos θ_c)) / cos(min(π/4, median θ_y))"
+
+    def __init__(self, num_classes: int, embed_dim: int, **common: Any) -> None:
+        super().__init__(num_classes, embed_dim, **common)
+        self.register_buffer("scale", torch.tensor(math.sqrt(2.0) * math.log(self.num_classes - 1)))
+
+    def _scaled_logits(self, b: _Batch) -> Tensor:
+        if b.update_state:
+            with torch.no_grad():
+                others = (b.cos * self.scale).scatter_(1, b.target[:, None], -math.inf)
+                log_b_avg = torch.logsumexp(others.flatten(), dim=0) - math.log(b.cos.shape[0])
+                theta_med = torch.acos(_gather(b.cos, b.target).clamp(-_ACOS_CLAMP, _ACOS_CLAMP)).median()
+                self.scale.copy_(log_b_avg / torch.cos(theta_med.clamp(max=math.pi / 4)))
+        return b.cos * self.scale
+
+
+# ----------------------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Registry entry: ``defaults`` lists every option with its default (None = required)."""
+
+    name: str
+    cls: type[MarginSoftmaxLoss]
+    defaults: dict[str, float | int | str | None]
+    summary: str
+
+
+_COMMON_DEFAULTS: dict[str, float | int | str | None] = {"sample_fraction": 1.0, "precision": "fp32"}
+
+
+def _spec(cls: type[MarginSoftmaxLoss]) -> LossSpec:
+    params = inspect.signature(cls.__init__).parameters.values()
+    own = {
+        p.name: (None if p.default is inspect.Parameter.empty else p.default)
+        for p in params
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    return LossSpec(cls.name, cls, {**own, **_COMMON_DEFAULTS}, cls.summary)
+
+
+LOSSES: dict[str, LossSpec] = {
+    cls.name: _spec(cls)
+    for cls in (
+        SoftmaxLoss,
+        NormFaceLoss,
+        CosFaceLoss,
+        ArcFaceLoss,
+        SubCenterArcFaceLoss,
+        DynamicArcFaceLoss,
+        AirFaceLoss,
+        CurricularFaceLoss,
+        AdaFaceLoss,
+        AdaCosLoss,
+    )
+}
+
+
+def loss_names() -> list[str]:
+    """Registered loss names, in table order."""
+    return list(LOSSES)
+
+
+def build_loss(name: str, num_classes: int, embed_dim: int, **hparams: Any) -> MarginSoftmaxLoss:
+    """Build a registered loss. Options left out, or passed as None, take their defaults.
+
+    Raises ValueError (one line) for an unknown name, an option the loss does not have, a missing
+    required option, or an impossible value.
+    """
+    key = str(name).strip().lower().replace("_", "-")
+    spec = LOSSES.get(key)
+    if spec is None:
+        _fail(f"unknown loss {name!r}; valid names: {', '.join(LOSSES)}")
+    hparams = {k: v for k, v in hparams.items() if v is not None}
+    unknown = sorted(set(hparams) - set(spec.defaults))
+    if unknown:
+        _fail(f"unknown option(s) {', '.join(unknown)} for loss {key!r}; valid options: {', '.join(spec.defaults)}")
+    missing = [k for k, v in spec.defaults.items() if v is None and k not in hparams]
+    if missing:
+        _fail(f"loss {key!r} requires {', '.join(missing)}")
+    return spec.cls(num_classes, embed_dim, **hparams)

@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_images(folder: Path, n: int, size=(48, 40), seed: int = 0, ext: str = "png") -> list[str]:
+    """n small real images with distinct random content; returns their names relative to ``folder``."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n):
+        w, h = size
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        name = f"img{i:04d}.{ext}"
+        Image.fromarray(pixels).save(folder / name, quality=95) if ext == "jpg" else Image.fromarray(pixels).save(folder / name)
+        names.append(name)
+    return names
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def image_manifest(tmp: Path, n: int = 20, *, size=(48, 40), ext: str = "png", classes: int = 4) -> Path:
+    names = write_images(tmp / "images", n, size=size, ext=ext)
+    splits = ["train", "query", "index"]
+    rows = [[f"images/{name}", i % classes, f"d{i % 2}", splits[i % 3]] for i, name in enumerate(names)]
+    return write_csv(tmp / "m.csv", ["path", "label", "domain", "split"], rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """A checkpoint of the tiny open_clip model with weights that differ from its seeded random init."""
+    import open_clip
+    import torch
+
+    from featcache.models import _register_local_configs
+
+    _register_local_configs()
+    torch.manual_seed(1234)
+    model = open_clip.create_model("featcache-tiny-vit")
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def cli():
+    from featcache.cli import app
+
+    runner = CliRunner()
+
+    def run(*args: str, code: int = 0):
+        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == code, f"exit {result.exit_code}, expected {code}\n{result.output}"
+        return result
+
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+PYTHON = sys.executable
