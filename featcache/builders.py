@@ -12,6 +12,7 @@ Bad input raises ``ManifestError`` with one line that names the file and line (o
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import os
@@ -23,8 +24,8 @@ import numpy as np
 
 from featcache.manifest import DEFAULT_SPLIT, ManifestError, write_manifest
 
-HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
-DIGITS = frozenset("0123456789")
+HEX_DIGITS = b"0123456789abcdefABCDEF"
+DIGITS = b"0123456789"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -59,7 +60,10 @@ class Rows:
     def take(self, keep: np.ndarray) -> Rows:
         """The rows where the boolean mask ``keep`` is true, in their original order."""
         keep = np.asarray(keep, dtype=bool)
-        pick = lambda col: list(itertools.compress(col, keep))  # noqa: E731
+
+        def pick(column: list[str]) -> list[str]:
+            return list(itertools.compress(column, keep))
+
         boxes = None if self.boxes is None else self.boxes[keep]
         return Rows(pick(self.paths), pick(self.labels), pick(self.domains), pick(self.splits), boxes, list(self.notes))
 
@@ -82,7 +86,10 @@ class Rows:
                 if p.boxes is not None:
                     boxes[start : start + len(p)] = p.boxes
                 start += len(p)
-        chain = lambda name: list(itertools.chain.from_iterable(getattr(p, name) for p in parts))  # noqa: E731
+
+        def chain(name: str) -> list:
+            return list(itertools.chain.from_iterable(getattr(p, name) for p in parts))
+
         rows = Rows(chain("paths"), chain("labels"), chain("domains"), chain("splits"), boxes, chain("notes"))
         if len(parts) > 1 and len(set(rows.paths)) != n:
             seen: set[str] = set()
@@ -172,13 +179,16 @@ class CsvTable:
         self.lines: list[str] | None = None
         if '"' not in text:
             # Nothing quoted: a record is a line and a cell is what lies between commas. Columns are
-            # then cut straight out of the lines (4M rows in about a second; csv.reader takes 10).
-            lines = text.replace("\r\n", "\n").split("\n")
-            header, self.lines = lines[0].split(","), [line for line in lines[1:] if line]
+            # then cut straight out of the lines: a 4M-row GLDv2 train.csv reads in 3 s instead of 10.
+            text = text.replace("\r\n", "\n")
+            lines = text.rstrip("\n").split("\n")
+            header, self.lines = lines[0].split(","), lines[1:]
+            if "\n\n" in text:  # blank lines
+                self.lines = [line for line in self.lines if line]
             self.rows = self.lines
             lengths = {c + 1 for c in map(str.count, self.lines, itertools.repeat(","))}
         else:
-            reader = csv.reader(text.splitlines(keepends=True))
+            reader = csv.reader(io.StringIO(text, newline=""))
             header = next(reader)
             self.rows = [r for r in reader if r]
             lengths = set(map(len, self.rows))
@@ -229,6 +239,16 @@ def _check_column(table: CsvTable, name: str, values: list[str], bad: Callable[[
         raise table.error(k, problem.format(value=values[k]), name)
 
 
+def _check_unique(table: CsvTable, name: str, values: list[str]) -> None:
+    if len(set(values)) == len(values):
+        return
+    first: dict[str, int] = {}
+    for k, v in enumerate(values):
+        if v in first:
+            raise table.error(k, f"'{v}' is listed twice (first on line {table.line_of(first[v])})", name)
+        first[v] = k
+
+
 # --------------------------------------------------------------------------------------------------
 # Products-10k
 
@@ -242,6 +262,7 @@ def products10k(root: str | os.PathLike, *, domain: str = "products") -> Rows:
     _check_column(table, "name", names, lambda s: not s, "empty image name")
     _check_column(table, "name", names, leaves_root, "image name '{value}' leaves the dataset folder; refused")
     _check_column(table, "class", classes, lambda s: not s, "empty class")
+    _check_unique(table, "name", names)
     paths = [f"train/{n}" for n in names]
     return _single_split(paths, prefix_labels(domain, classes), domain)
 
@@ -274,6 +295,11 @@ def gldv2(root: str | os.PathLike, *, domain: str = "landmarks", annotations: st
             k = next(k for k, g in enumerate(split_groups) if not _all_image_ids(g))
             bad = next(i for i in split_groups[k] if not _all_image_ids([i]))
             raise table.error(k, f"image id '{bad}' is not a GLDv2 id (hex digits, at least 3)", "images")
+        if len(set(ids)) != len(ids):
+            seen: set[str] = set()
+            dup = next(i for i in ids if i in seen or seen.add(i))
+            k = next(k for k, g in enumerate(split_groups) if dup in g)
+            raise table.error(k, f"image id '{dup}' is listed twice", "images")
     else:
         table = CsvTable(path, ("id", "landmark_id"), "GLDv2 annotations: train.csv with columns id,url,landmark_id")
         ids = table.column("id")
@@ -282,21 +308,28 @@ def gldv2(root: str | os.PathLike, *, domain: str = "landmarks", annotations: st
             _check_column(table, "id", ids, lambda s: not _all_image_ids([s]), "image id '{value}' is not a GLDv2 id (hex digits, at least 3)")
         if not _all_digits(landmarks):
             _check_column(table, "landmark_id", landmarks, _not_digits, "landmark id '{value}' is not an integer")
+        _check_unique(table, "id", ids)
     paths = gldv2_image_paths(ids)
     return _single_split(paths, prefix_labels(domain, landmarks), domain)
 
 
+def _only(values: Sequence[str], allowed: bytes) -> bool:
+    """Every character of every value is one of ``allowed`` (in bulk: one join, one C-level pass)."""
+    joined = "".join(values)
+    return joined.isascii() and not joined.encode("ascii").translate(None, allowed)
+
+
 def _all_image_ids(ids: Sequence[str]) -> bool:
-    """Every id is hex digits and at least 3 long (checked in bulk: one join, one set)."""
-    return bool(ids) and min(map(len, ids)) >= 3 and set("".join(ids)) <= HEX_DIGITS
+    """Every id is hex digits and at least 3 long."""
+    return bool(ids) and min(map(len, ids)) >= 3 and _only(ids, HEX_DIGITS)
 
 
 def _all_digits(values: Sequence[str]) -> bool:
-    return bool(values) and min(map(len, values)) > 0 and set("".join(values)) <= DIGITS
+    return bool(values) and min(map(len, values)) > 0 and _only(values, DIGITS)
 
 
 def _not_digits(s: str) -> bool:
-    return not s or not set(s) <= DIGITS
+    return not _all_digits([s])
 
 
 def _peek_header(path: Path) -> list[str]:

@@ -270,27 +270,299 @@ def import_(
         out.print(f"wrote {out_path}: {meta['rows']:,} x {meta['dim']} {meta['dtype']} (key {meta['key']})")
 
 
+# ---------------------------------------------------------------------------------------------
+# Stage two: train-head, sweep, losses
+
+
+def parse_loss_opts(items: list[str]) -> dict[str, float]:
+    opts: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UserError(f"--loss-opt {item!r}: expected NAME=VALUE, e.g. --loss-opt momentum=0.05")
+        try:
+            number = float(value)
+        except ValueError:
+            raise UserError(f"--loss-opt {item!r}: {value!r} is not a number") from None
+        opts[name.strip().replace("-", "_")] = int(number) if number.is_integer() and name.strip() == "sub_centers" else number
+    return opts
+
+
+def default_run_dir(cache: Path, loss: str) -> Path:
+    import datetime as dt
+
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cache.parent.name}-{cache.stem}-{loss}-{stamp}"
+
+
+def train_precision(precision: Optional[str], device: str) -> str:
+    if precision is None:
+        return "bf16" if device.startswith("cuda") else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise UserError(f"--precision {precision}: expected fp32 or bf16")
+    return precision
+
+
+@app.command("train-head", epilog="Example: featcache train-head --cache cache/m4d-35k/siglip-so400m.zarr --loss arcface --margin 0.3")
+@friendly_errors
+def train_head(
+    cache: Path = typer.Option(..., "--cache", "-c", help="Feature cache to train from (rows with split == train)."),
+    loss: str = typer.Option("subcenter-arcface", "--loss", "-l", help="Loss name; `featcache losses` lists them."),
+    sub_centers: Optional[int] = typer.Option(None, help="Sub-centers per class (k) for subcenter-arcface. [default: 3]"),
+    margin: Optional[float] = typer.Option(None, help="Margin; radians for angular losses. [default: the loss's]"),
+    scale: Optional[float] = typer.Option(None, help="Logit scale s. [default: the loss's]"),
+    loss_opt: list[str] = typer.Option([], "--loss-opt", help="Any other loss option, NAME=VALUE (repeatable)."),
+    embed_dim: int = typer.Option(64, help="Output embedding size (64 in the challenge)."),
+    dropout: float = typer.Option(0.2, help="Dropout before the projection."),
+    epochs: int = typer.Option(10, help="Passes over the training rows."),
+    batch_size: int = typer.Option(128, help="Rows per step."),
+    lr: float = typer.Option(2e-2, help="Peak learning rate (Adam)."),
+    weight_decay: float = typer.Option(1e-4, help="Adam's (coupled L2) weight decay."),
+    warmup_epochs: float = typer.Option(1.0, help="Linear warm-up length, in epochs; cosine decay after it."),
+    min_lr: float = typer.Option(1e-3, help="Learning rate at the end of the cosine."),
+    seed: int = typer.Option(42, help="Seed for initialisation, order, dropout and class sampling."),
+    sample_classes: float = typer.Option(1.0, help="Partial FC: fraction of the other classes used per step (1 = all)."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda. [default: cuda when available]"),
+    precision: Optional[str] = typer.Option(None, help="Class-logit matmul precision, fp32 or bf16. [default: bf16 on GPU, fp32 on CPU]"),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Run directory. [default: runs/<cache>-<loss>-<time>]"),
+    resume: bool = typer.Option(False, help="Continue an interrupted run in --out from its last finished epoch."),
+    overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Train a projection head and margin loss from cached features; defaults are the paper's recipe.
+
+    The run directory gets config.json, metrics.jsonl (one line per epoch) and head.safetensors.
+    Ctrl-C keeps the last finished epoch's head (config.json says complete: false); --resume continues.
+    Load a run in Python with featcache.runs.Run.load(DIR).embed(features).
+    """
+    from featcache.train import TrainOptions, load_train_data, train
+
+    dev = resolve_device(device)
+    opts = {**parse_loss_opts(loss_opt), "sub_centers": sub_centers, "margin": margin, "scale": scale}
+    options = TrainOptions(loss=loss, loss_opts={k: v for k, v in opts.items() if v is not None}, embed_dim=embed_dim,
+                           dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                           warmup_epochs=warmup_epochs, min_lr=min_lr, seed=seed, device=dev,
+                           precision=train_precision(precision, dev), sample_classes=sample_classes)
+    options.check()
+    data = load_train_data(cache, dev)
+    target = out_path or default_run_dir(cache, loss)
+    bar = progress_bar("step", disable=quiet or json_out)
+    with bar:
+        task = bar.add_task(f"train {loss}", total=epochs * -(-len(data.labels) // batch_size))
+
+        def on_step(info) -> None:
+            bar.update(task, advance=1, description=f"epoch {info.epoch + 1}/{epochs} loss {info.loss:.3f}")
+
+        result = train(data, options, target, resume=resume, overwrite=overwrite, on_step=on_step)
+    report = {"run": str(target), "complete": result.complete, "epochs": result.metrics, "train_seconds": round(result.seconds, 3),
+              "train_rows": len(data.labels), "classes": data.num_classes}
+    if json_out:
+        print_json(report)
+    else:
+        out.print(table(f"featcache train-head: {loss} on {len(data.labels):,} rows, {data.num_classes:,} classes",
+                        ["epoch", "loss", "train acc", "lr", "seconds"],
+                        [[m["epoch"], m["loss"], m["train_acc"], m["lr"], m["seconds"]] for m in result.metrics]))
+        err.print(f"run: {target}\nnext: featcache eval --cache {cache} --run {target}")
+    if not result.complete:
+        done = len(result.metrics)
+        err.print(f"[yellow]interrupted[/] after epoch {done}: its head is in {target} (config.json complete: false); "
+                  f"continue with the same command and --resume --out {target}")
+        raise typer.Exit(130)
+
+
+@app.command()
+@friendly_errors
+def losses(json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """List the losses with their options and defaults (margins of angular losses are in radians)."""
+    from featcache.losses import LOSSES
+
+    rows = [{"name": s.name, "options": {k: v for k, v in s.defaults.items()}, "summary": s.summary} for s in LOSSES.values()]
+    if json_out:
+        print_json(rows)
+        return
+    out.print(table("Losses (featcache train-head --loss NAME)", ["name", "options (defaults)", "what"],
+                    [[r["name"], ", ".join(f"{k}={'from training counts' if v is None else v}" for k, v in r["options"].items()
+                                            if k not in ("sample_fraction", "precision")), r["summary"]] for r in rows],
+                    justify_numbers=False))
+    out.print("Every loss also takes sample_fraction (--sample-classes) and precision (--precision). "
+              "Set others with --loss-opt NAME=VALUE.")
+
+
+@app.command(epilog="Example: featcache sweep -c cache/demo/tiny-vit.zarr --loss arcface --loss cosface --margin 0.2 --margin 0.4 --seeds 3")
+@friendly_errors
+def sweep(
+    cache: Path = typer.Option(..., "--cache", "-c", help="Feature cache to train from."),
+    loss: list[str] = typer.Option(["subcenter-arcface"], "--loss", "-l", help="Losses to compare (repeatable)."),
+    margin: list[float] = typer.Option([], help="Margins to try (repeatable; radians for angular losses)."),
+    scale: list[float] = typer.Option([], help="Scales to try (repeatable)."),
+    sub_centers: list[int] = typer.Option([], help="Sub-center counts to try (repeatable)."),
+    embed_dim: list[int] = typer.Option([64], help="Embedding sizes to try (repeatable)."),
+    dropout: list[float] = typer.Option([0.2], help="Dropouts to try (repeatable)."),
+    lr: list[float] = typer.Option([2e-2], help="Learning rates to try (repeatable)."),
+    epochs: list[int] = typer.Option([10], help="Epoch counts to try (repeatable)."),
+    batch_size: list[int] = typer.Option([128], help="Batch sizes to try (repeatable)."),
+    weight_decay: float = typer.Option(1e-4, help="Adam's weight decay."),
+    warmup_epochs: float = typer.Option(1.0, help="Warm-up epochs."),
+    min_lr: float = typer.Option(1e-3, help="Final learning rate."),
+    sample_classes: float = typer.Option(1.0, help="Partial FC fraction."),
+    seeds: int = typer.Option(1, help="Seeds per combination (42, 43, ...): scores are mean ± std over them."),
+    eval_cache: Optional[Path] = typer.Option(None, help="Cache with query/index rows to score each head on. [default: --cache, when it has them]"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda. [default: cuda when available]"),
+    precision: Optional[str] = typer.Option(None, help="fp32 or bf16. [default: bf16 on GPU, fp32 on CPU]"),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Sweep directory. [default: runs/sweep-<time>]"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Train every combination of the repeated options (× seeds) from one load of the features.
+
+    Prints final loss and, when a query/index split is available, mMP@5 as mean ± std over seeds;
+    writes sweep.json and sweep.md (and one run directory per head) into the sweep directory.
+    """
+    from featcache.sweep import grid, run_sweep
+
+    dev = resolve_device(device)
+    combos = grid(loss, {"margin": margin, "scale": scale, "sub_centers": sub_centers},
+                  {"embed_dim": embed_dim, "dropout": dropout, "lr": lr, "epochs": epochs, "batch_size": batch_size},
+                  {"weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "min_lr": min_lr,
+                   "sample_classes": sample_classes, "device": dev, "precision": train_precision(precision, dev)})
+    import datetime as dt
+
+    target = out_path or Path("runs") / f"sweep-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    bar = progress_bar("run", disable=quiet or json_out)
+    with bar:
+        task = bar.add_task("sweep", total=len(combos) * seeds)
+        summary = run_sweep(cache, combos, seeds, target, eval_cache, on_run=lambda name: bar.update(task, advance=1, description=name))
+    if json_out:
+        print_json(summary)
+        return
+    out.print(summary_table(summary))
+    err.print(f"wrote {target / 'sweep.json'} and {target / 'sweep.md'}")
+
+
+def summary_table(summary: dict):
+    metric = summary.get("metric")
+    cols = ["loss", "options", "final loss", "train acc", *([metric] if metric else []), "seconds"]
+    rows = []
+    for r in summary["results"]:
+        rows.append([r["loss"], r["label"], r["final_loss"], r["train_acc"], *([r.get(metric, "-")] if metric else []), r["seconds"]])
+    return table(f"featcache sweep ({summary['seeds']} seed{'s' if summary['seeds'] > 1 else ''} each)", cols, rows, justify_numbers=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage three: eval, runs, demo
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)B?\s*", text.upper())
+    if not m:
+        raise UserError(f"--max-memory {text!r}: expected a size like 2GB, 512MB or a number of bytes")
+    return int(float(m.group(1)) * 1024 ** "BKMGT".index(m.group(2) or "B"))
+
+
+class Protocol(str, Enum):
+    guiec = "guiec"
+    uned = "uned"
+
+
+class ZeroShot(str, Enum):
+    pooled = "pooled"
+    raw = "raw"
+
+
+def scores_table(title: str, results: dict[str, dict], k: int):
+    names = list(results)
+    first = results[names[0]]
+    metrics = [f"mMP@{k}", f"mAP@{k}", "R@1"]
+    cols = ["domain", "queries", *[f"{m} {n}" if len(names) > 1 else m for m in metrics for n in names]]
+    rows = []
+    for dom in ["overall", *first["domains"]]:
+        pick = (lambda r: r["overall"]) if dom == "overall" else (lambda r, d=dom: r["domains"].get(d, {}))
+        rows.append([dom, pick(first).get("queries"), *[pick(results[n]).get(m) for m in metrics for n in names]])
+    return table(title, cols, rows)
+
+
+@app.command(name="eval", epilog="Example: featcache eval --cache cache/demo/tiny-vit.zarr --run runs/demo --plot runs/demo/plots")
+@friendly_errors
+def eval_(
+    cache: Optional[Path] = typer.Option(None, "--cache", "-c", help="Cache whose query/index rows (or all rows) are scored."),
+    run: Optional[Path] = typer.Option(None, "--run", "-r", help="A train-head run directory: its head makes the embeddings."),
+    zero_shot: Optional[ZeroShot] = typer.Option(None, help="No head: 'pooled' (feature averaged to 64 dims, the paper's baseline) or 'raw'. [default when no --run: pooled]"),
+    protocol: Protocol = typer.Option(Protocol.guiec, help="guiec: same label is relevant, mean over queries. uned: same label and domain, mean over domains."),
+    query_cache: Optional[Path] = typer.Option(None, help="Queries from this cache (all valid rows) instead of --cache's query split."),
+    index_cache: Optional[Path] = typer.Option(None, help="Index from this cache (all valid rows)."),
+    k: int = typer.Option(5, min=1, help="Neighbours scored per query (the @5)."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the scores to this JSON file."),
+    plot: Optional[Path] = typer.Option(None, help="Write neighbours.png and domains.png into this folder."),
+    max_memory: str = typer.Option("2GB", help="Bound on the search's temporary memory."),
+) -> None:
+    """Score retrieval: mMP@k (GUIEC), mAP@k (UnED) and R@1, overall and per domain, by exact search.
+
+    Without query/index splits every valid row is a query against all the others (itself excluded).
+    A run's scores are also stored in its directory, where `featcache runs` shows them.
+    """
+    from featcache.evaluate import run_eval
+
+    mem = parse_bytes(max_memory)
+    ev = run_eval(cache, run=run, zero_shot=zero_shot.value if zero_shot else None, protocol=protocol.value,
+                  query_cache=query_cache, index_cache=index_cache, k=k, max_memory=mem, show=8 if plot else 0)
+    results = {("run" if run else (zero_shot.value if zero_shot else "pooled")): ev.result}
+    if plot and run is not None:
+        base = run_eval(cache, zero_shot="pooled", protocol=protocol.value, query_cache=query_cache,
+                        index_cache=index_cache, k=k, max_memory=mem)
+        results["zero-shot"] = base.result
+    out.print(scores_table(f"featcache eval ({protocol.value}, {ev.result['embeddings']})", results, k))
+    excluded = ev.result["overall"]["excluded"]
+    if excluded:
+        err.print(f"{excluded} queries have no relevant index row and are not scored.")
+    if json_file:
+        json_file.parent.mkdir(parents=True, exist_ok=True)
+        json_file.write_text(__import__("json").dumps(ev.result, indent=2) + "\n")
+    if plot:
+        from featcache.plots import domain_scores, neighbours_grid
+
+        files = [neighbours_grid(ev, plot / "neighbours.png"), domain_scores(results, plot / "domains.png", f"mMP@{k}")]
+        err.print("plots: " + ", ".join(str(f) for f in files))
+
+
+@app.command()
+@friendly_errors
+def runs(
+    folder: Path = typer.Argument(Path("runs"), help="Where to look for run directories (searched recursively)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List trained runs: loss, key options, epochs, training time and the latest mMP@5, to compare at a glance."""
+    from featcache.runs import list_runs
+
+    rows = list_runs(folder)
+    if json_out:
+        print_json(rows)
+        return
+    if not rows:
+        err.print(f"no runs under {folder}; train one with `featcache train-head`")
+        return
+    out.print(table(f"runs under {folder}", ["run", "loss", "options", "epochs", "train s", "mMP@5", "status"],
+                    [[r["run"], r["loss"], r["options"], r["epochs"], r["train_seconds"], r["mMP@5"], r["status"]] for r in rows],
+                    justify_numbers=False))
+
+
 @app.command()
 @friendly_errors
 def demo(
-    model: str = typer.Option("tiny-vit", "--model", "-m", help="Backbone for the demo (any `featcache models` name)."),
-    weights: Optional[Path] = typer.Option(None, help="Local checkpoint for --model."),
+    model: str = typer.Option("tiny-vit", "--model", "-m", help="Backbone (any `featcache models` name)."),
+    weights: Optional[Path] = typer.Option(None, help="Local checkpoint for --model (e.g. SigLIP's, to see real numbers)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda. [default: cuda when available]"),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Run the whole pipeline offline on scikit-learn's bundled handwritten digits.
 
-    Writes the digits as PNGs with a manifest under manifests/demo/, extracts features into
-    cache/demo/, and prints what to run next.
+    Digits 0-5 train the head; digits 6-9, never seen in training, are split into query and index.
+    Writes images and manifest under manifests/demo/, the cache under cache/demo/, the run and plots
+    under runs/demo/, and prints zero-shot and trained scores side by side.
     """
     from featcache.demo import run_demo
 
-    result = run_demo(model, weights, resolve_device(device))
-    if json_out:
-        print_json(result)
-    else:
-        out.print(table("featcache demo", ["", "value"], [[k, v] for k, v in result.items()]))
-
+    run_demo(model, weights, resolve_device(device), json_out=json_out)
 
 @app.callback(invoke_without_command=True)
 def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True)) -> None:

@@ -1,7 +1,7 @@
 """Curation (min/max images per class, max classes, seeded) and recipes that build a training set.
 
 A class is a (domain, label) pair. Curation is vectorised (one pass to number the classes, then
-numpy), so a 4M-row GLDv2 manifest curates in a couple of seconds, and it is reproducible: classes
+numpy), so a 4M-row GLDv2 manifest curates in about 5 s on 2 cores, and it is reproducible: classes
 are numbered in sorted order and every random draw comes from ``numpy.random.PCG64(seed)``, so the
 result depends only on the input rows, the rule and the seed (not on dict order or platform).
 
@@ -51,9 +51,9 @@ class Rule:
 
 def _factorize(values: list[str]) -> tuple[np.ndarray, list[str]]:
     """(code per value, distinct values in first-seen order); one pass in C (dict.fromkeys, map)."""
+    if values and values.count(values[0]) == len(values):  # one domain: common, and a fast check
+        return np.zeros(len(values), np.int64), [values[0]]
     distinct = list(dict.fromkeys(values))
-    if len(distinct) == 1:
-        return np.zeros(len(values), np.int64), distinct
     position = {v: i for i, v in enumerate(distinct)}
     return np.fromiter(map(position.__getitem__, values), np.int64, count=len(values)), distinct
 
@@ -63,12 +63,16 @@ def class_ids(rows: Rows) -> tuple[np.ndarray, list[tuple[str, str]]]:
     lab, labels = _factorize(rows.labels)
     dom, domains = _factorize(rows.domains)
     pair = dom * len(labels) + lab  # one integer per (domain, label)
-    uniq, inverse = np.unique(pair, return_inverse=True)
-    classes = [(domains[int(p) // len(labels)], labels[int(p) % len(labels)]) for p in uniq]
+    present = np.zeros(len(domains) * len(labels), bool)
+    present[pair] = True
+    uniq = np.flatnonzero(present)  # the (domain, label) pairs that occur, without sorting all rows
+    compact = np.cumsum(present) - 1
+    n_lab = len(labels)
+    classes = [(domains[p // n_lab], labels[p % n_lab]) for p in uniq.tolist()]
     order = sorted(range(len(classes)), key=classes.__getitem__)  # canonical: sorted (domain, label)
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(len(order))
-    return rank[inverse], [classes[i] for i in order]
+    return rank[compact[pair]], [classes[i] for i in order]
 
 
 def curate(rows: Rows, rule: Rule, seed: int = 42) -> Rows:

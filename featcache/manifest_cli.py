@@ -69,10 +69,9 @@ def build(
 ) -> None:
     """Turn one source dataset's own annotation files into a manifest.
 
-    Sources: products10k (train.csv, train/), gldv2 (train.csv or train_clean.csv, train/a/b/c/),
-    deepfashion-c2s (Eval/list_eval_partition.txt), stanford-cars (devkit .mat files), uned (the UnED
-    benchmark's info_files/<domain>/<split>.json), imagefolder (ROOT/CLASS/*.jpg).
-    Labels are prefixed with the domain (products/1234) so datasets never share a class.
+    Sources: [bold]products10k[/] (train.csv, train/), [bold]gldv2[/] (train.csv or train_clean.csv, train/a/b/c/), [bold]deepfashion-c2s[/] (Eval/list_eval_partition.txt), [bold]stanford-cars[/] (devkit .mat files), [bold]uned[/] (the UnED benchmark's info_files/<domain>/<split>.json: test gives split query and index), [bold]imagefolder[/] (ROOT/CLASS/*.jpg).
+
+    Labels are prefixed with the domain (products/1234), so datasets never share a class when manifests are combined.
 
     Example:
 
@@ -89,6 +88,13 @@ def build(
     _counts_table(f"{source.value} -> {out_path}", None, rows)
     if set(splits) != {"train"}:
         out.print("splits: " + ", ".join(f"{s} {n:,}" for s, n in splits.items()))
+    _root_hint(out_path, root)
+
+
+def _root_hint(manifest: Path, root: Path) -> None:
+    """Paths are relative to the dataset folder; say so when the manifest lives elsewhere."""
+    if manifest.resolve().parent != root.resolve():
+        out.print(f"paths are relative to {root}: give [bold]--root {root}[/] to check and extract.", highlight=False)
 
 
 @manifest_app.command()
@@ -103,8 +109,7 @@ def curate(
 ) -> None:
     """Combine manifests and apply a class-size rule; prints classes and images per domain before and after.
 
-    A class is a (domain, label) pair. Classes below --min-per-class go first, then at most
-    --max-classes are drawn, then each is capped at --max-per-class. Row order is kept.
+    A class is a (domain, label) pair. Classes below --min-per-class go first, then at most --max-classes are drawn, then each is capped at --max-per-class. Row order is kept.
 
     Example (the GLDv2 rule of M4D-35k):
 
@@ -126,8 +131,7 @@ def recipe(
     root: Path = typer.Option(..., "--root", help="Data root holding one folder per source (named in the recipe)."),
     out_path: Path = typer.Option(..., "--out", help="Manifest CSV to write; paths are relative to --root."),
 ) -> None:
-    """Build a whole training set from a recipe: run each source's builder, curate it by its rule,
-    combine, and compare the counts with the published ones.
+    """Build a whole training set from a recipe: each source's builder, then its curation rule; combined, with the counts next to the published ones.
 
     Example (M4D-35k: DATA/products10k, DATA/gldv2, DATA/deepfashion, DATA/stanford-cars):
 
@@ -152,6 +156,7 @@ def recipe(
                   sum(x[4] for x in lines), r.published.images])
     out.print(table(f"{r.name} (seed {r.seed}) -> {out_path}",
                     ["source", "built", "classes", "paper classes", "images", "paper images"], lines))
+    _root_hint(out_path, root)
 
 
 @manifest_app.command()
@@ -166,10 +171,9 @@ def check(
 ) -> None:
     """Validate a manifest before a long extraction.
 
-    Reports missing files, files that do not decode (opened with the same reader extract uses,
-    crop boxes included), rows naming the same file twice, byte-identical images under different
-    labels, and classes below --min-per-class. Exit status 1 when extract would record failures
-    (missing or undecodable images), 2 when the manifest itself is invalid, 0 otherwise.
+    Reports missing files, files that do not decode (opened with the reader extract uses, crop boxes included), rows naming the same file twice, byte-identical images under different labels, and classes below --min-per-class.
+
+    Exit status 1 when extract would record failures (missing or undecodable images), 2 when the manifest itself is invalid, 0 otherwise.
 
     Example:
 

@@ -64,7 +64,7 @@ REGISTRY: dict[str, BackboneSpec] = {
         BackboneSpec("dinov2-l14", "timm", "vit_large_patch14_dinov2.lvd142m", "hub", {},
                      "DINOv2 ViT-L/14 (self-supervised, 518 px)"),
         BackboneSpec("tiny-vit", "open_clip", "featcache-tiny-vit", None, {},
-                     "A 0.1M-parameter ViT with seeded random weights, for tests and the offline demo"),
+                     "A 0.4M-parameter ViT (32 px, 16 px patches) with seeded random weights, for tests and the offline demo"),
     ]
 }
 

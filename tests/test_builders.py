@@ -147,6 +147,8 @@ def test_products10k_custom_domain(tmp_path):
     ("name,class,group\n0.jpg,1,0\n\n1.jpg,,0\n", r"train.csv:4: column 'class': empty class"),
     ("name,class,group\n../../etc/passwd,1,0\n", r"train.csv:2: column 'name': image name '../../etc/passwd' leaves"),
     ("name,group\n0.jpg,0\n", r"train.csv:1: missing column 'class'"),
+    ("name,class,group\n0.jpg,1,0\n1.jpg,1,0\n0.jpg,2,0\n", r"train.csv:4: column 'name': '0.jpg' is listed twice \(first on line 2\)"),
+    ('name,class,group\n"0.jpg",1,0\n"1.jpg",1\n', r"train.csv:3: expected 3 columns"),
     ("", r"train.csv: empty file"),
 ])
 def test_products10k_bad_rows_name_file_and_line(tmp_path, body, message):
@@ -194,11 +196,18 @@ def test_gldv2_kaggle_2021_columns_and_train_clean(tmp_path):
     ([["6e158a47eb2ca3f6", "u", 1], ["../../x", "u", 2]], r"train.csv:3: column 'id': image id '../../x' is not a GLDv2 id"),
     ([["6e158a47eb2ca3f6", "u", 1], ["ab", "u", 2]], r"train.csv:3: column 'id': image id 'ab'"),
     ([["6e158a47eb2ca3f6", "u", "x7"]], r"train.csv:2: column 'landmark_id': landmark id 'x7' is not an integer"),
+    ([["6e158a47eb2ca3f6", "u", 1], ["6e158a47eb2ca3f6", "u", 2]], r"train.csv:3: column 'id': '6e158a47eb2ca3f6' is listed twice"),
 ])
 def test_gldv2_bad_rows(tmp_path, rows, message):
     write_csv(tmp_path / "train.csv", ["id", "url", "landmark_id"], rows)
     with pytest.raises(ManifestError, match=message):
         gldv2(tmp_path)
+
+
+def test_gldv2_train_clean_bad_id_names_line(tmp_path):
+    write_csv(tmp_path / "train_clean.csv", ["landmark_id", "images"], [[1, "17660ef415d37059"], [2, "92b6290d571448f6 zz/../x"]])
+    with pytest.raises(ManifestError, match=r"train_clean.csv:3: column 'images': image id 'zz/../x' is not a GLDv2 id"):
+        gldv2(tmp_path, annotations="train_clean.csv")
 
 
 def test_gldv2_missing_annotations(tmp_path):
@@ -294,6 +303,16 @@ def test_stanford_cars_colours_refine_classes(tmp_path):
     assert rows.notes == [f"1 of 5 images have no colour in {tmp_path / 'colors.csv'} and were left out"]
 
 
+def test_stanford_cars_colour_file_without_header(tmp_path):
+    root = write_stanford_cars(tmp_path)
+    (root / "colors.csv").write_text("00001.jpg,blue\n00004.jpg,grey\n")
+    rows = stanford_cars(root, colors=root / "colors.csv")
+    assert rows.labels == ["cars/AM General Hummer SUV 2000/blue", "cars/Acura RL Sedan 2012/grey"]
+    (root / "colors.csv").write_text("image,colour\n00001.jpg,blue,extra\n")
+    with pytest.raises(ManifestError, match=r"colors.csv:2: expected 2 columns"):
+        stanford_cars(root, colors=root / "colors.csv")
+
+
 def test_stanford_cars_ambiguous_colour_name(tmp_path):
     root = write_stanford_cars(tmp_path, [["00001.jpg", "red"]])
     with pytest.raises(ManifestError, match=r"colors.csv:2: '00001.jpg' is ambiguous"):
@@ -347,6 +366,12 @@ def test_uned_train_partition(tmp_path):
         ("images/cars/car_ims/000010.jpg", "cars/0", "cars", "train"),
         ("images/deepfashion/inshop/img/c_front.jpg", "inshop/1", "inshop", "train"),
     ]
+
+
+def test_uned_info_dir_elsewhere(tmp_path):
+    write_uned(tmp_path / "splits")
+    rows = uned(tmp_path / "data", domain="cars", info_dir=tmp_path / "splits" / "info_files")
+    assert rows.paths == ["images/cars/car_ims/000001.jpg", "images/cars/car_ims/000002.jpg"]
 
 
 def test_uned_missing_split_file_says_where_to_get_it(tmp_path):

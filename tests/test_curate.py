@@ -237,6 +237,8 @@ def test_check_finds_every_kind_of_problem(tmp_path, cli):
     assert report["identical_same_class"] == 1  # img0001.png named twice
     assert report["small_classes"] == [{"domain": "d", "label": "c", "images": 1}]
 
+    report = json.loads(cli("manifest", "check", tmp_path / "m.csv", "--json", "--no-decode", code=1).stdout)
+    assert [x["path"] for x in report["missing"]] == ["img/gone.png"] and report["undecodable"] == []
     result = cli("manifest", "check", tmp_path / "m.csv", "--root", tmp_path, code=1)
     assert "missing files" in result.stdout and "FAIL" in result.stdout and "img/gone.png" in result.stdout
 

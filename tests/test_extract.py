@@ -71,7 +71,7 @@ def test_cache_follows_the_contract(tmp_path, cli):
     out = tmp_path / "c.zarr"
     cli("extract", "-m", "tiny-vit", "--manifest", m, "--out", out, "--chunk-rows", "4", "--workers", "0", "--quiet")
     g = zarr.open_group(str(out), mode="r")
-    assert g["features"].shape == (10, 64) and g["features"].chunks == (4, 64)
+    assert g["features"].shape == (10, 256) and g["features"].chunks == (4, 256)
     assert g["features"].compressors == ()
     assert g["valid"].dtype == bool and g["valid"].chunks == (4,)
     assert g["failures"].chunks == (4,)
@@ -83,7 +83,7 @@ def test_cache_follows_the_contract(tmp_path, cli):
     assert list(g["domains"][:]) == [f"d{i % 2}" for i in range(10)]
     assert list(g["splits"][:]) == [["train", "query", "index"][i % 3] for i in range(10)]
     meta = g.attrs["featcache"]
-    assert meta["complete"] is True and meta["rows"] == 10 and meta["dim"] == 64 and meta["dtype"] == "float16"
+    assert meta["complete"] is True and meta["rows"] == 10 and meta["dim"] == 256 and meta["dtype"] == "float16"
     assert meta["backbone"]["arch"] == "featcache-tiny-vit" and meta["backbone"]["weights"] == "random-init(seed=0)"
     assert len(meta["key"]) == 32 and meta["manifest_sha256"]
     assert not (out / "zarr.json").read_text().count("consolidated_metadata\": {")  # no consolidated metadata
@@ -147,7 +147,7 @@ def test_default_location_and_info(tmp_path, cli, monkeypatch):
     path = tmp_path / "cache" / "m" / "tiny-vit.zarr"
     info = json.loads(cli("info", path, "--json").stdout)
     assert info["rows"] == 5 and info["splits"]["query"] == {"rows": 2, "valid": 2}
-    assert info["domains"]["d0"]["rows"] == 3 and info["bytes_on_disk"] > 5 * 64 * 2
+    assert info["domains"]["d0"]["rows"] == 3 and info["bytes_on_disk"] > 5 * 256 * 2
     text = cli("info", path).stdout
     assert "complete" in text and "tiny-vit" in text
 

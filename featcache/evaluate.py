@@ -1,0 +1,167 @@
+"""Stage three: score embeddings made from a cache (a trained head, or a zero-shot baseline).
+
+Queries and index come from the cache's ``splits`` (``query``/``index``), or from two caches. With
+neither, every valid row is a query against all other valid rows, itself excluded by row identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featcache.cache import FeatureCache
+from featcache.retrieval import evaluate, l2_normalize, search
+from featcache.runs import EVAL, Run, RunError, write_json
+
+ZERO_SHOT = ("pooled", "raw")
+POOLED_DIM = 64
+
+
+class EvalError(ValueError):
+    """Inputs that cannot be evaluated; the message says which and why."""
+
+
+def pooled(features: np.ndarray, dim: int = POOLED_DIM) -> np.ndarray:
+    """The paper's zero-shot baseline: the feature averaged in consecutive groups down to ``dim`` values
+    (1152 -> 64 averages 18 dims each; sizes that do not divide evenly get groups differing by one)."""
+    d = features.shape[1]
+    if d <= dim:
+        return features.astype(np.float32)
+    edges = np.linspace(0, d, dim + 1).round().astype(int)
+    sums = np.add.reduceat(features.astype(np.float32), edges[:-1], axis=1)
+    return sums / np.diff(edges)[None, :]
+
+
+@dataclass
+class Side:
+    """One side of the search: the rows of a cache that are queries (or index)."""
+
+    cache: FeatureCache
+    rows: np.ndarray  # int row numbers into the cache
+    labels: np.ndarray  # class names (str), comparable across caches
+    domains: np.ndarray
+
+    @classmethod
+    def of(cls, cache: FeatureCache, mask: np.ndarray) -> "Side":
+        rows = np.flatnonzero(mask)
+        classes = cache.classes()
+        return cls(cache, rows, classes[cache.labels()[rows]], cache.strings("domains")[rows])
+
+
+def select(cache: FeatureCache, query_cache: FeatureCache | None, index_cache: FeatureCache | None):
+    """(queries, index, self_ids): the two sides and, when they are the same rows, each query's own index row."""
+    if (query_cache is None) != (index_cache is None):
+        raise EvalError("give both --query-cache and --index-cache, or neither")
+    if query_cache is not None:
+        return Side.of(query_cache, query_cache.valid()), Side.of(index_cache, index_cache.valid()), None
+    valid, splits = cache.valid(), cache.strings("splits")
+    has_q, has_i = (splits == "query").any(), (splits == "index").any()
+    if has_q and has_i:
+        return Side.of(cache, valid & (splits == "query")), Side.of(cache, valid & (splits == "index")), None
+    if has_q or has_i:
+        raise EvalError(f"{cache.path}: has {'query' if has_q else 'index'} rows but no {'index' if has_q else 'query'} rows")
+    both = Side.of(cache, valid)
+    return both, both, np.arange(len(both.rows), dtype=np.int64)
+
+
+def check_run_fits(run: Run, cache: FeatureCache) -> None:
+    from featcache.train import feature_space
+
+    want = run.config["cache"].get("feature_space", {})
+    have = feature_space(cache.meta)
+    if run.config["head"]["in_dim"] != cache.dim:
+        raise EvalError(f"{run.path}: the head takes {run.config['head']['in_dim']}-d features but {cache.path} holds {cache.dim}-d")
+    if want and want != have:
+        diffs = [k for k in ("backbone", "preprocessing", "precision") if want.get(k) != have.get(k)]
+        wb, hb = want.get("backbone", {}), have["backbone"]
+        raise EvalError(
+            f"{run.path} was trained on features of {wb.get('library')}:{wb.get('arch')} ({wb.get('weights')}), "
+            f"but {cache.path} holds {hb.get('library')}:{hb.get('arch')} ({hb.get('weights')}); differs in {', '.join(diffs)}"
+        )
+
+
+def embed(side: Side, run: Run | None, zero_shot: str | None) -> np.ndarray:
+    feats = side.cache.features(side.rows)
+    if run is not None:
+        return run.embed(feats)
+    if zero_shot == "pooled":
+        return pooled(feats)
+    if zero_shot == "raw":
+        return feats.astype(np.float32)
+    raise EvalError(f"unknown zero-shot mode {zero_shot!r}; expected one of {', '.join(ZERO_SHOT)}")
+
+
+@dataclass
+class EvalOutput:
+    result: dict[str, Any]
+    queries: Side  # with ``show``: only the shown queries
+    index: Side
+    neighbours: np.ndarray  # (S, k) positions into index.rows, for the S shown queries
+    relevant: np.ndarray  # (S, k) bool
+
+
+def run_eval(
+    cache_path: str | Path | None,
+    *,
+    run: Run | str | Path | None = None,
+    zero_shot: str | None = None,
+    protocol: str = "guiec",
+    query_cache: str | Path | None = None,
+    index_cache: str | Path | None = None,
+    k: int = 5,
+    max_memory: int = 2 << 30,
+    show: int = 0,
+) -> EvalOutput:
+    """Score the embeddings; with ``show`` > 0, also keep the top-k neighbours of the first ``show`` queries
+    (for plots)."""
+    if run is not None and zero_shot is not None:
+        raise EvalError("give --run or --zero-shot, not both")
+    if run is None and zero_shot is None:
+        zero_shot = "pooled"
+    run = Run.load(run) if run is not None and not isinstance(run, Run) else run
+    main = FeatureCache.open(cache_path) if cache_path is not None else None
+    qc = FeatureCache.open(query_cache) if query_cache is not None else None
+    ic = FeatureCache.open(index_cache) if index_cache is not None else None
+    if main is None and qc is None:
+        raise EvalError("give --cache, or --query-cache and --index-cache")
+    for c in (main, qc, ic):
+        if c is not None:
+            c.require_complete()
+            if run is not None:
+                check_run_fits(run, c)
+    queries, index, self_ids = select(main, qc, ic)
+    if len(queries.rows) == 0:
+        raise EvalError("the query set is empty (no valid query rows)")
+    if len(index.rows) == 0:
+        raise EvalError("the index set is empty (no valid index rows)")
+    available = len(index.rows) - (1 if self_ids is not None else 0)
+    if k > available:
+        raise EvalError(f"--k {k} is larger than the index ({available} rows{' besides the query itself' if self_ids is not None else ''})")
+    xq = embed(queries, run, zero_shot)
+    xb = xq if self_ids is not None else embed(index, run, zero_shot)
+    bad = int((~np.isfinite(xq)).any(axis=1).sum() + (0 if self_ids is not None else (~np.isfinite(xb)).any(axis=1).sum()))
+    if bad:
+        raise EvalError(f"{bad} embeddings are NaN or infinite; the head or the cache is broken")
+    result = evaluate(xq, queries.labels, xb, index.labels, query_domains=queries.domains, index_domains=index.domains,
+                      protocol=protocol, k=k, self_ids=self_ids, max_memory=max_memory)
+    result["embeddings"] = f"run {run.path}" if run is not None else f"zero-shot {zero_shot}"
+    result["cache"] = str(cache_path) if cache_path is not None else {"query": str(query_cache), "index": str(index_cache)}
+    neighbours = np.zeros((0, k), dtype=np.int64)
+    relevant = np.zeros((0, k), dtype=bool)
+    if show:
+        picked = np.linspace(0, len(queries.rows) - 1, min(show, len(queries.rows))).round().astype(np.int64)
+        ids = self_ids[picked] if self_ids is not None else None
+        _, neighbours = search(l2_normalize(xq[picked]), l2_normalize(xb), k, self_ids=ids, max_memory=max_memory)
+        queries = Side(queries.cache, queries.rows[picked], queries.labels[picked], queries.domains[picked])
+        relevant = index.labels[neighbours] == queries.labels[:, None]
+        if protocol == "uned":
+            relevant &= index.domains[neighbours] == queries.domains[:, None]
+    if run is not None:
+        write_json(run.path / EVAL, result)
+    return EvalOutput(result, queries, index, neighbours, relevant)
+
+
+__all__ = ["run_eval", "pooled", "EvalError", "RunError", "ZERO_SHOT"]

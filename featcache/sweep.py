@@ -1,0 +1,109 @@
+"""``featcache sweep``: many heads from one load of the features, scored as mean ± std over seeds."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from featcache.cache import FeatureCache
+from featcache.losses import LOSSES
+from featcache.train import TrainOptions, load_train_data, train
+
+
+def grid(losses: list[str], loss_opts: dict[str, list], varied: dict[str, list], fixed: dict[str, Any]) -> list[TrainOptions]:
+    """Every combination; loss options a loss does not take are left out for it (no duplicates)."""
+    combos: list[TrainOptions] = []
+    seen = set()
+    for name in losses:
+        key = name.strip().lower().replace("_", "-")
+        accepts = LOSSES[key].defaults if key in LOSSES else {}
+        opt_lists = {k: v for k, v in loss_opts.items() if v and (k in accepts or key not in LOSSES)}
+        for opt_values in itertools.product(*opt_lists.values()):
+            for values in itertools.product(*varied.values()):
+                o = TrainOptions(loss=name, loss_opts=dict(zip(opt_lists, opt_values)), **dict(zip(varied, values)), **fixed)
+                ident = json.dumps([o.loss, o.loss_opts, *values], sort_keys=True)
+                if ident not in seen:
+                    seen.add(ident)
+                    combos.append(o)
+    return combos
+
+
+def label(o: TrainOptions, varied_keys: list[str]) -> str:
+    parts = [f"{k}={v}" for k, v in sorted(o.loss_opts.items())]
+    parts += [f"{k}={getattr(o, k)}" for k in varied_keys]
+    return " ".join(parts) or "defaults"
+
+
+def _mean_std(values: list[float]) -> str:
+    a = np.asarray(values, dtype=float)
+    return f"{a.mean():.4f}" if len(a) == 1 else f"{a.mean():.4f} ± {a.std(ddof=1):.4f}"
+
+
+def run_sweep(cache: Path, combos: list[TrainOptions], seeds: int, out: Path, eval_cache: Path | None = None,
+              on_run: Callable[[str], None] | None = None) -> dict[str, Any]:
+    from featcache.evaluate import run_eval
+
+    if seeds < 1:
+        raise ValueError(f"--seeds {seeds}: need at least 1")
+    for o in combos:
+        o.check()
+    data = load_train_data(cache, combos[0].device if combos else "cpu")
+    target = eval_cache or cache
+    splits = FeatureCache.open(target).strings("splits")
+    can_eval = (splits == "query").any() and (splits == "index").any()
+    if eval_cache is not None and not can_eval:
+        raise ValueError(f"--eval-cache {eval_cache}: has no query/index split to score on")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} already exists and is not empty; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    varied_keys = [k for k in ("embed_dim", "dropout", "lr", "epochs", "batch_size") if len({getattr(o, k) for o in combos}) > 1]
+    metric = "mMP@5" if can_eval else None
+    results = []
+    for i, base in enumerate(combos):
+        per_seed = []
+        for s in range(seeds):
+            o = replace(base, seed=42 + s)
+            name = f"{i:03d}-{o.loss}-seed{o.seed}"
+            if on_run:
+                on_run(name)
+            r = train(data, o, out / name)
+            entry = {"run": name, "seed": o.seed, "final_loss": r.metrics[-1]["loss"], "train_acc": r.metrics[-1]["train_acc"],
+                     "seconds": round(r.seconds, 3)}
+            if can_eval:
+                entry["eval"] = run_eval(target, run=out / name).result
+                entry[metric] = entry["eval"]["overall"][metric]
+            per_seed.append(entry)
+        row = {
+            "loss": base.loss,
+            "label": label(base, varied_keys),
+            "options": {"loss_opts": base.loss_opts, **{k: getattr(base, k) for k in varied_keys}},
+            "final_loss": _mean_std([e["final_loss"] for e in per_seed]),
+            "train_acc": _mean_std([e["train_acc"] for e in per_seed]),
+            "seconds": round(float(np.mean([e["seconds"] for e in per_seed])), 3),
+            "runs": per_seed,
+        }
+        if metric:
+            row[metric] = _mean_std([e[metric] for e in per_seed])
+        results.append(row)
+    summary = {"cache": str(cache), "eval_cache": str(target) if can_eval else None, "seeds": seeds, "metric": metric,
+               "results": results}
+    (out / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "sweep.md").write_text(markdown(summary))
+    return summary
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    metric = summary["metric"]
+    head = ["loss", "options", "final loss", "train acc", *([metric] if metric else []), "seconds"]
+    lines = [f"# featcache sweep on `{summary['cache']}`", "",
+             f"{summary['seeds']} seed(s) per row; values are mean ± std over seeds.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary["results"]:
+        cells = [r["loss"], r["label"], r["final_loss"], r["train_acc"], *([r[metric]] if metric else []), str(r["seconds"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
