@@ -336,7 +336,7 @@ def train_head(
     Ctrl-C keeps the last finished epoch's head (config.json says complete: false); --resume continues.
     Load a run in Python with featcache.runs.Run.load(DIR).embed(features).
     """
-    from featcache.train import TrainOptions, load_train_data, train
+    from featcache.train import TrainOptions, check_options, load_train_data, train
 
     dev = resolve_device(device)
     opts = {**parse_loss_opts(loss_opt), "sub_centers": sub_centers, "margin": margin, "scale": scale}
@@ -346,13 +346,17 @@ def train_head(
                            precision=train_precision(precision, dev), sample_classes=sample_classes)
     options.check()
     data = load_train_data(cache, dev)
+    check_options(options, data)
     target = out_path or default_run_dir(cache, loss)
     bar = progress_bar("step", disable=quiet or json_out)
     with bar:
         task = bar.add_task(f"train {loss}", total=epochs * -(-len(data.labels) // batch_size))
 
         def on_step(info) -> None:
-            bar.update(task, advance=1, description=f"epoch {info.epoch + 1}/{epochs} loss {info.loss:.3f}")
+            last = info.step + 1 == info.steps_per_epoch
+            if info.step % 50 == 0 or last:
+                bar.update(task, description=f"epoch {info.epoch + 1}/{epochs} loss {float(info.loss):.3f}")
+            bar.update(task, advance=1)
 
         result = train(data, options, target, resume=resume, overwrite=overwrite, on_step=on_step)
     report = {"run": str(target), "complete": result.complete, "epochs": result.metrics, "train_seconds": round(result.seconds, 3),

@@ -12,7 +12,7 @@ import numpy as np
 
 from featcache.cache import FeatureCache
 from featcache.losses import LOSSES
-from featcache.train import TrainOptions, load_train_data, train
+from featcache.train import TrainOptions, check_options, load_train_data, train
 
 
 def grid(losses: list[str], loss_opts: dict[str, list], varied: dict[str, list], fixed: dict[str, Any]) -> list[TrainOptions]:
@@ -50,9 +50,9 @@ def run_sweep(cache: Path, combos: list[TrainOptions], seeds: int, out: Path, ev
 
     if seeds < 1:
         raise ValueError(f"--seeds {seeds}: need at least 1")
-    for o in combos:
-        o.check()
     data = load_train_data(cache, combos[0].device if combos else "cpu")
+    for o in combos:
+        check_options(o, data)
     target = eval_cache or cache
     splits = FeatureCache.open(target).strings("splits")
     can_eval = (splits == "query").any() and (splits == "index").any()

@@ -145,6 +145,14 @@ def _loss_name(name: str) -> str:
     return key
 
 
+def check_options(options: TrainOptions, data: TrainData) -> None:
+    """Every option and loss hyperparameter, checked without allocating anything (the loss is built on
+    the meta device): bad input stops here, before a run directory or a progress bar exists."""
+    options.check()
+    with torch.device("meta"):
+        build_loss(options.loss, data.num_classes, options.embed_dim, **loss_hparams(options, data))
+
+
 def build_model(options: TrainOptions, data: TrainData) -> tuple[ProjectionHead, torch.nn.Module]:
     """Head and loss, seeded; raises ValueError for impossible options before anything is written."""
     options.check()
@@ -168,7 +176,7 @@ class StepInfo:
     epoch: int
     step: int
     steps_per_epoch: int
-    loss: float
+    loss: torch.Tensor  # detached; reading it waits for the GPU, so read it only now and then
 
 
 @dataclass
@@ -226,7 +234,7 @@ def train(
                 loss_sum += loss.detach() * len(idx)
                 correct += (cos.argmax(dim=1) == y).sum()
                 if on_step is not None:
-                    on_step(StepInfo(epoch, step, steps_per_epoch, float(loss)))
+                    on_step(StepInfo(epoch, step, steps_per_epoch, loss.detach()))
             epoch_seconds = time.perf_counter() - t0
             seconds += epoch_seconds
             metrics.append({

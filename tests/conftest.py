@@ -87,3 +87,25 @@ def subprocess_env() -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def make_cache(tmp: Path, features: np.ndarray, labels, splits=None, domains=None, name: str = "c") -> Path:
+    """A real cache on disk holding exactly ``features`` (float32), built through ``featcache import``'s library call."""
+    from featcache.cache import import_features
+    from featcache.manifest import read_manifest, write_manifest
+
+    n = len(features)
+    m = write_manifest(tmp / f"{name}.csv", [f"img{i:05d}.png" for i in range(n)], [str(x) for x in labels],
+                       domains=None if domains is None else list(domains), splits=None if splits is None else list(splits))
+    out = tmp / f"{name}.zarr"
+    import_features(np.asarray(features, dtype=np.float32), read_manifest(m), out, source=f"{name}.npy",
+                    source_sha256="0" * 64, dtype="float32")
+    return out
+
+
+def blobs(classes: int, per_class: int, dim: int = 32, noise: float = 0.5, seed: int = 0):
+    """Separable synthetic features: one random centre per class plus Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim))
+    labels = np.repeat(np.arange(classes), per_class)
+    return (centres[labels] + noise * rng.normal(size=(len(labels), dim))).astype(np.float32), labels

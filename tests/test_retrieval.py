@@ -213,13 +213,18 @@ def test_search_accepts_float16_fortran_and_tensors():
     np.testing.assert_array_equal(search(FakeTensor(xq), FakeTensor(xb), 3)[1], ref)
 
 
-def test_search_threads_restored():
+def test_search_faiss_settings_restored():
     import faiss
 
-    before = faiss.omp_get_max_threads()
+    threads = faiss.omp_get_max_threads()
+    db_bs = faiss.cvar.distance_compute_blas_database_bs
     rng = np.random.default_rng(7)
     search(unit(rng, 5, 4), unit(rng, 20, 4), 2, threads=1)
-    assert faiss.omp_get_max_threads() == before
+    assert faiss.omp_get_max_threads() == threads
+    assert faiss.cvar.distance_compute_blas_database_bs == db_bs
+    with pytest.raises(ValueError):
+        search(unit(rng, 5, 4), unit(rng, 20, 4), 2, threads=1, max_memory=10)
+    assert faiss.omp_get_max_threads() == threads
 
 
 def test_search_bad_k():

@@ -1,0 +1,152 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import load_file, save_file
+
+from featcache.evaluate import pooled
+from tests.conftest import blobs, make_cache
+
+
+def brute_force(q, ql, x, xl, k=5, self_rows=False):
+    """Independent scores: full matmul, stable sort on (-score, id), metrics from the formulas in REFERENCES."""
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = qn @ xn.T
+    mp, ap, r1 = [], [], []
+    for i in range(len(q)):
+        order = [j for j in np.lexsort((np.arange(len(x)), -sims[i])) if not (self_rows and j == i)]
+        n_rel = sum(1 for j in range(len(x)) if xl[j] == ql[i] and not (self_rows and j == i))
+        if n_rel == 0:
+            continue
+        rel = [xl[j] == ql[i] for j in order[:k]]
+        m = min(n_rel, k)
+        mp.append(sum(rel[:m]) / m)
+        ap.append(sum(np.mean(rel[: j + 1]) * rel[j] for j in range(k)) / m)
+        r1.append(float(rel[0]))
+    return {"mMP@5": np.mean(mp), "mAP@5": np.mean(ap), "R@1": np.mean(r1), "queries": len(mp)}
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+def test_pooled_is_the_mean_of_consecutive_groups():
+    x = np.random.default_rng(0).normal(size=(3, 1152)).astype(np.float32)
+    p = pooled(x)
+    assert p.shape == (3, 64)
+    np.testing.assert_allclose(p[:, 5], x[:, 90:108].mean(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(p[:, 63], x[:, 1134:1152].mean(axis=1), rtol=1e-5)
+    assert pooled(x[:, :40]).shape == (3, 40)
+
+
+def test_query_index_split_matches_brute_force(tmp_path, cli):
+    x, y = blobs(8, 12, dim=96, noise=1.5)
+    rng = np.random.default_rng(1)
+    splits = rng.choice(["query", "index", "index", "train"], size=len(y))
+    cache = make_cache(tmp_path, x, y, splits, domains=["a" if c < 4 else "b" for c in y])
+    for mode, transform in (("raw", lambda f: f), ("pooled", pooled)):
+        cli("eval", "--cache", cache, "--zero-shot", mode, "--json", tmp_path / f"{mode}.json")
+        got = read_json(tmp_path / f"{mode}.json")
+        q, i = splits == "query", splits == "index"
+        want = brute_force(transform(x[q]), y[q], transform(x[i]), y[i])
+        assert got["protocol"] == "guiec" and got["overall"]["queries"] == want["queries"]
+        for m in ("mMP@5", "mAP@5", "R@1"):
+            assert got["overall"][m] == pytest.approx(want[m], abs=1e-9), (mode, m)
+        qa = q & (y < 4)
+        assert got["domains"]["a"]["mMP@5"] == pytest.approx(brute_force(transform(x[qa]), y[qa], transform(x[i]), y[i])["mMP@5"])
+
+
+def test_without_splits_each_row_queries_the_others_and_duplicates_still_count(tmp_path, cli):
+    # rows 0 and 1 are identical with the same label: each must find the other first, not itself
+    x = np.array([[1, 0], [1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [-1, 0], [-0.9, -0.2]], dtype=np.float32)
+    y = [0, 0, 1, 2, 2, 1, 1]
+    cache = make_cache(tmp_path, x, y)
+    cli("eval", "--cache", cache, "--zero-shot", "raw", "--k", "2", "--json", tmp_path / "r.json")
+    got = read_json(tmp_path / "r.json")["overall"]
+    # hand count: row0 -> [1 (rel), 2], row1 -> [0 (rel), 2]: R@1 = 1 for both; rows 2,5,6 (label 1):
+    # row2 -> neighbours 0,1 (not rel) -> 0; row5 -> 6 (rel); row6 -> 5 (rel); rows 3,4 find each other.
+    assert got["R@1"] == pytest.approx(6 / 7)
+    assert got["queries"] == 7 and got["excluded"] == 0
+    want = brute_force(x, y, x, y, k=2, self_rows=True)
+    assert got["R@1"] == pytest.approx(want["R@1"])
+
+
+def test_uned_needs_the_same_domain_and_averages_domains(tmp_path, cli):
+    # the same label in two domains: relevant under guiec, not under uned
+    x = np.array([[1, 0], [1, 0.05], [1, 0.1], [0, 1], [0.05, 1], [0.1, 1], [0.2, 1]], dtype=np.float32)
+    y = [7, 7, 7, 3, 3, 3, 3]
+    d = ["a", "b", "b", "a", "a", "a", "a"]
+    s = ["query", "index", "index", "query", "index", "index", "index"]
+    cache = make_cache(tmp_path, x, y, s, d)
+    cli("eval", "--cache", cache, "--zero-shot", "raw", "--json", tmp_path / "g.json")
+    cli("eval", "--cache", cache, "--zero-shot", "raw", "--protocol", "uned", "--json", tmp_path / "u.json")
+    g, u = read_json(tmp_path / "g.json"), read_json(tmp_path / "u.json")
+    assert g["overall"]["queries"] == 2 and g["overall"]["R@1"] == 1.0
+    # under uned query 0 (label 7, domain a) has no relevant index row: excluded
+    assert u["overall"]["queries"] == 1 and u["overall"]["excluded"] == 1
+    assert u["domains"]["a"]["queries"] == 1 and u["protocol"] == "uned"
+
+
+def test_run_head_is_applied_and_results_are_stored(tmp_path, cli):
+    x, y = blobs(6, 15, dim=24)
+    splits = ["train" if c < 4 else ("query" if i % 3 == 0 else "index") for i, c in enumerate(y)]
+    cache = make_cache(tmp_path, x, y, splits)
+    run = tmp_path / "run"
+    cli("train-head", "--cache", cache, "--epochs", "2", "--out", run, "--quiet")
+    cli("eval", "--cache", cache, "--run", run, "--json", tmp_path / "r.json", "--plot", tmp_path / "plots")
+    got = read_json(tmp_path / "r.json")
+    w = load_file(str(run / "head.safetensors"))
+    emb = x @ w["net.1.weight"].T + w["net.1.bias"]
+    q, i = np.array(splits) == "query", np.array(splits) == "index"
+    want = brute_force(emb[q], y[q], emb[i], y[i])
+    assert got["overall"]["mMP@5"] == pytest.approx(want["mMP@5"], abs=1e-6)
+    assert read_json(run / "eval.json")["overall"] == got["overall"]
+    rows = json.loads(cli("runs", tmp_path, "--json").stdout)
+    assert len(rows) == 1 and rows[0]["mMP@5"] == pytest.approx(want["mMP@5"], abs=1e-6) and rows[0]["epochs"] == "2/2"
+    for name in ("neighbours.png", "domains.png"):
+        with Image.open(tmp_path / "plots" / name) as im:
+            assert im.width > 100 and im.height > 100
+
+
+def test_bad_inputs_say_what_is_wrong(tmp_path, cli):
+    x, y = blobs(4, 6, dim=16)
+    s = ["train" if c < 2 else ("query" if i % 2 else "index") for i, c in enumerate(y)]
+    cache = make_cache(tmp_path, x, y, s)
+    run = tmp_path / "run"
+    cli("train-head", "--cache", cache, "--epochs", "1", "--out", run, "--quiet")
+    other = make_cache(tmp_path, np.zeros((4, 8)) + 1, [0, 0, 1, 1], name="other")
+    r = cli("eval", "--cache", other, "--run", run, code=2)
+    assert "the head takes 16-d features" in r.output and "8-d" in r.output
+    # same dim, different backbone: say which
+    other16 = make_cache(tmp_path, x, y, s, name="other16")
+    import zarr
+
+    g = zarr.open_group(str(other16), mode="r+")
+    meta = dict(g.attrs["featcache"])
+    meta["backbone"] = dict(meta["backbone"], arch="open_clip-ViT-L-14")
+    g.attrs["featcache"] = meta
+    r = cli("eval", "--cache", other16, "--run", run, code=2)
+    assert "was trained on features of import:c.npy" in r.output and "open_clip-ViT-L-14" in r.output
+    r = cli("eval", "--cache", cache, "--zero-shot", "raw", "--k", "50", code=2)
+    assert "--k 50 is larger than the index" in r.output
+    only_q = make_cache(tmp_path, x, y, ["query"] * len(y), name="onlyq")
+    r = cli("eval", "--cache", only_q, "--zero-shot", "raw", code=2)
+    assert "has query rows but no index rows" in r.output
+    w = load_file(str(run / "head.safetensors"))
+    w["net.1.weight"][0, 0] = np.nan
+    save_file(w, str(run / "head.safetensors"))
+    r = cli("eval", "--cache", cache, "--run", run, code=2)
+    assert "embeddings are NaN or infinite" in r.output
+
+
+def test_demo_runs_offline_end_to_end(tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    summary = json.loads(cli("demo", "--json").stdout)
+    assert (tmp_path / "manifests" / "demo" / "digits.csv").is_file()
+    assert len(list((tmp_path / "manifests" / "demo" / "images").glob("*.png"))) == 1797
+    for side in ("zero_shot", "trained_head"):
+        assert summary[side]["queries"] == 144 and 0 < summary[side]["mMP@5"] <= 1
+    assert all((tmp_path / p).is_file() for p in summary["plots"])
+    assert (tmp_path / "runs" / "demo" / "head.safetensors").is_file()
