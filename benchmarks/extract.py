@@ -15,7 +15,7 @@ background, so this is busy time, not necessarily time the pipeline waited).
 
     uv run python benchmarks/extract.py [--model tiny-vit] [--images 512] [--size 800x600]
                                         [--batch-size 64] [--workers CORES] [--device cuda|cpu]
-                                        [--precision bf16|fp16|fp32] [--repeat 3] [--json]
+                                        [--precision bf16|fp16|fp32] [--repeat 3] [--threads N] [--json]
 
 On an H200, the paper's backbone architecture with random weights (no download needed):
 
@@ -217,10 +217,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--min-model-seconds", type=float, default=2.0,
                    help="repeat the model-only pass over N images until at least this long")
     p.add_argument("--repeat", type=int, default=3, help="interleaved runs of the three measurements; best kept")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads in this process: the model, in model-only and end-to-end alike "
+                        "(default: torch's own; DataLoader workers always use 1)")
     p.add_argument("--tmp", default=None, help="folder for the temporary images and store (default: system temp)")
     p.add_argument("--json", action="store_true", help="also print one JSON line")
     a = p.parse_args(argv)
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {device}: no CUDA GPU is visible to torch")

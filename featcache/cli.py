@@ -503,7 +503,9 @@ def eval_(
     """Score retrieval: mMP@k (GUIEC), mAP@k (UnED) and R@1, overall and per domain, by exact search.
 
     Without query/index splits every valid row is a query against all the others (itself excluded).
-    A run's scores are also stored in its directory, where `featcache runs` shows them.
+    A domain with query rows but no index rows is its own index: its queries search each other, each
+    skipping itself (UnED's cars, SOP, iNat, Food2k, RP2K). A run's scores are also stored in its
+    directory, where `featcache runs` shows them.
     """
     from featcache.evaluate import run_eval
 

@@ -52,19 +52,77 @@ class Side:
 
 
 def select(cache: FeatureCache, query_cache: FeatureCache | None, index_cache: FeatureCache | None):
-    """(queries, index, self_ids): the two sides and, when they are the same rows, each query's own index row."""
+    """(queries, index, self_ids): the two sides and, where a query is itself an index row, that row.
+
+    ``self_ids`` is None when no query is in the index, else an int array with -1 for queries that
+    are not. Within one cache, a domain that has query rows but no index rows is its own index: its
+    queries search each other (each skipping itself) as well as the other domains' index rows. That
+    is how UnED scores cars, SOP, iNat, Food2k and RP2K, whose test images are query and index at once.
+    """
     if (query_cache is None) != (index_cache is None):
         raise EvalError("give both --query-cache and --index-cache, or neither")
     if query_cache is not None:
         return Side.of(query_cache, query_cache.valid()), Side.of(index_cache, index_cache.valid()), None
-    valid, splits = cache.valid(), cache.strings("splits")
+    valid, splits, domains = cache.valid(), cache.strings("splits"), cache.strings("domains")
     has_q, has_i = (splits == "query").any(), (splits == "index").any()
     if has_q and has_i:
-        return Side.of(cache, valid & (splits == "query")), Side.of(cache, valid & (splits == "index")), None
+        q = valid & (splits == "query")
+        self_index = q & ~np.isin(domains, np.unique(domains[splits == "index"]))
+        queries = Side.of(cache, q)
+        index = Side.of(cache, valid & ((splits == "index") | self_index))
+        if not self_index.any():
+            return queries, index, None
+        # positions of the self-indexed queries in the index (both sides are in row order)
+        self_ids = np.full(len(queries.rows), -1, dtype=np.int64)
+        in_index = np.isin(queries.rows, index.rows)
+        self_ids[in_index] = np.searchsorted(index.rows, queries.rows[in_index])
+        return queries, index, self_ids
     if has_q or has_i:
         raise EvalError(f"{cache.path}: has {'query' if has_q else 'index'} rows but no {'index' if has_q else 'query'} rows")
     both = Side.of(cache, valid)
     return both, both, np.arange(len(both.rows), dtype=np.int64)
+
+
+def scores(xq, queries: Side, xb, index: Side, self_ids, protocol: str, k: int, max_memory: int) -> dict[str, Any]:
+    """``retrieval.evaluate``, also when only some queries are index rows (``self_ids`` -1 for the others):
+    those two groups are scored separately against the same index, then merged (their domains differ)."""
+    kwargs = dict(protocol=protocol, k=k, max_memory=max_memory)
+    if self_ids is None or (self_ids >= 0).all():
+        return evaluate(xq, queries.labels, xb, index.labels, query_domains=queries.domains,
+                        index_domains=index.domains, self_ids=self_ids, **kwargs)
+    parts = []
+    for group, ids in ((self_ids < 0, None), (self_ids >= 0, self_ids)):
+        if group.any():
+            parts.append(evaluate(xq[group], queries.labels[group], xb, index.labels, query_domains=queries.domains[group],
+                                  index_domains=index.domains, self_ids=None if ids is None else ids[group], **kwargs))
+    return merge_scores(parts, protocol, k)
+
+
+def neighbours_of(xq, xb, k: int, self_ids, max_memory: int) -> np.ndarray:
+    """Top-k index positions per query; ``self_ids`` as in ``scores`` (-1: the query is not in the index)."""
+    qn, bn = l2_normalize(xq), l2_normalize(xb)
+    if self_ids is None or (self_ids >= 0).all():
+        return search(qn, bn, k, self_ids=self_ids, max_memory=max_memory)[1]
+    out = np.zeros((len(qn), k), dtype=np.int64)
+    for group, ids in ((self_ids < 0, None), (self_ids >= 0, self_ids)):
+        if group.any():
+            out[group] = search(qn[group], bn, k, self_ids=None if ids is None else ids[group], max_memory=max_memory)[1]
+    return out
+
+
+def merge_scores(parts: list[dict[str, Any]], protocol: str, k: int) -> dict[str, Any]:
+    """Results of disjoint sets of domains as one: micro mean for guiec, mean of domains for uned."""
+    names = (f"mMP@{k}", f"mAP@{k}", "R@1")
+    domains = {d: v for p in parts for d, v in p["domains"].items()}
+    scored = [v for v in domains.values() if v["queries"] > 0]
+    total = sum(v["queries"] for v in scored)
+    if protocol == "uned":
+        overall = {m: float(np.mean([v[m] for v in scored])) if scored else float("nan") for m in names}
+    else:
+        overall = {m: float(sum(v[m] * v["queries"] for v in scored) / total) if total else float("nan") for m in names}
+    overall["queries"] = total
+    overall["excluded"] = sum(v["excluded"] for v in domains.values())
+    return {"protocol": protocol, "k": k, "overall": overall, "domains": domains}
 
 
 def check_run_fits(run: Run, cache: FeatureCache) -> None:
@@ -141,12 +199,12 @@ def run_eval(
     if k > available:
         raise EvalError(f"--k {k} is larger than the index ({available} rows{' besides the query itself' if self_ids is not None else ''})")
     xq = embed(queries, run, zero_shot)
-    xb = xq if self_ids is not None else embed(index, run, zero_shot)
-    bad = int((~np.isfinite(xq)).any(axis=1).sum() + (0 if self_ids is not None else (~np.isfinite(xb)).any(axis=1).sum()))
+    same = index.rows is queries.rows
+    xb = xq if same else embed(index, run, zero_shot)
+    bad = int((~np.isfinite(xq)).any(axis=1).sum() + (0 if same else (~np.isfinite(xb)).any(axis=1).sum()))
     if bad:
         raise EvalError(f"{bad} embeddings are NaN or infinite; the head or the cache is broken")
-    result = evaluate(xq, queries.labels, xb, index.labels, query_domains=queries.domains, index_domains=index.domains,
-                      protocol=protocol, k=k, self_ids=self_ids, max_memory=max_memory)
+    result = scores(xq, queries, xb, index, self_ids, protocol, k, max_memory)
     result["embeddings"] = f"run {run.path}" if run is not None else f"zero-shot {zero_shot}"
     result["cache"] = str(cache_path) if cache_path is not None else {"query": str(query_cache), "index": str(index_cache)}
     neighbours = np.zeros((0, k), dtype=np.int64)
@@ -154,7 +212,7 @@ def run_eval(
     if show:
         picked = np.linspace(0, len(queries.rows) - 1, min(show, len(queries.rows))).round().astype(np.int64)
         ids = self_ids[picked] if self_ids is not None else None
-        _, neighbours = search(l2_normalize(xq[picked]), l2_normalize(xb), k, self_ids=ids, max_memory=max_memory)
+        neighbours = neighbours_of(xq[picked], xb, k, ids, max_memory)
         queries = Side(queries.cache, queries.rows[picked], queries.labels[picked], queries.domains[picked])
         relevant = index.labels[neighbours] == queries.labels[:, None]
         if protocol == "uned":

@@ -46,7 +46,7 @@ class Manifest:
     def __post_init__(self) -> None:
         self.classes = sort_labels(set(self.labels))
         index = {c: i for i, c in enumerate(self.classes)}
-        self.label_ids = np.fromiter((index[x] for x in self.labels), dtype=np.int64, count=len(self.labels))
+        self.label_ids = np.fromiter(map(index.__getitem__, self.labels), dtype=np.int64, count=len(self.labels))
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -147,7 +147,8 @@ def create_backbone(name: str, weights: str | os.PathLike | None = None, device:
 
 
 def _missing_weights(spec: BackboneSpec, hub_id: str | None, err: BaseException) -> BackboneError:
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    reason = reason if len(reason) <= 160 else reason[:157].rsplit(" ", 1)[0] + "..."
     where = f" (hub id {hub_id})" if hub_id else ""
     return BackboneError(
         f"cannot load pretrained weights for {spec.name} = {spec.label}{where}: {reason}. "
@@ -157,9 +158,10 @@ def _missing_weights(spec: BackboneSpec, hub_id: str | None, err: BaseException)
 
 @contextmanager
 def _quiet_root_logger():
+    """open_clip logs warnings and errors on the root logger; we report failures ourselves, in one line."""
     root = logging.getLogger()
     level = root.level
-    root.setLevel(max(level, logging.ERROR))
+    root.setLevel(logging.CRITICAL)
     try:
         yield
     finally:

@@ -150,3 +150,35 @@ def test_demo_runs_offline_end_to_end(tmp_path, cli, monkeypatch):
         assert summary[side]["queries"] == 144 and 0 < summary[side]["mMP@5"] <= 1
     assert all((tmp_path / p).is_file() for p in summary["plots"])
     assert (tmp_path / "runs" / "demo" / "head.safetensors").is_file()
+
+
+def test_a_domain_without_index_rows_is_its_own_index(tmp_path, cli):
+    # UnED's convention: domain "cars" has only query rows, so its queries search each other (and the
+    # other domains' index rows), each skipping itself; domain "sop" has a proper query/index split.
+    rng = np.random.default_rng(3)
+    x, y = blobs(6, 8, dim=12, noise=0.8, seed=3)
+    domains = np.where(y < 3, "cars", "sop")
+    splits = np.where(domains == "cars", "query", np.where(rng.random(len(y)) < 0.3, "query", "index"))
+    splits[(domains == "sop") & (np.arange(len(y)) % 8 == 0)] = "query"
+    cache = make_cache(tmp_path, x, y, splits, domains)
+    for protocol in ("guiec", "uned"):
+        cli("eval", "--cache", cache, "--zero-shot", "raw", "--protocol", protocol, "--json", tmp_path / f"{protocol}.json")
+    got = read_json(tmp_path / "uned.json")
+    # independent: the index is every sop index row plus every cars row; cars queries skip themselves
+    index_rows = np.flatnonzero((splits == "index") | (domains == "cars"))
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    per_domain = {}
+    for dom in ("cars", "sop"):
+        mp = []
+        for qi in np.flatnonzero((splits == "query") & (domains == dom)):
+            cand = [j for j in index_rows if j != qi]
+            order = sorted(cand, key=lambda j: (-float(xn[qi] @ xn[j]), j))
+            rel = [y[j] == y[qi] and domains[j] == dom for j in order[:5]]
+            n_rel = sum(1 for j in cand if y[j] == y[qi] and domains[j] == dom)
+            mp.append(sum(rel[: min(n_rel, 5)]) / min(n_rel, 5))
+        per_domain[dom] = np.mean(mp)
+        assert got["domains"][dom]["mMP@5"] == pytest.approx(per_domain[dom], abs=1e-9)
+    assert got["overall"]["mMP@5"] == pytest.approx(np.mean(list(per_domain.values())), abs=1e-9)
+    g = read_json(tmp_path / "guiec.json")
+    n = {d: g["domains"][d]["queries"] for d in ("cars", "sop")}
+    assert g["overall"]["queries"] == n["cars"] + n["sop"] == int((splits == "query").sum())

@@ -186,7 +186,10 @@ def test_timm_backbone_matches_timm_directly(tmp_path, cli):
 
 
 def test_unavailable_weights_stop_with_one_line(tmp_path, cli, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once at import: patch it too
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     m = image_manifest(tmp_path, 2)
     r = cli("extract", "-m", "siglip-so400m", "--manifest", m, "--out", tmp_path / "c.zarr", code=2)
