@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> dict:
                                         a.warmup, a.min_model_seconds))
             e2es.append(measure_end_to_end(manifest, backbone, folder / f"store-{rep}.zarr", a.batch_size,
                                            workers, device, precision, a.dtype))
-            print(f"  run {rep + 1}/{a.repeat}: decode {decodes[-1]['images_per_s']:.1f}, model "
-                  f"{models[-1]['images_per_s']:.1f}, end-to-end {e2es[-1]['images_per_s']:.1f} img/s", flush=True)
+            print(f"  run {rep + 1}/{a.repeat}: decode {rate(decodes[-1]['images_per_s'])}, model "
+                  f"{rate(models[-1]['images_per_s'])}, end-to-end {rate(e2es[-1]['images_per_s'])} img/s", flush=True)
         decode = max(decodes, key=lambda r: r["images_per_s"])
         model = max(models, key=lambda r: r["images_per_s"])
         e2e = max(e2es, key=lambda r: r["images_per_s"])
@@ -313,6 +313,10 @@ def main(argv: list[str] | None = None) -> dict:
     return res
 
 
+def rate(v: float) -> str:
+    return f"{v:.3g}" if v < 100 else f"{v:.1f}"
+
+
 def report(res: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -324,13 +328,13 @@ def report(res: dict) -> None:
     for c, j in [("stage", "left"), ("images", "right"), ("seconds", "right"), ("images/s", "right"),
                  ("note", "left")]:
         t.add_column(c, justify=j)
-    t.add_row("decode-only", f"{d['images']}", f"{d['seconds']:.2f}", f"{d['images_per_s']:.1f}",
+    t.add_row("decode-only", f"{d['images']}", f"{d['seconds']:.2f}", rate(d['images_per_s']),
               "DataLoader(ImageRows, collate_rows) + copy to device")
-    t.add_row("model-only", f"{m['images']}", f"{m['seconds']:.2f}", f"{m['images_per_s']:.1f}",
+    t.add_row("model-only", f"{m['images']}", f"{m['seconds']:.2f}", rate(m['images_per_s']),
               f"{m['passes']} pass(es) over N on in-memory batches")
-    t.add_row("end-to-end", f"{e['images']}", f"{e['seconds']:.2f}", f"{e['images_per_s']:.1f}",
+    t.add_row("end-to-end", f"{e['images']}", f"{e['seconds']:.2f}", rate(e['images_per_s']),
               f"run_extract; writer busy {e['write_seconds']:.2f} s, {e['rows_per_chunk']} rows/chunk")
-    t.add_row("(serial bound)", "", "", f"{res['serial_bound_images_per_s']:.1f}",
+    t.add_row("(serial bound)", "", "", rate(res['serial_bound_images_per_s']),
               "1 / (1/decode + 1/model): no overlap at all")
     r = Table(title="ratios (same run)", title_justify="left", header_style="bold")
     for c, j in [("ratio", "left"), ("value", "right"), ("goal", "left")]:
@@ -345,7 +349,7 @@ def report(res: dict) -> None:
     console.print(t)
     console.print(r)
     bottleneck = "decoding" if d["images_per_s"] < m["images_per_s"] else "the model"
-    print(f"slower stage alone: {bottleneck} ({min(d['images_per_s'], m['images_per_s']):.1f} img/s); "
+    print(f"slower stage alone: {bottleneck} ({rate(min(d['images_per_s'], m['images_per_s']))} img/s); "
           f"load avg at end {res['load_avg_1m_end']}")
 
 

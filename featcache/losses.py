@@ -275,12 +275,15 @@ class MarginSoftmaxLoss(nn.Module):
         # Autocast off: the precision option alone decides the matmul dtype.
         with torch.autocast(device_type=emb.device.type, enabled=False):
             if self.precision == "bf16":
-                scores = F.linear(emb.bfloat16(), weight.bfloat16()).float()
+                scores = F.linear(emb.bfloat16(), weight.bfloat16())
             else:
                 scores = F.linear(emb, weight.float())
         if k > 1:
-            scores = scores.view(scores.shape[0], -1, k).amax(dim=2)
-        return scores
+            # max().values, not amax(): same forward, and its backward is one scatter instead of
+            # several passes over the (B, C*k) matrix. Taken before the float32 cast, so only the
+            # (B, C) result is ever float32.
+            scores = scores.view(scores.shape[0], -1, k).max(dim=2).values
+        return scores.float()
 
 
 # ----------------------------------------------------------------------------------------- losses

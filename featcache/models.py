@@ -240,8 +240,14 @@ def _build_open_clip(spec: BackboneSpec, weights: Path | None, device: torch.dev
         "fill_color": cfg.get("fill_color", 0),
     }
 
+    # For these, encode_image(x, normalize=False) is visual(x): keep the image tower only
+    # (the text tower is half of SO400M's parameters).
+    visual_only = isinstance(model, (open_clip.CLIP, open_clip.CustomTextCLIP))
+    if visual_only:
+        model = model.visual
+
     def encode(images: torch.Tensor) -> torch.Tensor:
-        return model.encode_image(images, normalize=False)
+        return model(images) if visual_only else model.encode_image(images, normalize=False)
 
     return Backbone(spec, model, encode, transform, preprocessing, weights_id, tuple(size))
 

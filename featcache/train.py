@@ -235,12 +235,13 @@ def train(
                 correct += (cos.argmax(dim=1) == y).sum()
                 if on_step is not None:
                     on_step(StepInfo(epoch, step, steps_per_epoch, loss.detach()))
+            epoch_loss, epoch_correct = float(loss_sum), int(correct)  # waits for the GPU's queued work
             epoch_seconds = time.perf_counter() - t0
             seconds += epoch_seconds
             metrics.append({
                 "epoch": epoch + 1,
-                "loss": round(float(loss_sum) / n, 6),
-                "train_acc": round(float(correct) / n, 6),
+                "loss": round(epoch_loss / n, 6),
+                "train_acc": round(epoch_correct / n, 6),
                 "lr": lr,
                 "seconds": round(epoch_seconds, 4),
             })
