@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -67,9 +68,10 @@ def run_demo(model: str = "tiny-vit", weights: Path | None = None, device: str =
                   "features learns little that transfers to unseen digits, and the zero-shot baseline stays ahead. "
                   "The paper's gain needs a pretrained backbone and many classes (M4D-35k: 34.8k).")
     err.print(f"plots: {plots[0]}, {plots[1]}  ({summary['seconds']:.0f} s in all)")
+    fc = "uv run featcache" if os.environ.get("UV_RUN_RECURSION_DEPTH") else "featcache"  # as the user ran us
     err.print("next:\n"
-              f"  featcache info {cache}\n"
-              f"  featcache sweep --cache {cache} --loss arcface --loss cosface --loss subcenter-arcface --seeds 3\n"
-              f"  featcache eval --cache {cache} --run {DEMO_RUN} --plot {DEMO_RUN}/plots\n"
-              "  featcache runs")
+              f"  {fc} info {cache}\n"
+              f"  {fc} sweep --cache {cache} --loss arcface --loss cosface --loss subcenter-arcface --seeds 3\n"
+              f"  {fc} eval --cache {cache} --run {DEMO_RUN} --plot {DEMO_RUN}/plots\n"
+              f"  {fc} runs")
     return summary
