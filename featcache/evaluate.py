@@ -6,6 +6,7 @@ neither, every valid row is a query against all other valid rows, itself exclude
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from featcache.cache import FeatureCache
-from featcache.retrieval import evaluate, l2_normalize, search
+from featcache.retrieval import evaluate, l2_normalize, query_metrics, search
 from featcache.runs import EVAL, Run, RunError, write_json
 
 ZERO_SHOT = ("pooled", "raw")
@@ -83,19 +84,56 @@ def select(cache: FeatureCache, query_cache: FeatureCache | None, index_cache: F
     return both, both, np.arange(len(both.rows), dtype=np.int64)
 
 
+MULTI_LABEL_SEP = "|"  # a query label "a|b" is relevant to index rows labelled a or b (UnED's GLDv2 queries)
+
+
 def scores(xq, queries: Side, xb, index: Side, self_ids, protocol: str, k: int, max_memory: int) -> dict[str, Any]:
-    """``retrieval.evaluate``, also when only some queries are index rows (``self_ids`` -1 for the others):
-    those two groups are scored separately against the same index, then merged (their domains differ)."""
-    kwargs = dict(protocol=protocol, k=k, max_memory=max_memory)
-    if self_ids is None or (self_ids >= 0).all():
-        return evaluate(xq, queries.labels, xb, index.labels, query_domains=queries.domains,
-                        index_domains=index.domains, self_ids=self_ids, **kwargs)
+    """``retrieval.evaluate``, extended to queries that are only partly index rows (``self_ids`` -1 for the
+    others) and to multi-label queries: each kind is scored on its own against the same index, then merged."""
+    multi = np.fromiter((MULTI_LABEL_SEP in str(x) for x in queries.labels), dtype=bool, count=len(queries.labels))
+    ids = np.full(len(queries.rows), -1, dtype=np.int64) if self_ids is None else self_ids
     parts = []
-    for group, ids in ((self_ids < 0, None), (self_ids >= 0, self_ids)):
+    for group in (~multi & (ids < 0), ~multi & (ids >= 0)):
         if group.any():
             parts.append(evaluate(xq[group], queries.labels[group], xb, index.labels, query_domains=queries.domains[group],
-                                  index_domains=index.domains, self_ids=None if ids is None else ids[group], **kwargs))
-    return merge_scores(parts, protocol, k)
+                                  index_domains=index.domains, self_ids=ids[group] if (ids[group] >= 0).all() else None,
+                                  protocol=protocol, k=k, max_memory=max_memory))
+    if multi.any():
+        parts.append(multi_label_scores(xq[multi], queries.labels[multi], queries.domains[multi], xb, index,
+                                        ids[multi], protocol, k, max_memory))
+    return parts[0] if len(parts) == 1 else merge_scores(parts, protocol, k)
+
+
+def multi_label_scores(xq, labels, domains, xb, index: Side, self_ids, protocol: str, k: int, max_memory: int) -> dict[str, Any]:
+    """Per-domain scores of queries with several labels ("a|b"): a neighbour is relevant when its label is
+    one of them (and, under uned, its domain is the query's). Index rows carry one label each."""
+    neighbours = neighbours_of(xq, xb, k, self_ids, max_memory)
+    same_domain = protocol == "uned"
+    counts = Counter(zip(index.domains, index.labels)) if same_domain else Counter(index.labels)
+    rel = np.zeros(neighbours.shape, dtype=bool)
+    n_rel = np.zeros(len(labels), dtype=np.int64)
+    for i, (label, dom) in enumerate(zip(labels, domains)):
+        wanted = set(str(label).split(MULTI_LABEL_SEP))
+
+        def relevant(j: int) -> bool:
+            return index.labels[j] in wanted and (not same_domain or index.domains[j] == dom)
+
+        rel[i] = [relevant(j) for j in neighbours[i]]
+        n_rel[i] = sum(counts[(dom, lab) if same_domain else lab] for lab in wanted)
+        if self_ids[i] >= 0 and relevant(self_ids[i]):
+            n_rel[i] -= 1
+    m = query_metrics(rel, n_rel)
+    out = {}
+    for dom in dict.fromkeys(domains):
+        sel = domains == dom
+        v = sel & m.valid
+        out[str(dom)] = {f"mMP@{k}": _mean(m.mp[v]), f"mAP@{k}": _mean(m.ap[v]), "R@1": _mean(m.r1[v]),
+                         "queries": int(v.sum()), "excluded": int((sel & ~m.valid).sum())}
+    return {"protocol": protocol, "k": k, "overall": {}, "domains": out}
+
+
+def _mean(x: np.ndarray) -> float:
+    return float(x.mean()) if x.size else float("nan")
 
 
 def neighbours_of(xq, xb, k: int, self_ids, max_memory: int) -> np.ndarray:
@@ -111,9 +149,21 @@ def neighbours_of(xq, xb, k: int, self_ids, max_memory: int) -> np.ndarray:
 
 
 def merge_scores(parts: list[dict[str, Any]], protocol: str, k: int) -> dict[str, Any]:
-    """Results of disjoint sets of domains as one: micro mean for guiec, mean of domains for uned."""
+    """Scores of disjoint query sets as one. Within a domain both protocols average over queries, so
+    parts of one domain merge by query-weighted means; overall is the micro mean (guiec) or the mean
+    of the domains (uned)."""
     names = (f"mMP@{k}", f"mAP@{k}", "R@1")
-    domains = {d: v for p in parts for d, v in p["domains"].items()}
+    domains: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for d, v in part["domains"].items():
+            if d not in domains:
+                domains[d] = dict(v)
+                continue
+            a = domains[d]
+            n = a["queries"] + v["queries"]
+            for m in names:
+                a[m] = (np.nan_to_num(a[m]) * a["queries"] + np.nan_to_num(v[m]) * v["queries"]) / n if n else float("nan")
+            a["queries"], a["excluded"] = n, a["excluded"] + v["excluded"]
     scored = [v for v in domains.values() if v["queries"] > 0]
     total = sum(v["queries"] for v in scored)
     if protocol == "uned":
@@ -214,9 +264,9 @@ def run_eval(
         ids = self_ids[picked] if self_ids is not None else None
         neighbours = neighbours_of(xq[picked], xb, k, ids, max_memory)
         queries = Side(queries.cache, queries.rows[picked], queries.labels[picked], queries.domains[picked])
-        relevant = index.labels[neighbours] == queries.labels[:, None]
-        if protocol == "uned":
-            relevant &= index.domains[neighbours] == queries.domains[:, None]
+        relevant = np.array([[index.labels[j] in set(str(lab).split(MULTI_LABEL_SEP))
+                              and (protocol != "uned" or index.domains[j] == dom) for j in row]
+                             for row, lab, dom in zip(neighbours, queries.labels, queries.domains)], dtype=bool).reshape(neighbours.shape)
     if run is not None:
         write_json(run.path / EVAL, result)
     return EvalOutput(result, queries, index, neighbours, relevant)

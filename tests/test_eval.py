@@ -182,3 +182,21 @@ def test_a_domain_without_index_rows_is_its_own_index(tmp_path, cli):
     g = read_json(tmp_path / "guiec.json")
     n = {d: g["domains"][d]["queries"] for d in ("cars", "sop")}
     assert g["overall"]["queries"] == n["cars"] + n["sop"] == int((splits == "query").sum())
+
+
+def test_multi_label_queries_match_any_of_their_labels(tmp_path, cli):
+    # query "1|2" (GLDv2 in UnED) is relevant to index rows of class 1 or 2; query "0" is ordinary
+    x = np.array([[1, 0], [0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0, 1], [0.95, 0.05], [0.1, 0.9]], dtype=np.float32)
+    y = ["1|2", "1", "2", "0", "0", "0", "9"]
+    s = ["query", "index", "index", "index", "index", "query", "index"]
+    cache = make_cache(tmp_path, x, y, s)
+    cli("eval", "--cache", cache, "--zero-shot", "raw", "--k", "3", "--json", tmp_path / "r.json")
+    got = read_json(tmp_path / "r.json")
+    # query 0 ([1,0]): neighbours by cosine: row1 (1), row2 (2), row3 (0): rel 1,1,0; n_q = 2
+    #   mP@3 = (1+1)/2 = 1; AP@3 = (1 + 1)/2 = 1; R@1 = 1
+    # query 5 ([0.95,0.05], label 0): neighbours row1 (1), row2 (2), row3 (0): rel 0,0,1; n_q = 2 (rows 3,4)
+    #   mP@3 = (0+0)/2 = 0; AP@3 = (1/3)/2 = 1/6; R@1 = 0
+    assert got["overall"]["queries"] == 2
+    assert got["overall"]["mMP@3"] == pytest.approx(0.5)
+    assert got["overall"]["mAP@3"] == pytest.approx((1 + 1 / 6) / 2)
+    assert got["overall"]["R@1"] == pytest.approx(0.5)
