@@ -65,7 +65,7 @@ def default_cache_path(manifest: Path, model: str) -> Path:
 def models(json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """List the backbone registry: short name, source, output dim, image size, vision parameters.
 
-    Any other open_clip or timm model works too, as [bold]open_clip:ARCH[@TAG][/] or [bold]timm:NAME[/].
+    Any other open_clip or timm model works too, as [bold]open_clip:ARCH\\[@TAG][/] or [bold]timm:NAME[/].
     """
     from featcache.models import describe_registry
 
@@ -75,24 +75,24 @@ def models(json_out: bool = typer.Option(False, "--json", help="Print JSON inste
         return
     out.print(table("Backbones (featcache extract --model NAME)", ["name", "source", "dim", "image size", "params (M)", "what"],
                     [[r["name"], r["source"], r["dim"], r["image_size"], r["params_m"], r["summary"]] for r in rows]))
-    out.print("Also: open_clip:ARCH[@TAG] (see open_clip.list_models()) and timm:NAME. "
+    out.print("Also: open_clip:ARCH\\[@TAG] (see open_clip.list_models()) and timm:NAME. "
               "Give --weights FILE to use a local checkpoint instead of a download.")
 
 
 @app.command(epilog="Example: featcache extract --model siglip-so400m --manifest manifests/m4d-35k.csv --root /data")
 @friendly_errors
 def extract(
-    model: str = typer.Option(..., "--model", "-m", help="Backbone: a name from `featcache models`, open_clip:ARCH[@TAG] or timm:NAME."),
+    model: str = typer.Option(..., "--model", "-m", help="Backbone: a name from `featcache models`, open_clip:ARCH\\[@TAG] or timm:NAME."),
     manifest: Path = typer.Option(..., "--manifest", help="CSV with columns path,label[,domain,split,x1,y1,x2,y2]."),
-    root: Optional[Path] = typer.Option(None, help="Folder the manifest's relative paths start from. [default: the manifest's folder]"),
+    root: Optional[Path] = typer.Option(None, help="Folder the manifest's relative paths start from. \\[default: the manifest's folder]"),
     weights: Optional[Path] = typer.Option(None, help="Local checkpoint file to load instead of downloading the pretrained weights."),
-    out_path: Optional[Path] = typer.Option(None, "--out", help="Cache to write. [default: cache/<manifest stem>/<model>.zarr]"),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Cache to write. \\[default: cache/<manifest stem>/<model>.zarr]"),
     dtype: DType = typer.Option(DType.float16, help="Storage type of the features."),
     batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
-    workers: Optional[int] = typer.Option(None, min=0, help="DataLoader processes that decode images. [default: all cores on GPU, half on CPU]"),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda[:N]. [default: cuda when available]"),
-    precision: Optional[Precision] = typer.Option(None, help="Autocast precision of the model. [default: bf16 on GPU, fp32 on CPU]"),
-    chunk_rows: Optional[int] = typer.Option(None, min=1, help="Rows per Zarr chunk, the unit of resume. [default: about 4 MB per chunk]"),
+    workers: Optional[int] = typer.Option(None, min=0, help="DataLoader processes that decode images. \\[default: all cores on GPU, half on CPU]"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda[:N]. \\[default: cuda when available]"),
+    precision: Optional[Precision] = typer.Option(None, help="Autocast precision of the model. \\[default: bf16 on GPU, fp32 on CPU]"),
+    chunk_rows: Optional[int] = typer.Option(None, min=1, help="Rows per Zarr chunk, the unit of resume. \\[default: about 4 MB per chunk]"),
     overwrite: bool = typer.Option(False, help="Replace an existing cache at --out, even a different one."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -242,7 +242,7 @@ def import_(
     manifest: Path = typer.Option(..., "--manifest", help="The manifest the rows come from."),
     out_path: Path = typer.Option(..., "--out", help="Cache to write."),
     dtype: DType = typer.Option(DType.float16, help="Storage type of the features."),
-    chunk_rows: Optional[int] = typer.Option(None, min=1, help="Rows per Zarr chunk. [default: about 4 MB per chunk]"),
+    chunk_rows: Optional[int] = typer.Option(None, min=1, help="Rows per Zarr chunk. \\[default: about 4 MB per chunk]"),
     overwrite: bool = typer.Option(False, help="Replace an existing cache at --out."),
     json_out: bool = typer.Option(False, "--json", help="Print the cache's attributes as JSON."),
 ) -> None:
@@ -308,9 +308,9 @@ def train_precision(precision: Optional[str], device: str) -> str:
 def train_head(
     cache: Path = typer.Option(..., "--cache", "-c", help="Feature cache to train from (rows with split == train)."),
     loss: str = typer.Option("subcenter-arcface", "--loss", "-l", help="Loss name; `featcache losses` lists them."),
-    sub_centers: Optional[int] = typer.Option(None, help="Sub-centers per class (k) for subcenter-arcface. [default: 3]"),
-    margin: Optional[float] = typer.Option(None, help="Margin; radians for angular losses. [default: the loss's]"),
-    scale: Optional[float] = typer.Option(None, help="Logit scale s. [default: the loss's]"),
+    sub_centers: Optional[int] = typer.Option(None, help="Sub-centers per class (k) for subcenter-arcface. \\[default: 3]"),
+    margin: Optional[float] = typer.Option(None, help="Margin; radians for angular losses. \\[default: the loss's]"),
+    scale: Optional[float] = typer.Option(None, help="Logit scale s. \\[default: the loss's]"),
     loss_opt: list[str] = typer.Option([], "--loss-opt", help="Any other loss option, NAME=VALUE (repeatable)."),
     embed_dim: int = typer.Option(64, help="Output embedding size (64 in the challenge)."),
     dropout: float = typer.Option(0.2, help="Dropout before the projection."),
@@ -322,9 +322,9 @@ def train_head(
     min_lr: float = typer.Option(1e-3, help="Learning rate at the end of the cosine."),
     seed: int = typer.Option(42, help="Seed for initialisation, order, dropout and class sampling."),
     sample_classes: float = typer.Option(1.0, help="Partial FC: fraction of the other classes used per step (1 = all)."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda. [default: cuda when available]"),
-    precision: Optional[str] = typer.Option(None, help="Class-logit matmul precision, fp32 or bf16. [default: bf16 on GPU, fp32 on CPU]"),
-    out_path: Optional[Path] = typer.Option(None, "--out", help="Run directory. [default: runs/<cache>-<loss>-<time>]"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda. \\[default: cuda when available]"),
+    precision: Optional[str] = typer.Option(None, help="Class-logit matmul precision, fp32 or bf16. \\[default: bf16 on GPU, fp32 on CPU]"),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Run directory. \\[default: runs/<cache>-<loss>-<time>]"),
     resume: bool = typer.Option(False, help="Continue an interrupted run in --out from its last finished epoch."),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -411,10 +411,10 @@ def sweep(
     min_lr: float = typer.Option(1e-3, help="Final learning rate."),
     sample_classes: float = typer.Option(1.0, help="Partial FC fraction."),
     seeds: int = typer.Option(1, help="Seeds per combination (42, 43, ...): scores are mean ± std over them."),
-    eval_cache: Optional[Path] = typer.Option(None, help="Cache with query/index rows to score each head on. [default: --cache, when it has them]"),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda. [default: cuda when available]"),
-    precision: Optional[str] = typer.Option(None, help="fp32 or bf16. [default: bf16 on GPU, fp32 on CPU]"),
-    out_path: Optional[Path] = typer.Option(None, "--out", help="Sweep directory. [default: runs/sweep-<time>]"),
+    eval_cache: Optional[Path] = typer.Option(None, help="Cache with query/index rows to score each head on. \\[default: --cache, when it has them]"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda. \\[default: cuda when available]"),
+    precision: Optional[str] = typer.Option(None, help="fp32 or bf16. \\[default: bf16 on GPU, fp32 on CPU]"),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Sweep directory. \\[default: runs/sweep-<time>]"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
@@ -557,7 +557,7 @@ def runs(
 def demo(
     model: str = typer.Option("tiny-vit", "--model", "-m", help="Backbone (any `featcache models` name)."),
     weights: Optional[Path] = typer.Option(None, help="Local checkpoint for --model (e.g. SigLIP's, to see real numbers)."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda. [default: cuda when available]"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda. \\[default: cuda when available]"),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Run the whole pipeline offline on scikit-learn's bundled handwritten digits.
