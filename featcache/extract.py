@@ -237,16 +237,25 @@ def _extract_rows(manifest, backbone, rows, writer, batch_size, workers, device,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
+    def collect(batch_rows, feats, ok, reasons) -> None:
+        writer.add(batch_rows.numpy(), None if feats is None else feats.float().cpu().numpy(), ok.numpy(), reasons)
+        progress.done += len(batch_rows)
+        progress.failed += sum(1 for r in reasons if r)
+        progress.update(progress)
+
+    # One batch stays in flight: batch i is launched before batch i-1 is copied back, so a GPU never
+    # waits for the host's copy and bookkeeping.
+    in_flight = None
     for batch_rows, images, ok, reasons in loader:
         feats = None
         if images is not None:
             with torch.inference_mode(), _autocast(dev, precision):
                 feats = backbone(images.to(dev, non_blocking=True))
-            feats = feats.float().cpu().numpy()
-        writer.add(batch_rows.numpy(), feats, ok.numpy(), reasons)
-        progress.done += len(batch_rows)
-        progress.failed += sum(1 for r in reasons if r)
-        progress.update(progress)
+        if in_flight is not None:
+            collect(*in_flight)
+        in_flight = (batch_rows, feats, ok, reasons)
+    if in_flight is not None:
+        collect(*in_flight)
 
 
 class ChunkWriter:
