@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -41,10 +40,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from machine import machine_facts, sync  # noqa: E402  (benchmarks/machine.py)
 from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
 
-from featcache.extract import ImageRows, _autocast, collate_rows, run_extract  # noqa: E402
+from featcache.extract import _autocast, image_loader, run_extract  # noqa: E402
 from featcache.manifest import read_manifest, write_manifest  # noqa: E402
 from featcache.models import create_backbone  # noqa: E402
 
@@ -61,41 +60,12 @@ def parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_facts(device: str) -> dict:
-    facts = {
-        "cpu_count": os.cpu_count(),
-        "cpu": cpu_name(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "device": device,
-        "device_name": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else cpu_name(),
-        "load_avg_1m": round(os.getloadavg()[0], 2),
-    }
-    return facts
-
-
 def print_header(title: str, facts: dict) -> None:
     print(f"command: {shlex.join(sys.orig_argv)}")
     print(f"cwd: {os.getcwd()}")
     print(f"{title}: cpu_count={facts['cpu_count']} ({facts['cpu']}), torch {facts['torch']} "
           f"({facts['torch_threads']} threads), python {facts['python']}, device {facts['device']} "
           f"= {facts['device_name']}, load avg {facts['load_avg_1m']}")
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -125,24 +95,10 @@ def make_dataset(folder: Path, n: int, size: tuple[int, int], threads: int) -> P
 # ------------------------------------------------------------------------------------------ measurements
 
 
-def make_loader(manifest, backbone, batch_size: int, workers: int, dev: torch.device) -> DataLoader:
-    """The same DataLoader run_extract builds (featcache/extract.py, _extract_rows)."""
-    return DataLoader(
-        ImageRows(manifest, np.arange(len(manifest)), backbone.transform),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=collate_rows,
-        pin_memory=dev.type == "cuda",
-        prefetch_factor=4 if workers else None,
-        persistent_workers=False,
-    )
-
-
 def measure_decode(manifest, backbone, batch_size: int, workers: int, dev: torch.device) -> dict:
     """Iterate the DataLoader (and copy each batch to the device) with no model."""
     t = time.perf_counter()
-    loader = make_loader(manifest, backbone, batch_size, workers, dev)
+    loader = image_loader(manifest, np.arange(len(manifest)), backbone.transform, batch_size, workers, dev)
     n, failed, first = 0, 0, None
     for _rows, images, ok, reasons in loader:
         if images is not None:

@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import shlex
 import sys
@@ -43,6 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from machine import machine_facts, sync  # noqa: E402  (benchmarks/machine.py)
 import torch.nn.functional as F  # noqa: E402
 
 from featcache.losses import loss_names  # noqa: E402
@@ -60,36 +60,8 @@ GB = 10**9
 # ------------------------------------------------------------------------------------------ machine
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_facts(device: str) -> dict:
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu": cpu_name(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "device": device,
-        "device_name": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else cpu_name(),
-        "load_avg_1m": round(os.getloadavg()[0], 2),
-    }
-
-
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 # ------------------------------------------------------------------------------------------ data

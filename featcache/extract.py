@@ -225,18 +225,24 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _extract_rows(manifest, backbone, rows, writer, batch_size, workers, device, precision, progress) -> None:
-    dev = torch.device(device)
-    loader = DataLoader(
-        ImageRows(manifest, rows, backbone.transform),
+def image_loader(manifest: Manifest, rows: np.ndarray, transform: Callable, batch_size: int, workers: int,
+                 device: torch.device) -> DataLoader:
+    """Decoding and preprocessing in ``workers`` processes, in row order, while the model runs."""
+    return DataLoader(
+        ImageRows(manifest, rows, transform),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
         collate_fn=collate_rows,
-        pin_memory=dev.type == "cuda",
+        pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
+
+
+def _extract_rows(manifest, backbone, rows, writer, batch_size, workers, device, precision, progress) -> None:
+    dev = torch.device(device)
+    loader = image_loader(manifest, rows, backbone.transform, batch_size, workers, dev)
     def collect(batch_rows, feats, ok, reasons) -> None:
         writer.add(batch_rows.numpy(), None if feats is None else feats.float().cpu().numpy(), ok.numpy(), reasons)
         progress.done += len(batch_rows)
