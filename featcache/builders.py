@@ -97,9 +97,6 @@ class Rows:
             raise ManifestError(f"path '{dup}' occurs in more than one input")
         return rows
 
-    def count_classes(self) -> int:
-        return len(set(zip(self.domains, self.labels)))
-
     def write(self, out: str | os.PathLike) -> Path:
         """Write a manifest CSV; an empty result is an error, never an empty file."""
         if not len(self):

@@ -32,7 +32,6 @@ from featcache.manifest import Manifest
 
 FORMAT_VERSION = 1
 ATTRS = "featcache"
-ROW_ARRAYS = ("features", "valid", "failures")  # written chunk by chunk by the workers
 TARGET_CHUNK_BYTES = 4 << 20
 # What changes the numbers, and so the key. Everything else in the attrs is provenance.
 KEY_FIELDS = ("format_version", "manifest_sha256", "backbone", "preprocessing", "dtype", "precision")
@@ -114,10 +113,14 @@ def create_store(path: str | os.PathLike, manifest: Manifest, meta: dict[str, An
                       compressors=None)
     _write_rows(root, manifest)
     root.attrs[ATTRS] = meta
-    os.replace(tmp, path) if not path.exists() else _swap(tmp, path)
+    install(tmp, path)
 
 
-def _swap(tmp: Path, path: Path) -> None:
+def install(tmp: Path, path: Path) -> None:
+    """Move a finished store into place; an existing one is replaced only once the new one is whole."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
     old = path.with_name(path.name + ".replaced")
     if old.exists():
         shutil.rmtree(old)
@@ -217,10 +220,22 @@ class FeatureCache:
         """``paths``, ``domains``, ``splits`` or ``failures`` as an object array of str."""
         return np.asarray(self.group[name][:], dtype=object)
 
-    def features(self, rows: np.ndarray | None = None) -> np.ndarray:
-        """All features (or the rows selected by a boolean mask / index array), read in one pass."""
-        arr = self.group["features"][:]
-        return arr if rows is None else arr[rows]
+    def features(self, rows: np.ndarray | None = None, block_bytes: int = 64 << 20) -> np.ndarray:
+        """All features, or the rows picked by a boolean mask or sorted index array, in one pass that
+        selects block by block: memory peaks at the selection plus one block, not the whole array."""
+        arr = self.group["features"]
+        if rows is None:
+            return arr[:]
+        rows = np.asarray(rows)
+        if rows.dtype != bool:
+            if rows.size > 1 and not (np.diff(rows) > 0).all():
+                return arr[:][rows]  # arbitrary order or repeats: fancy-index the whole array
+            mask = np.zeros(self.rows, dtype=bool)
+            mask[rows] = True
+            rows = mask
+        step = self.meta["rows_per_chunk"] * max(1, block_bytes // (self.meta["rows_per_chunk"] * arr.dtype.itemsize * self.dim))
+        parts = [arr[i:i + step][rows[i:i + step]] for i in range(0, self.rows, step) if rows[i:i + step].any()]
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), dtype=arr.dtype)
 
     def require_complete(self) -> None:
         if not self.complete:
@@ -304,8 +319,8 @@ def import_features(features: np.ndarray, manifest: Manifest, out: str | os.Path
     Rows that are not finite (or overflow ``dtype``) are stored as failures, like undecodable images.
     """
     out = Path(out)
-    if features.ndim != 2:
-        raise CacheError(f"{source}: expected a 2-D array (rows, dim), got shape {features.shape}")
+    if features.ndim != 2 or features.shape[1] < 1:
+        raise CacheError(f"{source}: expected a 2-D array (rows, dim >= 1), got shape {features.shape}")
     if features.shape[0] != len(manifest):
         raise CacheError(
             f"{source} has {features.shape[0]} rows but {manifest.source} has {len(manifest)}: row i of the array must be row i of the manifest"
@@ -330,7 +345,5 @@ def import_features(features: np.ndarray, manifest: Manifest, out: str | os.Path
         group["failures"][sl] = np.where(ok, "", f"non-finite embedding in {Path(source).name}").astype(object)
         group["chunk_done"][k] = True
     mark_complete(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    install(tmp, out)
     return FeatureCache.open(out).meta

@@ -48,10 +48,18 @@ def resolve_device(device: str | None) -> str:
 
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA GPU is visible to torch on this machine; use --device cpu")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise UserError(f"--device {device}: expected cpu or cuda")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: expected cpu, cuda or cuda:N") from None
+    if d.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: expected cpu, cuda or cuda:N")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA GPU is visible to torch on this machine; use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        torch.cuda.set_device(d.index or 0)  # pinned-memory threads and new tensors follow the current device
     return device
 
 
@@ -284,7 +292,8 @@ def parse_loss_opts(items: list[str]) -> dict[str, float]:
             number = float(value)
         except ValueError:
             raise UserError(f"--loss-opt {item!r}: {value!r} is not a number") from None
-        opts[name.strip().replace("-", "_")] = int(number) if number.is_integer() and name.strip() == "sub_centers" else number
+        key = name.strip().replace("-", "_")
+        opts[key] = int(number) if number.is_integer() and key == "sub_centers" else number
     return opts
 
 
@@ -339,8 +348,9 @@ def train_head(
     from featcache.train import TrainOptions, check_options, load_train_data, train
 
     dev = resolve_device(device)
-    opts = {**parse_loss_opts(loss_opt), "sub_centers": sub_centers, "margin": margin, "scale": scale}
-    options = TrainOptions(loss=loss, loss_opts={k: v for k, v in opts.items() if v is not None}, embed_dim=embed_dim,
+    given = {"sub_centers": sub_centers, "margin": margin, "scale": scale}
+    opts = {**parse_loss_opts(loss_opt), **{k: v for k, v in given.items() if v is not None}}
+    options = TrainOptions(loss=loss, loss_opts=opts, embed_dim=embed_dim,
                            dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                            warmup_epochs=warmup_epochs, min_lr=min_lr, seed=seed, device=dev,
                            precision=train_precision(precision, dev), sample_classes=sample_classes)
@@ -370,8 +380,12 @@ def train_head(
         err.print(f"run: {target}\nnext: featcache eval --cache {cache} --run {target}")
     if not result.complete:
         done = len(result.metrics)
-        err.print(f"[yellow]interrupted[/] after epoch {done}: its head is in {target} (config.json complete: false); "
-                  f"continue with the same command and --resume --out {target}")
+        if done:
+            err.print(f"[yellow]interrupted[/] after epoch {done}: its head is in {target} (config.json complete: false); "
+                      f"continue with the same command and --resume --out {target}")
+        else:
+            err.print(f"[yellow]interrupted[/] before the first epoch finished; run the same command with "
+                      f"--resume --out {target} to start it again")
         raise typer.Exit(130)
 
 
@@ -436,7 +450,12 @@ def sweep(
     bar = progress_bar("run", disable=quiet or json_out)
     with bar:
         task = bar.add_task("sweep", total=len(combos) * seeds)
-        summary = run_sweep(cache, combos, seeds, target, eval_cache, on_run=lambda name: bar.update(task, advance=1, description=name))
+        try:
+            summary = run_sweep(cache, combos, seeds, target, eval_cache,
+                                on_run=lambda name: bar.update(task, advance=1, description=name))
+        except KeyboardInterrupt:
+            err.print(f"[yellow]interrupted[/]: the finished combinations are in {target / 'sweep.json'}")
+            raise typer.Exit(130) from None
     if json_out:
         print_json(summary)
         return
@@ -522,8 +541,10 @@ def eval_(
     if excluded:
         err.print(f"{excluded} queries have no relevant index row and are not scored.")
     if json_file:
+        from featcache.runs import write_json
+
         json_file.parent.mkdir(parents=True, exist_ok=True)
-        json_file.write_text(__import__("json").dumps(ev.result, indent=2) + "\n")
+        write_json(json_file, ev.result)
     if plot:
         from featcache.plots import domain_scores, neighbours_grid
 

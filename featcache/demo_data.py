@@ -7,6 +7,7 @@ query (every fifth image of a class) and index.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,9 @@ def write_digits(dest: Path = DEMO_DIR) -> Path:
         file = dest / name
         if not file.exists():
             ink = np.rint(pixels * (255 / 16)).astype(np.uint8)
-            Image.fromarray(255 - ink, "L").resize((8 * SCALE, 8 * SCALE), Image.NEAREST).save(file)
+            tmp = file.with_name(file.name + ".tmp")
+            Image.fromarray(255 - ink, "L").resize((8 * SCALE, 8 * SCALE), Image.NEAREST).save(tmp, format="PNG")
+            os.replace(tmp, file)  # a killed demo never leaves a truncated image that later runs trust
         if target in TRAIN_DIGITS:
             split = "train"
         else:

@@ -95,13 +95,14 @@ def scores(xq, queries: Side, xb, index: Side, self_ids, protocol: str, k: int, 
     parts = []
     for group in (~multi & (ids < 0), ~multi & (ids >= 0)):
         if group.any():
-            parts.append(evaluate(xq[group], queries.labels[group], xb, index.labels, query_domains=queries.domains[group],
+            xg = xq if group.all() else xq[group]  # the same array object lets evaluate() normalise it once
+            parts.append(evaluate(xg, queries.labels[group], xb, index.labels, query_domains=queries.domains[group],
                                   index_domains=index.domains, self_ids=ids[group] if (ids[group] >= 0).all() else None,
                                   protocol=protocol, k=k, max_memory=max_memory))
     if multi.any():
         parts.append(multi_label_scores(xq[multi], queries.labels[multi], queries.domains[multi], xb, index,
                                         ids[multi], protocol, k, max_memory))
-    return parts[0] if len(parts) == 1 else merge_scores(parts, protocol, k)
+    return merge_scores(parts, protocol, k) if multi.any() or len(parts) > 1 else parts[0]
 
 
 def multi_label_scores(xq, labels, domains, xb, index: Side, self_ids, protocol: str, k: int, max_memory: int) -> dict[str, Any]:

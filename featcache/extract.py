@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
-import shutil
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -127,18 +126,14 @@ class ExtractResult:
     meta: dict[str, Any]
     rows: int
     rows_this_run: int
-    failed_this_run: int
     seconds: float
     write_seconds: float
     skipped: bool  # the store was already complete
-    summary: dict[str, Any] = field(default_factory=dict)
 
 
 def prepare_store(out: Path, manifest: Manifest, meta: dict[str, Any], overwrite: bool) -> dict[str, Any]:
     """Coordinator: create the store, or check that the one there is the same cache and clean it up."""
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    if out.exists():
+    if out.exists() and not overwrite:
         try:
             existing = FeatureCache.open(out, mode="r")
         except CacheError as e:
@@ -192,7 +187,7 @@ def run_extract(
     meta = dict(group.attrs[ATTRS])
     rows_per_chunk = meta["rows_per_chunk"]
     if meta.get("complete"):
-        return ExtractResult(out, meta, len(manifest), 0, 0, time.perf_counter() - start, 0.0, True)
+        return ExtractResult(out, meta, len(manifest), 0, time.perf_counter() - start, 0.0, True)
 
     n = len(manifest)
     done = group["chunk_done"][:]
@@ -215,7 +210,7 @@ def run_extract(
         final = mark_complete(out)
     final = dist.share(final)
     elapsed = time.perf_counter() - start
-    return ExtractResult(out, final, n, int(progress.done), int(progress.failed), elapsed, writer.seconds, False)
+    return ExtractResult(out, final, n, int(progress.done), elapsed, writer.seconds, False)
 
 
 def _autocast(device: torch.device, precision: str):
@@ -274,7 +269,6 @@ class ChunkWriter:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featcache-writer")
         self.pending: deque[Future] = deque()
         self.seconds = 0.0
-        self.local = path.exists()  # a folder on this machine: chunk files can be fsynced
 
     def _buffer(self, k: int):
         if k not in self.buffers:
@@ -323,8 +317,7 @@ class ChunkWriter:
         self.group["features"][sl] = f
         self.group["valid"][sl] = v
         self.group["failures"][sl] = why
-        if self.local:
-            fsync_chunk_files(self.path, k)
+        fsync_chunk_files(self.path, k)
         self.group["chunk_done"][k] = True
         self.seconds += time.perf_counter() - t
 

@@ -225,9 +225,18 @@ class MarginSoftmaxLoss(nn.Module):
                 cos = self.cosine(embeddings)
         return loss, cos.detach()
 
+    def forward_with_predictions(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean cross-entropy loss and each sample's predicted class id (B,), the argmax of the cosines
+        this step scored: train accuracy at no extra cost. Under Partial FC that is the argmax among the
+        sampled classes (the usual convention), not a second matmul over all of them."""
+        logits, target, classes, cos = self._compute(embeddings, labels, update_state=self.training)
+        predicted = cos.detach().argmax(dim=1)
+        return F.cross_entropy(logits, target), predicted if classes is None else classes[predicted]
+
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Scalar mean softmax cross-entropy over the scaled logits."""
-        return self.forward_with_cosine(embeddings, labels)[0]
+        logits, target, _, _ = self._compute(embeddings, labels, update_state=self.training)
+        return F.cross_entropy(logits, target)
 
     # --- internals --------------------------------------------------------------------------------
 
@@ -556,6 +565,9 @@ class AdaCosLoss(MarginSoftmaxLoss):
     summary = "s·cos θ_c, s₀ = √2·ln(C − 1), s ← ln(mean Σ_{c≠y} exp(s·cos θ_c)) / cos(min(π/4, median θ_y))"
 
     def __init__(self, num_classes: int, embed_dim: int, **common: Any) -> None:
+        # With 2 classes s starts at sqrt(2)·ln(1) = 0, every logit is 0 and s can never move.
+        if isinstance(num_classes, int) and num_classes < 3:
+            _fail(f"adacos needs at least 3 classes (its starting scale sqrt(2)·ln(C - 1) is 0 for C = 2), got {num_classes}")
         super().__init__(num_classes, embed_dim, **common)
         self.register_buffer("scale", torch.tensor(math.sqrt(2.0) * math.log(self.num_classes - 1)))
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from featcache.cache import FeatureCache
 from featcache.losses import LOSSES
+from featcache.runs import write_json
 from featcache.train import TrainOptions, check_options, load_train_data, train
 
 
@@ -46,8 +47,6 @@ def _mean_std(values: list[float]) -> str:
 
 def run_sweep(cache: Path, combos: list[TrainOptions], seeds: int, out: Path, eval_cache: Path | None = None,
               on_run: Callable[[str], None] | None = None) -> dict[str, Any]:
-    from featcache.evaluate import run_eval
-
     if seeds < 1:
         raise ValueError(f"--seeds {seeds}: need at least 1")
     data = load_train_data(cache, combos[0].device if combos else "cpu")
@@ -63,7 +62,21 @@ def run_sweep(cache: Path, combos: list[TrainOptions], seeds: int, out: Path, ev
     out.mkdir(parents=True, exist_ok=True)
     varied_keys = [k for k in ("embed_dim", "dropout", "lr", "epochs", "batch_size") if len({getattr(o, k) for o in combos}) > 1]
     metric = "mMP@5" if can_eval else None
-    results = []
+    results: list[dict[str, Any]] = []
+    summary = {"cache": str(cache), "eval_cache": str(target) if can_eval else None, "seeds": seeds, "metric": metric,
+               "complete": False, "results": results}
+    try:
+        _train_all(data, combos, seeds, out, target if can_eval else None, metric, varied_keys, results, on_run)
+        summary["complete"] = True
+    finally:  # also on Ctrl-C: the finished combinations are kept
+        write_json(out / "sweep.json", summary)
+        (out / "sweep.md").write_text(markdown(summary))
+    return summary
+
+
+def _train_all(data, combos, seeds, out, eval_target, metric, varied_keys, results, on_run) -> None:
+    from featcache.evaluate import run_eval
+
     for i, base in enumerate(combos):
         per_seed = []
         for s in range(seeds):
@@ -72,10 +85,12 @@ def run_sweep(cache: Path, combos: list[TrainOptions], seeds: int, out: Path, ev
             if on_run:
                 on_run(name)
             r = train(data, o, out / name)
+            if not r.complete:  # train() keeps an interrupted head; a sweep stops there
+                raise KeyboardInterrupt
             entry = {"run": name, "seed": o.seed, "final_loss": r.metrics[-1]["loss"], "train_acc": r.metrics[-1]["train_acc"],
                      "seconds": round(r.seconds, 3)}
-            if can_eval:
-                entry["eval"] = run_eval(target, run=out / name).result
+            if eval_target is not None:
+                entry["eval"] = run_eval(eval_target, run=out / name).result
                 entry[metric] = entry["eval"]["overall"][metric]
             per_seed.append(entry)
         row = {
@@ -90,11 +105,6 @@ def run_sweep(cache: Path, combos: list[TrainOptions], seeds: int, out: Path, ev
         if metric:
             row[metric] = _mean_std([e[metric] for e in per_seed])
         results.append(row)
-    summary = {"cache": str(cache), "eval_cache": str(target) if can_eval else None, "seeds": seeds, "metric": metric,
-               "results": results}
-    (out / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "sweep.md").write_text(markdown(summary))
-    return summary
 
 
 def markdown(summary: dict[str, Any]) -> str:

@@ -227,12 +227,12 @@ def train(
                     group["lr"] = lr
                 idx = perm[step * options.batch_size:(step + 1) * options.batch_size]
                 y = data.labels[idx]
-                loss, cos = loss_fn.forward_with_cosine(head(data.features[idx].float()), y)
+                loss, predicted = loss_fn.forward_with_predictions(head(data.features[idx].float()), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 loss_sum += loss.detach() * len(idx)
-                correct += (cos.argmax(dim=1) == y).sum()
+                correct += (predicted == y).sum()
                 if on_step is not None:
                     on_step(StepInfo(epoch, step, steps_per_epoch, loss.detach()))
             epoch_loss, epoch_correct = float(loss_sum), int(correct)  # waits for the GPU's queued work
@@ -292,8 +292,10 @@ def _open_run_dir(out, config, resume, overwrite, head, loss_fn, opt, order):
         metrics = [json.loads(x) for x in (out / METRICS).read_text().splitlines() if x.strip()]
         config["created"] = old["created"]
         return state["epoch"], old["train_seconds"], metrics[: state["epoch"]]
-    if resume and (out / CONFIG).is_file() and json.loads((out / CONFIG).read_text()).get("complete"):
-        raise RunError(f"{out}: already complete; nothing to resume")
+    if resume and (out / CONFIG).is_file():
+        if json.loads((out / CONFIG).read_text()).get("complete"):
+            raise RunError(f"{out}: already complete; nothing to resume")
+        shutil.rmtree(out)  # stopped before its first epoch finished: nothing to keep, start over
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise RunError(f"{out} already exists; pass --overwrite to replace it, or --resume to continue it")
@@ -311,9 +313,7 @@ def _save_epoch(out, config, metrics, seconds, head, loss_fn, opt, order, done: 
     tmp = out / (METRICS + ".tmp")
     tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
     tmp.replace(out / METRICS)
-    if done:
-        (out / STATE).unlink(missing_ok=True)
-    else:
+    if not done:
         state = {
             "epoch": len(metrics),
             "head": head.state_dict(),
@@ -327,3 +327,5 @@ def _save_epoch(out, config, metrics, seconds, head, loss_fn, opt, order, done: 
         (out / (STATE + ".tmp")).replace(out / STATE)
     config.update(complete=done, epochs_done=len(metrics), train_seconds=round(seconds, 4))
     write_json(out / CONFIG, config)
+    if done:  # only once config.json says complete: a crash in between leaves a resumable run
+        (out / STATE).unlink(missing_ok=True)

@@ -200,3 +200,23 @@ def test_multi_label_queries_match_any_of_their_labels(tmp_path, cli):
     assert got["overall"]["mMP@3"] == pytest.approx(0.5)
     assert got["overall"]["mAP@3"] == pytest.approx((1 + 1 / 6) / 2)
     assert got["overall"]["R@1"] == pytest.approx(0.5)
+
+
+def test_all_queries_multi_label(tmp_path, cli):
+    x = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [0.2, 0.8]], dtype=np.float32)
+    cache = make_cache(tmp_path, x, ["1|2", "1", "3|4", "4", "5"], ["query", "index", "query", "index", "index"])
+    cli("eval", "--cache", cache, "--zero-shot", "raw", "--k", "2", "--json", tmp_path / "r.json")
+    got = read_json(tmp_path / "r.json")["overall"]
+    assert got["queries"] == 2 and got["R@1"] == 1.0 and got["excluded"] == 0
+
+
+def test_features_are_selected_block_by_block(tmp_path):
+    from featcache.cache import FeatureCache
+
+    x = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    c = FeatureCache.open(make_cache(tmp_path, x, [0] * 50))
+    mask = np.random.default_rng(1).random(50) < 0.4
+    np.testing.assert_array_equal(c.features(mask, block_bytes=1), x[mask])
+    np.testing.assert_array_equal(c.features(np.flatnonzero(mask), block_bytes=1), x[mask])
+    np.testing.assert_array_equal(c.features(np.array([7, 3, 3])), x[[7, 3, 3]])
+    assert c.features(np.zeros(50, dtype=bool)).shape == (0, 4)

@@ -684,3 +684,20 @@ def test_random_init_is_seeded_by_caller():
     torch.manual_seed(124)
     c = build_loss("arcface", 10, 4).weight.detach().clone()
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_predictions_are_the_argmax_class_ids_also_under_partial_fc():
+    torch.manual_seed(0)
+    loss = build_loss("subcenter-arcface", 40, 8, sample_fraction=0.25)
+    emb, labels = torch.randn(6, 8), torch.tensor([3, 3, 17, 25, 39, 0])
+    loss.eval()  # all classes: the argmax of the full cosine matrix
+    _, predicted = loss.forward_with_predictions(emb, labels)
+    assert predicted.tolist() == loss.cosine(emb).argmax(dim=1).tolist()
+    loss.train()  # Partial FC: argmax among the sampled classes, reported as class ids
+    torch.manual_seed(1)
+    _, predicted = loss.forward_with_predictions(emb, labels)
+    torch.manual_seed(1)
+    _, _, classes = loss.logits_with_classes(emb, labels)
+    cos = loss.cosine(emb)[:, classes]
+    assert predicted.tolist() == classes[cos.argmax(dim=1)].tolist()
+    assert set(labels.tolist()) <= set(classes.tolist()) and len(classes) < 40

@@ -125,12 +125,21 @@ def test_losses_command_lists_all_ten(cli):
     (["--margin", "3.2"], "margin"),
     (["--loss", "softmax", "--margin", "0.3"], "margin"),
     (["--device", "cuda"], "no CUDA GPU"),
+    (["--device", "gpu"], "expected cpu, cuda or cuda:N"),
+    (["--device", "mps"], "expected cpu, cuda or cuda:N"),
+    (["--loss", "adacos", "--embed-dim", "8"], None),
     (["--loss-opt", "momentum"], "expected NAME=VALUE"),
 ])
 def test_bad_options_stop_before_any_work(tmp_path, small_cache, cli, args, message):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     out = tmp_path / "run"
+    if message is None:  # adacos on a 2-class cache: its starting scale would be 0 for good
+        from tests.conftest import make_cache as mk
+
+        x, y = blobs(2, 5, dim=8)
+        small_cache = mk(tmp_path, x, y, name="two")
+        message = "adacos needs at least 3 classes"
     r = cli("train-head", "--cache", small_cache, "--out", out, *args, code=2)
     assert message in r.output and r.output.strip().count("\n") == 0, r.output
     assert not out.exists()
@@ -174,3 +183,24 @@ def test_sweep_trains_the_grid_and_scores_it(tmp_path, small_cache, cli):
         assert r["mMP@5"] == f"{np.mean(scores):.4f} ± {np.std(scores, ddof=1):.4f}"
     assert (out / "sweep.json").is_file() and "| arcface | margin=0.2 |" in (out / "sweep.md").read_text()
     assert len(list(out.glob("*/head.safetensors"))) == 6
+
+
+def test_resume_after_an_interrupt_in_the_first_epoch_starts_over(tmp_path, small_cache):
+    data = load_train_data(small_cache)
+    options = TrainOptions(epochs=2, batch_size=16)
+
+    def stop_at_once(info):
+        raise KeyboardInterrupt
+
+    part = train(data, options, tmp_path / "run", on_step=stop_at_once)
+    assert not part.complete and part.metrics == []
+    resumed = train(data, options, tmp_path / "run", resume=True)
+    train(data, options, tmp_path / "fresh")
+    assert resumed.complete
+    a, b = head_weights(tmp_path / "run"), head_weights(tmp_path / "fresh")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_loss_opt_names_may_use_hyphens(tmp_path, small_cache, cli):
+    cli("train-head", "--cache", small_cache, "--epochs", "1", "--loss-opt", "sub-centers=2", "--out", tmp_path / "r", "--quiet")
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["options"]["loss_opts"]["sub_centers"] == 2
