@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,11 @@ KEY_FIELDS = ("format_version", "manifest_sha256", "backbone", "preprocessing", 
 
 class CacheError(ValueError):
     """A cache that cannot be used as asked; the message names the store and what is wrong."""
+
+
+def safe_name(text: str) -> str:
+    """A model name as a file name: ``open_clip:ViT-B-32@openai`` -> ``open_clip-ViT-B-32@openai``."""
+    return re.sub(r"[^A-Za-z0-9._@-]+", "-", text).strip("-")
 
 
 def default_rows_per_chunk(dim: int, dtype: str) -> int:

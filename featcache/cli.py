@@ -64,8 +64,9 @@ def resolve_device(device: str | None) -> str:
 
 
 def default_cache_path(manifest: Path, model: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9._@-]+", "-", model).strip("-")
-    return DEFAULT_CACHE_ROOT / manifest.stem / f"{safe}.zarr"
+    from featcache.cache import safe_name
+
+    return DEFAULT_CACHE_ROOT / manifest.stem / f"{safe_name(model)}.zarr"
 
 
 @app.command()
@@ -526,16 +527,15 @@ def eval_(
     skipping itself (UnED's cars, SOP, iNat, Food2k, RP2K). A run's scores are also stored in its
     directory, where `featcache runs` shows them.
     """
-    from featcache.evaluate import run_eval
+    from featcache.evaluate import EvalSet, run_eval
 
     mem = parse_bytes(max_memory)
-    ev = run_eval(cache, run=run, zero_shot=zero_shot.value if zero_shot else None, protocol=protocol.value,
-                  query_cache=query_cache, index_cache=index_cache, k=k, max_memory=mem, show=8 if plot else 0)
+    es = EvalSet.load(cache, query_cache, index_cache)
+    ev = run_eval(run=run, zero_shot=zero_shot.value if zero_shot else None, protocol=protocol.value, k=k,
+                  max_memory=mem, show=8 if plot else 0, eval_set=es)
     results = {("run" if run else (zero_shot.value if zero_shot else "pooled")): ev.result}
     if plot and run is not None:
-        base = run_eval(cache, zero_shot="pooled", protocol=protocol.value, query_cache=query_cache,
-                        index_cache=index_cache, k=k, max_memory=mem)
-        results["zero-shot"] = base.result
+        results["zero-shot"] = run_eval(zero_shot="pooled", protocol=protocol.value, k=k, max_memory=mem, eval_set=es).result
     out.print(scores_table(f"featcache eval ({protocol.value}, {ev.result['embeddings']})", results, k))
     excluded = ev.result["overall"]["excluded"]
     if excluded:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 
@@ -14,8 +13,9 @@ DEMO_EPOCHS = 10
 
 
 def run_demo(model: str = "tiny-vit", weights: Path | None = None, device: str = "cpu", json_out: bool = False) -> dict:
+    from featcache.cache import safe_name
     from featcache.demo_data import DEMO_DIR, write_digits
-    from featcache.evaluate import run_eval
+    from featcache.evaluate import EvalSet, run_eval
     from featcache.extract import run_extract
     from featcache.manifest import read_manifest
     from featcache.models import create_backbone
@@ -31,7 +31,7 @@ def run_demo(model: str = "tiny-vit", weights: Path | None = None, device: str =
         say("           [yellow]random weights[/]: the tiny open_clip ViT is seeded, not pretrained (pretrained weights "
             "need a download; try --model siglip-so400m --weights FILE)")
     backbone = create_backbone(model, weights, device)
-    cache = Path("cache") / "demo" / f"{re.sub(r'[^A-Za-z0-9._@-]+', '-', model)}.zarr"
+    cache = Path("cache") / "demo" / f"{safe_name(model)}.zarr"
     extracted = run_extract(manifest, backbone, cache, batch_size=128, workers=1, device=device,
                             precision="bf16" if device.startswith("cuda") else "fp32")
     say(f"           {cache}: {extracted.rows:,} rows x {backbone.dim} dims"
@@ -44,8 +44,9 @@ def run_demo(model: str = "tiny-vit", weights: Path | None = None, device: str =
     say(f"           {DEMO_RUN}: final loss {trained.metrics[-1]['loss']:.3f} in {trained.seconds:.1f} s")
 
     say("[bold]3/3 eval[/]     digits 6-9 (classes the head never saw): queries against the index")
-    zero = run_eval(cache, zero_shot="pooled", k=5)
-    ev = run_eval(cache, run=DEMO_RUN, k=5, show=8)
+    es = EvalSet.load(cache)
+    zero = run_eval(zero_shot="pooled", k=5, eval_set=es)
+    ev = run_eval(run=DEMO_RUN, k=5, show=8, eval_set=es)
     results = {"zero-shot": zero.result, "trained head": ev.result}
     plots = [neighbours_grid(ev, DEMO_RUN / "plots" / "neighbours.png"),
              domain_scores(results, DEMO_RUN / "plots" / "domains.png")]

@@ -192,15 +192,48 @@ def check_run_fits(run: Run, cache: FeatureCache) -> None:
         )
 
 
-def embed(side: Side, run: Run | None, zero_shot: str | None) -> np.ndarray:
-    feats = side.cache.features(side.rows)
+def embed(features: np.ndarray, run: Run | None, zero_shot: str | None) -> np.ndarray:
     if run is not None:
-        return run.embed(feats)
+        return run.embed(features)
     if zero_shot == "pooled":
-        return pooled(feats)
+        return pooled(features)
     if zero_shot == "raw":
-        return feats.astype(np.float32)
+        return features.astype(np.float32)
     raise EvalError(f"unknown zero-shot mode {zero_shot!r}; expected one of {', '.join(ZERO_SHOT)}")
+
+
+@dataclass
+class EvalSet:
+    """Queries and index with their features read once: any number of heads can be scored against it
+    (``sweep`` does, for every head it trains)."""
+
+    queries: Side
+    index: Side
+    self_ids: np.ndarray | None
+    caches: list[FeatureCache]
+    source: Any  # what the result records as its "cache"
+    query_features: np.ndarray
+    index_features: np.ndarray | None  # None: the index is the query set itself
+
+    @classmethod
+    def load(cls, cache_path=None, query_cache=None, index_cache=None) -> "EvalSet":
+        main = FeatureCache.open(cache_path) if cache_path is not None else None
+        qc = FeatureCache.open(query_cache) if query_cache is not None else None
+        ic = FeatureCache.open(index_cache) if index_cache is not None else None
+        if main is None and qc is None:
+            raise EvalError("give --cache, or --query-cache and --index-cache")
+        caches = [c for c in (main, qc, ic) if c is not None]
+        for c in caches:
+            c.require_complete()
+        queries, index, self_ids = select(main, qc, ic)
+        if len(queries.rows) == 0:
+            raise EvalError("the query set is empty (no valid query rows)")
+        if len(index.rows) == 0:
+            raise EvalError("the index set is empty (no valid index rows)")
+        same = index.rows is queries.rows
+        source = str(cache_path) if cache_path is not None else {"query": str(query_cache), "index": str(index_cache)}
+        return cls(queries, index, self_ids, caches, source, queries.cache.features(queries.rows),
+                   None if same else index.cache.features(index.rows))
 
 
 @dataclass
@@ -213,7 +246,7 @@ class EvalOutput:
 
 
 def run_eval(
-    cache_path: str | Path | None,
+    cache_path: str | Path | None = None,
     *,
     run: Run | str | Path | None = None,
     zero_shot: str | None = None,
@@ -223,41 +256,31 @@ def run_eval(
     k: int = 5,
     max_memory: int = 2 << 30,
     show: int = 0,
+    eval_set: EvalSet | None = None,
 ) -> EvalOutput:
-    """Score the embeddings; with ``show`` > 0, also keep the top-k neighbours of the first ``show`` queries
-    (for plots)."""
+    """Score a run's head (or a zero-shot baseline) on a cache's queries and index; ``eval_set`` reuses
+    features already loaded. With ``show`` > 0, also keep the top-k neighbours of ``show`` queries (for plots)."""
     if run is not None and zero_shot is not None:
         raise EvalError("give --run or --zero-shot, not both")
     if run is None and zero_shot is None:
         zero_shot = "pooled"
     run = Run.load(run) if run is not None and not isinstance(run, Run) else run
-    main = FeatureCache.open(cache_path) if cache_path is not None else None
-    qc = FeatureCache.open(query_cache) if query_cache is not None else None
-    ic = FeatureCache.open(index_cache) if index_cache is not None else None
-    if main is None and qc is None:
-        raise EvalError("give --cache, or --query-cache and --index-cache")
-    for c in (main, qc, ic):
-        if c is not None:
-            c.require_complete()
-            if run is not None:
-                check_run_fits(run, c)
-    queries, index, self_ids = select(main, qc, ic)
-    if len(queries.rows) == 0:
-        raise EvalError("the query set is empty (no valid query rows)")
-    if len(index.rows) == 0:
-        raise EvalError("the index set is empty (no valid index rows)")
+    es = eval_set or EvalSet.load(cache_path, query_cache, index_cache)
+    if run is not None:
+        for c in es.caches:
+            check_run_fits(run, c)
+    queries, index, self_ids = es.queries, es.index, es.self_ids
     available = len(index.rows) - (1 if self_ids is not None else 0)
     if k > available:
         raise EvalError(f"--k {k} is larger than the index ({available} rows{' besides the query itself' if self_ids is not None else ''})")
-    xq = embed(queries, run, zero_shot)
-    same = index.rows is queries.rows
-    xb = xq if same else embed(index, run, zero_shot)
-    bad = int((~np.isfinite(xq)).any(axis=1).sum() + (0 if same else (~np.isfinite(xb)).any(axis=1).sum()))
+    xq = embed(es.query_features, run, zero_shot)
+    xb = xq if es.index_features is None else embed(es.index_features, run, zero_shot)
+    bad = int((~np.isfinite(xq)).any(axis=1).sum() + (0 if xb is xq else (~np.isfinite(xb)).any(axis=1).sum()))
     if bad:
         raise EvalError(f"{bad} embeddings are NaN or infinite; the head or the cache is broken")
     result = scores(xq, queries, xb, index, self_ids, protocol, k, max_memory)
     result["embeddings"] = f"run {run.path}" if run is not None else f"zero-shot {zero_shot}"
-    result["cache"] = str(cache_path) if cache_path is not None else {"query": str(query_cache), "index": str(index_cache)}
+    result["cache"] = es.source
     neighbours = np.zeros((0, k), dtype=np.int64)
     relevant = np.zeros((0, k), dtype=bool)
     if show:
@@ -273,4 +296,4 @@ def run_eval(
     return EvalOutput(result, queries, index, neighbours, relevant)
 
 
-__all__ = ["run_eval", "pooled", "EvalError", "RunError", "ZERO_SHOT"]
+__all__ = ["run_eval", "EvalSet", "pooled", "EvalError", "RunError", "ZERO_SHOT"]

@@ -629,16 +629,22 @@ def loss_names() -> list[str]:
     return list(LOSSES)
 
 
+def canonical_name(name: str) -> str:
+    """The registry's name for ``name`` (case and ``_``/``-`` do not matter); ValueError listing the valid names."""
+    key = str(name).strip().lower().replace("_", "-")
+    if key not in LOSSES:
+        _fail(f"unknown loss {name!r}; valid names: {', '.join(LOSSES)}")
+    return key
+
+
 def build_loss(name: str, num_classes: int, embed_dim: int, **hparams: Any) -> MarginSoftmaxLoss:
     """Build a registered loss. Options left out, or passed as None, take their defaults.
 
     Raises ValueError (one line) for an unknown name, an option the loss does not have, a missing
     required option, or an impossible value.
     """
-    key = str(name).strip().lower().replace("_", "-")
-    spec = LOSSES.get(key)
-    if spec is None:
-        _fail(f"unknown loss {name!r}; valid names: {', '.join(LOSSES)}")
+    key = canonical_name(name)
+    spec = LOSSES[key]
     hparams = {k: v for k, v in hparams.items() if v is not None}
     unknown = sorted(set(hparams) - set(spec.defaults))
     if unknown:

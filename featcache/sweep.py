@@ -11,7 +11,8 @@ from typing import Any, Callable
 import numpy as np
 
 from featcache.cache import FeatureCache
-from featcache.losses import LOSSES
+from featcache.evaluate import EvalSet, run_eval
+from featcache.losses import LOSSES, canonical_name
 from featcache.runs import write_json
 from featcache.train import TrainOptions, check_options, load_train_data, train
 
@@ -21,9 +22,8 @@ def grid(losses: list[str], loss_opts: dict[str, list], varied: dict[str, list],
     combos: list[TrainOptions] = []
     seen = set()
     for name in losses:
-        key = name.strip().lower().replace("_", "-")
-        accepts = LOSSES[key].defaults if key in LOSSES else {}
-        opt_lists = {k: v for k, v in loss_opts.items() if v and (k in accepts or key not in LOSSES)}
+        accepts = LOSSES[canonical_name(name)].defaults
+        opt_lists = {k: v for k, v in loss_opts.items() if v and k in accepts}
         for opt_values in itertools.product(*opt_lists.values()):
             for values in itertools.product(*varied.values()):
                 o = TrainOptions(loss=name, loss_opts=dict(zip(opt_lists, opt_values)), **dict(zip(varied, values)), **fixed)
@@ -66,7 +66,8 @@ def run_sweep(cache: Path, combos: list[TrainOptions], seeds: int, out: Path, ev
     summary = {"cache": str(cache), "eval_cache": str(target) if can_eval else None, "seeds": seeds, "metric": metric,
                "complete": False, "results": results}
     try:
-        _train_all(data, combos, seeds, out, target if can_eval else None, metric, varied_keys, results, on_run)
+        eval_set = EvalSet.load(target) if can_eval else None
+        _train_all(data, combos, seeds, out, eval_set, metric, varied_keys, results, on_run)
         summary["complete"] = True
     finally:  # also on Ctrl-C: the finished combinations are kept
         write_json(out / "sweep.json", summary)
@@ -74,9 +75,7 @@ def run_sweep(cache: Path, combos: list[TrainOptions], seeds: int, out: Path, ev
     return summary
 
 
-def _train_all(data, combos, seeds, out, eval_target, metric, varied_keys, results, on_run) -> None:
-    from featcache.evaluate import run_eval
-
+def _train_all(data, combos, seeds, out, eval_set, metric, varied_keys, results, on_run) -> None:
     for i, base in enumerate(combos):
         per_seed = []
         for s in range(seeds):
@@ -89,8 +88,8 @@ def _train_all(data, combos, seeds, out, eval_target, metric, varied_keys, resul
                 raise KeyboardInterrupt
             entry = {"run": name, "seed": o.seed, "final_loss": r.metrics[-1]["loss"], "train_acc": r.metrics[-1]["train_acc"],
                      "seconds": round(r.seconds, 3)}
-            if eval_target is not None:
-                entry["eval"] = run_eval(eval_target, run=out / name).result
+            if eval_set is not None:
+                entry["eval"] = run_eval(run=out / name, eval_set=eval_set).result
                 entry[metric] = entry["eval"]["overall"][metric]
             per_seed.append(entry)
         row = {

@@ -22,7 +22,7 @@ import torch
 from featcache import __version__
 from featcache.cache import CacheError, FeatureCache
 from featcache.heads import ProjectionHead
-from featcache.losses import LOSSES, build_loss
+from featcache.losses import LOSSES, build_loss, canonical_name
 from featcache.runs import CLASS_WEIGHTS, CONFIG, HEAD, METRICS, STATE, RunError, save_tensors, write_json
 
 
@@ -133,16 +133,9 @@ def loss_hparams(options: TrainOptions, data: TrainData) -> dict[str, Any]:
     hp = {k: v for k, v in options.loss_opts.items() if v is not None}
     hp["sample_fraction"] = options.sample_classes
     hp["precision"] = options.precision
-    if "class_counts" in LOSSES[_loss_name(options.loss)].defaults:
+    if "class_counts" in LOSSES[canonical_name(options.loss)].defaults:
         hp["class_counts"] = data.class_counts()
     return hp
-
-
-def _loss_name(name: str) -> str:
-    key = name.strip().lower().replace("_", "-")
-    if key not in LOSSES:
-        build_loss(name, 2, 1)  # raises the registry's own message, listing the valid names
-    return key
 
 
 def check_options(options: TrainOptions, data: TrainData) -> None:
@@ -257,7 +250,7 @@ def train(
 
 
 def _config(data: TrainData, options: TrainOptions, head: ProjectionHead) -> dict[str, Any]:
-    spec = LOSSES[_loss_name(options.loss)]
+    spec = LOSSES[canonical_name(options.loss)]
     resolved = {k: v for k, v in spec.defaults.items() if k != "class_counts"}
     resolved.update({k: v for k, v in options.loss_opts.items() if v is not None})
     resolved.update(sample_fraction=options.sample_classes, precision=options.precision)
