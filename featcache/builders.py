@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from featcache.manifest import DEFAULT_SPLIT, ManifestError, write_manifest
+from featcache.manifest import DEFAULT_SPLIT, ManifestError, escapes_root, write_manifest
 
 HEX_DIGITS = b"0123456789abcdefABCDEF"
 DIGITS = b"0123456789"
@@ -119,8 +119,7 @@ def leaves_root(path: str) -> bool:
     """True for a path that is absolute or climbs out of its root with '..'."""
     if not path or os.path.isabs(path) or path.startswith(("/", "\\")) or (len(path) > 1 and path[1] == ":"):
         return True
-    norm = os.path.normpath(path.replace("\\", "/"))
-    return norm == ".." or norm.startswith("../")
+    return escapes_root(path)
 
 
 def check_inside_root(path: str, where: str) -> str:

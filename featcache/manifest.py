@@ -57,8 +57,7 @@ class Manifest:
 
     def resolve(self, i: int) -> Path:
         """The file for row i: relative paths are taken from the root."""
-        p = Path(self.paths[i])
-        return p if p.is_absolute() else self.root / p
+        return resolve(self.root, self.paths[i])
 
     def box(self, i: int) -> tuple[float, float, float, float] | None:
         b = self.boxes[i]
@@ -83,10 +82,18 @@ def sort_labels(labels) -> list[str]:
         return sorted(labels)
 
 
-def _escapes_root(path: str) -> bool:
+def escapes_root(path: str) -> bool:
+    """True for a relative path that climbs out of its root with '..' (backslashes count as separators)."""
     if ".." not in path or os.path.isabs(path):
         return False
-    return os.path.normpath(path).split(os.sep)[0] == ".."
+    norm = os.path.normpath(path.replace("\\", "/"))
+    return norm == ".." or norm.startswith("../")
+
+
+def resolve(root: Path, path: str) -> Path:
+    """A manifest path as a file: relative paths are taken from the root, absolute ones as they are."""
+    p = Path(path)
+    return p if p.is_absolute() else root / p
 
 
 def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Manifest:
@@ -130,7 +137,7 @@ def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
             p = row[ip].strip()
             if not p:
                 raise ManifestError(f"{source}:{line}: column 'path': empty path")
-            if _escapes_root(p):
+            if escapes_root(p):
                 raise ManifestError(f"{source}:{line}: column 'path': '{p}' leaves the root folder with '..'")
             if p in seen:
                 raise ManifestError(f"{source}:{line}: column 'path': duplicate path '{p}' (first on line {seen[p]})")

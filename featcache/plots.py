@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from featcache.evaluate import EvalOutput
 from featcache.images import ImageFailure, load_image
+from featcache.manifest import resolve
 
 THUMB = 112
 BORDER = 6
@@ -17,8 +18,7 @@ GREEN, RED, BLUE, GREY = (40, 170, 60), (210, 40, 40), (40, 90, 200), (200, 200,
 
 def _thumb(root: Path, path: str, colour: tuple[int, int, int]) -> Image.Image:
     try:
-        file = Path(path) if Path(path).is_absolute() else root / path
-        im = ImageOps.pad(load_image(file), (THUMB - 2 * BORDER, THUMB - 2 * BORDER), color=(255, 255, 255))
+        im = ImageOps.pad(load_image(resolve(root, path)), (THUMB - 2 * BORDER, THUMB - 2 * BORDER), color=(255, 255, 255))
     except ImageFailure:
         im = Image.new("RGB", (THUMB - 2 * BORDER, THUMB - 2 * BORDER), GREY)
     return ImageOps.expand(im, border=BORDER, fill=colour)
