@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from featcache.cache import FeatureCache
-from featcache.retrieval import evaluate, l2_normalize, query_metrics, search
+from featcache.retrieval import evaluate, l2_normalize, query_metrics, search, summarize
 from featcache.runs import EVAL, Run, RunError, write_json
 
 ZERO_SHOT = ("pooled", "raw")
@@ -124,17 +124,8 @@ def multi_label_scores(xq, labels, domains, xb, index: Side, self_ids, protocol:
         if self_ids[i] >= 0 and relevant(self_ids[i]):
             n_rel[i] -= 1
     m = query_metrics(rel, n_rel)
-    out = {}
-    for dom in dict.fromkeys(domains):
-        sel = domains == dom
-        v = sel & m.valid
-        out[str(dom)] = {f"mMP@{k}": _mean(m.mp[v]), f"mAP@{k}": _mean(m.ap[v]), "R@1": _mean(m.r1[v]),
-                         "queries": int(v.sum()), "excluded": int((sel & ~m.valid).sum())}
+    out = {str(dom): summarize(m, domains == dom, k) for dom in dict.fromkeys(domains)}
     return {"protocol": protocol, "k": k, "overall": {}, "domains": out}
-
-
-def _mean(x: np.ndarray) -> float:
-    return float(x.mean()) if x.size else float("nan")
 
 
 def neighbours_of(xq, xb, k: int, self_ids, max_memory: int) -> np.ndarray:

@@ -238,6 +238,7 @@ def image_loader(manifest: Manifest, rows: np.ndarray, transform: Callable, batc
 def _extract_rows(manifest, backbone, rows, writer, batch_size, workers, device, precision, progress) -> None:
     dev = torch.device(device)
     loader = image_loader(manifest, rows, backbone.transform, batch_size, workers, dev)
+
     def collect(batch_rows, feats, ok, reasons) -> None:
         writer.add(batch_rows.numpy(), None if feats is None else feats.float().cpu().numpy(), ok.numpy(), reasons)
         progress.done += len(batch_rows)

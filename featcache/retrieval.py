@@ -43,6 +43,7 @@ __all__ = [
     "count_relevant",
     "QueryMetrics",
     "query_metrics",
+    "summarize",
     "evaluate",
     "PROTOCOLS",
 ]
@@ -465,6 +466,18 @@ def _mean(x: np.ndarray) -> float:
     return float(np.mean(x)) if x.size else float("nan")
 
 
+def summarize(m: QueryMetrics, sel: np.ndarray, k: int) -> dict:
+    """Mean scores of the selected queries (those with a relevant index row), with their counts."""
+    v = sel & m.valid
+    return {
+        f"mMP@{k}": _mean(m.mp[v]),
+        f"mAP@{k}": _mean(m.ap[v]),
+        "R@1": _mean(m.r1[v]),
+        "queries": int(np.count_nonzero(v)),
+        "excluded": int(np.count_nonzero(sel & ~m.valid)),
+    }
+
+
 def evaluate(
     query_emb: Any,
     query_labels: Sequence[Hashable] | np.ndarray,
@@ -543,23 +556,13 @@ def evaluate(
     m = query_metrics(relevance(ids, qkey, ikey), n_rel)
     names = (f"mMP@{k}", f"mAP@{k}", "R@1")
 
-    def summary(sel: np.ndarray) -> dict:
-        v = sel & m.valid
-        return {
-            names[0]: _mean(m.mp[v]),
-            names[1]: _mean(m.ap[v]),
-            names[2]: _mean(m.r1[v]),
-            "queries": int(np.count_nonzero(v)),
-            "excluded": int(np.count_nonzero(sel & ~m.valid)),
-        }
-
     domains: dict[str, dict] = {}
     present = np.unique(qdom)
     for code in present:
-        domains[str(dom_names[int(code)])] = summary(qdom == code)
+        domains[str(dom_names[int(code)])] = summarize(m, qdom == code, k)
 
     if protocol == "guiec":
-        overall = summary(np.ones(nq, dtype=bool))
+        overall = summarize(m, np.ones(nq, dtype=bool), k)
     else:
         scored = [d for d in domains.values() if d["queries"] > 0]
         overall = {

@@ -13,7 +13,7 @@ import numpy as np
 from featcache.cache import FeatureCache
 from featcache.evaluate import EvalSet, run_eval
 from featcache.losses import LOSSES, canonical_name
-from featcache.runs import write_json
+from featcache.runs import write_json, write_text
 from featcache.train import TrainOptions, check_options, load_train_data, train
 
 
@@ -71,7 +71,7 @@ def run_sweep(cache: Path, combos: list[TrainOptions], seeds: int, out: Path, ev
         summary["complete"] = True
     finally:  # also on Ctrl-C: the finished combinations are kept
         write_json(out / "sweep.json", summary)
-        (out / "sweep.md").write_text(markdown(summary))
+        write_text(out / "sweep.md", markdown(summary))
     return summary
 
 

@@ -23,7 +23,7 @@ from featcache import __version__
 from featcache.cache import CacheError, FeatureCache
 from featcache.heads import ProjectionHead
 from featcache.losses import LOSSES, build_loss, canonical_name
-from featcache.runs import CLASS_WEIGHTS, CONFIG, HEAD, METRICS, STATE, RunError, save_tensors, write_json
+from featcache.runs import CLASS_WEIGHTS, CONFIG, HEAD, METRICS, STATE, RunError, save_tensors, write_json, write_text
 
 
 @dataclass
@@ -303,9 +303,7 @@ def _save_epoch(out, config, metrics, seconds, head, loss_fn, opt, order, done: 
     """Everything of a finished epoch, each file atomically; the head is usable after every epoch."""
     save_tensors(out / HEAD, head.state_dict(), {"featcache": json.dumps(head.config())})
     save_tensors(out / CLASS_WEIGHTS, loss_fn.state_dict())
-    tmp = out / (METRICS + ".tmp")
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    tmp.replace(out / METRICS)
+    write_text(out / METRICS, "".join(json.dumps(m) + "\n" for m in metrics))
     if not done:
         state = {
             "epoch": len(metrics),
