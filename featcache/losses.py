@@ -20,7 +20,7 @@ import inspect
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -125,13 +125,37 @@ def _arc_target(cos: Tensor, margin: float | Tensor) -> Tensor:
 
 @dataclass
 class _Batch:
-    """What a loss's logit hook sees for one forward pass."""
+    """What a loss's logit hook sees: one block of rows of the batch (or all of it)."""
 
-    cos: Tensor  # (B, C') float32 cosines, max over sub-centers (raw scores for `softmax`)
-    target: Tensor  # (B,) column of each sample's class in `cos`
-    labels: Tensor  # (B,) class ids; differs from `target` only under Partial FC
-    emb: Tensor  # (B, E) raw float32 embeddings
-    update_state: bool  # training forward: running statistics may move
+    cos: Tensor  # (R, C') float32 cosines, max over sub-centers (raw scores for `softmax`)
+    target: Tensor  # (R,) column of each sample's class in `cos`
+    labels: Tensor  # (R,) class ids; differs from `target` only under Partial FC
+    emb: Tensor  # (R, E) raw float32 embeddings, detached
+
+
+@dataclass
+class _BatchStats:
+    """What a loss's running-statistic update sees, once per training forward, before any logit."""
+
+    emb: Tensor  # (B, E) raw float32 embeddings, detached
+    target_cos: Tensor  # (B,) cosine of each sample's own class (max over its sub-centers)
+    target: Tensor  # (B,) column of each sample's class
+    cosines: Callable[[], Iterator[tuple[slice, Tensor]]]  # (rows, (R, C') cosines) blocks of the whole batch
+
+
+# Elements of one block of the (rows x C*k) score matrix in the fused pass: on a CPU small enough to
+# stay in cache between the matmul and the elementwise work on it, on a GPU large enough that a step
+# is a handful of kernels.
+_BLOCK_ELEMENTS = {"cpu": 1 << 18}
+_GPU_BLOCK_ELEMENTS = 1 << 28
+_MIN_BLOCK_ROWS = 16
+# Subtracted from a max that a sub-center has claimed, so that no later sub-center matches it.
+_CLAIMED = 1e30
+
+
+def _block_rows(batch: int, columns: int, device: torch.device) -> int:
+    budget = _BLOCK_ELEMENTS.get(device.type, _GPU_BLOCK_ELEMENTS)
+    return min(batch, max(_MIN_BLOCK_ROWS, budget // columns))
 
 
 # ----------------------------------------------------------------------------------------- base
@@ -140,15 +164,26 @@ class _Batch:
 class MarginSoftmaxLoss(nn.Module):
     """Base class: class weights, cosine matrix, sub-center max, Partial FC and cross-entropy.
 
-    Subclasses override :meth:`_scaled_logits`, which turns the (B, C) cosine matrix and the target
-    columns into the scaled logits fed to cross-entropy.
+    A loss says how cosines become logits in one of two ways:
+
+    * most losses only change the target column: others are ``scale·cos θ_c``. They set
+      ``scale`` and override :meth:`_target_logit`, and train through the fast fused pass;
+    * the rest override :meth:`_scaled_logits` (every column may change), which the fused pass
+      differentiates with autograd one block of rows at a time.
+
+    Running statistics move in :meth:`_update_state`, once per training forward, before any logit.
+
+    ``forward`` never holds the (B, C·k) score matrix whole: it goes through the batch a block of rows
+    at a time, and for each block computes the scores, the loss and at once the gradients with respect
+    to the embeddings and the class weights (see ``_FusedMarginCrossEntropy``). ``logits`` and
+    ``cosine`` compute the plain full matrices, for inspection and tests.
 
     Common options:
         sub_centers: weights per class (k); the class cosine is the max over its k sub-centers.
         sample_fraction: Partial FC ratio R in (0, 1]. In training mode with R < 1, each forward uses
             the batch's own classes plus a random ceil(R * rest) of the other classes (drawn from
             torch's global RNG, so seeding makes it reproducible). Eval mode always uses all classes.
-        precision: "fp32" or "bf16": dtype of the cosine matmul; margin arithmetic is always fp32.
+        precision: "fp32" or "bf16": dtype of the cosine matmuls; margin arithmetic is always fp32.
     """
 
     name: ClassVar[str] = ""
@@ -182,11 +217,29 @@ class MarginSoftmaxLoss(nn.Module):
             f"sample_fraction={self.sample_fraction}, precision={self.precision!r}"
         )
 
-    # --- hook -------------------------------------------------------------------------------------
+    # --- hooks ------------------------------------------------------------------------------------
+
+    @property
+    def target_only(self) -> bool:
+        """True when only the target column gets a margin (others are scale·cos): the fast path."""
+        return type(self)._scaled_logits is MarginSoftmaxLoss._scaled_logits
+
+    @property
+    def has_state(self) -> bool:
+        """True when running statistics move on training forwards (:meth:`_update_state`)."""
+        return type(self)._update_state is not MarginSoftmaxLoss._update_state
+
+    def _target_logit(self, cos_y: Tensor, labels: Tensor) -> Tensor:
+        """(R,) scaled target logits from the target cosines (differentiable in ``cos_y``)."""
+        raise NotImplementedError
 
     def _scaled_logits(self, b: _Batch) -> Tensor:
-        """(B, C') float32 logits for cross-entropy. Must not modify ``b.cos`` in place."""
-        raise NotImplementedError
+        """(R, C') float32 logits for cross-entropy. Must not modify ``b.cos`` in place."""
+        logits = b.cos * self.scale
+        return _set_target(logits, b.target, self._target_logit(_gather(b.cos, b.target), b.labels))
+
+    def _update_state(self, s: _BatchStats) -> None:
+        """Move running statistics (without gradient); called on training forwards only."""
 
     # --- public -----------------------------------------------------------------------------------
 
@@ -196,15 +249,19 @@ class MarginSoftmaxLoss(nn.Module):
         For ``softmax`` these are the raw class scores ``x · W_c`` instead, since that is what its
         classifier ranks by.
         """
-        return self._class_scores(self._check_embeddings(embeddings), None)
+        emb = self._check_embeddings(embeddings)
+        with torch.no_grad():
+            return self._class_scores(emb, None)
 
     def logits_with_classes(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Scaled logits (B, C'), each sample's target column (B,), and the class id of each column (C',).
-
-        C' = C except under Partial FC (training mode, sample_fraction < 1). Never updates running
-        statistics (curricularface t, adaface mean/std, adacos scale): only ``forward`` does.
+        """Scaled logits (B, C'), each sample's target column (B,), and the class id of each column (C',),
+        as one full matrix (differentiable). C' = C except under Partial FC (training mode,
+        sample_fraction < 1). Never updates running statistics: only ``forward`` does.
         """
-        logits, target, classes, _ = self._compute(embeddings, labels, update_state=False)
+        emb, labels = self._check_inputs(embeddings, labels)
+        classes, target = self._sample_classes(labels)
+        cos = self._class_scores(emb, classes)
+        logits = self._scaled_logits(_Batch(cos, target, labels, emb.detach()))
         if classes is None:
             classes = torch.arange(self.num_classes, device=logits.device)
         return logits, target, classes
@@ -213,30 +270,28 @@ class MarginSoftmaxLoss(nn.Module):
         """(B, C') float32 scaled logits with margins applied to the targets (see logits_with_classes)."""
         return self.logits_with_classes(embeddings, labels)[0]
 
-    def forward_with_cosine(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean cross-entropy loss and the detached (B, C) cosine matrix over ALL classes (for accuracy).
+    def forward_with_hits(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean cross-entropy loss and, per sample (B,), whether its own class has the highest cosine of
+        the classes this step scored: train accuracy at no extra cost. Under Partial FC that is among the
+        sampled classes (the usual convention), not a second matmul over all of them.
 
         In training mode, running statistics are updated (without gradient) before the logits are formed.
         """
-        logits, target, classes, cos = self._compute(embeddings, labels, update_state=self.training)
-        loss = F.cross_entropy(logits, target)
-        if classes is not None:  # Partial FC scored a subset; accuracy still ranks every class
-            with torch.no_grad():
-                cos = self.cosine(embeddings)
-        return loss, cos.detach()
-
-    def forward_with_predictions(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean cross-entropy loss and each sample's predicted class id (B,), the argmax of the cosines
-        this step scored: train accuracy at no extra cost. Under Partial FC that is the argmax among the
-        sampled classes (the usual convention), not a second matmul over all of them."""
-        logits, target, classes, cos = self._compute(embeddings, labels, update_state=self.training)
-        predicted = cos.detach().argmax(dim=1)
-        return F.cross_entropy(logits, target), predicted if classes is None else classes[predicted]
+        emb, labels = self._check_inputs(embeddings, labels)
+        classes, target = self._sample_classes(labels)
+        weight = self.weight if classes is None else self.weight.index_select(0, self._weight_rows(classes))
+        if self.normalise:
+            emb_in, weight = F.normalize(emb, dim=1), F.normalize(weight, dim=1)
+        else:
+            emb_in = emb
+        k = self.sub_centers
+        if k > 1:  # sub-center-major rows (j·C' + c): the max over sub-centers becomes k-1 elementwise maxima
+            weight = weight.view(-1, k, self.embed_dim).transpose(0, 1).reshape(-1, self.embed_dim)
+        return _FusedMarginCrossEntropy.apply(emb_in, weight, _Step(self, target, labels, emb.detach()))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Scalar mean softmax cross-entropy over the scaled logits."""
-        logits, target, _, _ = self._compute(embeddings, labels, update_state=self.training)
-        return F.cross_entropy(logits, target)
+        return self.forward_with_hits(embeddings, labels)[0]
 
     # --- internals --------------------------------------------------------------------------------
 
@@ -245,15 +300,15 @@ class MarginSoftmaxLoss(nn.Module):
             _fail(f"embeddings must have shape (B, {self.embed_dim}), got {tuple(embeddings.shape)}")
         return embeddings.float()
 
-    def _compute(self, embeddings: Tensor, labels: Tensor, update_state: bool):
+    def _check_inputs(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         emb = self._check_embeddings(embeddings)
         if labels.shape != (emb.shape[0],):
             _fail(f"labels must have shape ({emb.shape[0]},), got {tuple(labels.shape)}")
-        labels = labels.to(device=emb.device, dtype=torch.long)
-        classes, target = self._sample_classes(labels)
-        cos = self._class_scores(emb, classes)
-        logits = self._scaled_logits(_Batch(cos, target, labels, emb, update_state))
-        return logits, target, classes, cos
+        return emb, labels.to(device=emb.device, dtype=torch.long)
+
+    def _weight_rows(self, classes: Tensor) -> Tensor:
+        k = self.sub_centers
+        return (classes[:, None] * k + torch.arange(k, device=classes.device)).flatten()
 
     def _sample_classes(self, labels: Tensor) -> tuple[Tensor | None, Tensor]:
         """Partial FC: (sorted class ids in play, labels remapped to columns), or (None, labels)."""
@@ -272,12 +327,9 @@ class MarginSoftmaxLoss(nn.Module):
         return classes, column[labels]
 
     def _class_scores(self, emb: Tensor, classes: Tensor | None) -> Tensor:
-        """(B, C') cosines (max over sub-centers) against all classes or the given subset."""
+        """(B, C') cosines (max over sub-centers) against all classes or the given subset, one matrix."""
         k = self.sub_centers
-        weight = self.weight
-        if classes is not None:
-            rows = (classes[:, None] * k + torch.arange(k, device=classes.device)).flatten()
-            weight = weight.index_select(0, rows)
+        weight = self.weight if classes is None else self.weight.index_select(0, self._weight_rows(classes))
         if self.normalise:
             emb = F.normalize(emb, dim=1)
             weight = F.normalize(weight, dim=1)
@@ -288,11 +340,185 @@ class MarginSoftmaxLoss(nn.Module):
             else:
                 scores = F.linear(emb, weight.float())
         if k > 1:
-            # max().values, not amax(): same forward, and its backward is one scatter instead of
-            # several passes over the (B, C*k) matrix. Taken before the float32 cast, so only the
-            # (B, C) result is ever float32.
             scores = scores.view(scores.shape[0], -1, k).max(dim=2).values
         return scores.float()
+
+
+@dataclass
+class _Step:
+    """The non-tensor inputs of one fused forward."""
+
+    loss: MarginSoftmaxLoss
+    target: Tensor  # (B,) columns
+    labels: Tensor  # (B,) class ids
+    emb: Tensor  # (B, E) raw embeddings, detached
+
+
+class _FusedMarginCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of a margin loss, with its gradients computed in the same pass.
+
+    Inputs: the embeddings as the scores see them (B, E) (normalised unless ``softmax``) and the class
+    weights (k·C', E) in sub-center-major order (row j·C' + c is sub-center j of column c). The batch
+    is scored a block of rows at a time: block scores (R, k·C') -> max over sub-centers -> logits ->
+    cross-entropy -> d loss / d scores, routed to the sub-center that gave each max (the first one on a
+    tie, as torch.max) -> the block's share of d loss / d embeddings and d loss / d weights. The only
+    matmuls are the three that any backward pass needs, and on a CPU a block stays in cache from its
+    matmul to its gradient. Backward just scales the stored gradients by the incoming one.
+    """
+
+    @staticmethod
+    def forward(ctx, emb: Tensor, weight: Tensor, step: _Step) -> tuple[Tensor, Tensor]:
+        loss, target, n, k = step.loss, step.target, emb.shape[0], step.loss.sub_centers
+        n_cols = weight.shape[0] // k
+        fast = loss.target_only
+        # Fast path: the scale is folded into the embeddings, so the matmul yields the logits.
+        scale = float(loss.scale) if fast else 1.0
+        mm_dtype = torch.bfloat16 if loss.precision == "bf16" else torch.float32
+        rows = _block_rows(n, k * n_cols, emb.device)
+        with torch.autocast(device_type=emb.device.type, enabled=False):
+            emb_mm = (emb * scale if fast else emb).to(mm_dtype)
+            weight_mm = weight.to(mm_dtype)
+
+            def block_scores(lo: int, hi: int) -> tuple[Tensor, Tensor]:
+                """(R, k·C') scores of rows lo:hi and their (R, C') max over sub-centers."""
+                scores = emb_mm[lo:hi] @ weight_mm.t()
+                return scores, scores if k == 1 else scores.view(hi - lo, k, n_cols).amax(dim=1)
+
+            # Each sample's own class cosine, straight from its k sub-centers (float32, B·k·E work).
+            target_cos = (weight.view(k, n_cols, -1)[:, target] * emb).sum(dim=2).amax(dim=0)
+            if loss.training and loss.has_state:
+                def cosines() -> Iterator[tuple[slice, Tensor]]:
+                    for lo in range(0, n, rows):
+                        yield slice(lo, lo + rows), block_scores(lo, min(n, lo + rows))[1].float()
+
+                loss._update_state(_BatchStats(step.emb, target_cos, target, cosines))
+            if fast:  # the target logits and their slopes, once for the whole batch
+                with torch.enable_grad():
+                    cos_y = target_cos.clone().requires_grad_()
+                    target_logit = loss._target_logit(cos_y, step.labels).float()
+                    (slope,) = torch.autograd.grad(target_logit.sum(), cos_y)
+                target_logit = target_logit.detach()
+
+            grad_emb = torch.empty(n, emb.shape[1], dtype=mm_dtype, device=emb.device)
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=emb.device)
+            rows_out = _RowStats(n, emb.device)
+            for lo in range(0, n, rows):
+                hi = min(n, lo + rows)
+                scores, best = block_scores(lo, hi)
+                logits = best.to(torch.float32, copy=k > 1)
+                if k > 1:
+                    by_center = scores.view(hi - lo, k, n_cols)
+                    for j in range(k):  # the scores become one-hot masks of the sub-center that gave each max
+                        hit = by_center[:, j].eq_(best)
+                        if j < k - 1:
+                            best.sub_(hit, alpha=_CLAIMED)
+                if fast:
+                    row_factor = _fast_block(logits, target[lo:hi], target_logit[lo:hi], slope[lo:hi] / scale,
+                                             rows_out.view(lo, hi), n)
+                else:
+                    block = _Batch(logits, target[lo:hi], step.labels[lo:hi], step.emb[lo:hi])
+                    _autograd_block(loss, block, rows_out.view(lo, hi), n)
+                    row_factor = None
+                # `logits` now holds d loss / d logits, up to a factor per row (applied to the two (R, E)
+                # matmul operands below rather than to the (R, C') matrix): route it to the sub-centers.
+                if k > 1:
+                    for j in range(k):
+                        by_center[:, j].mul_(logits)
+                    grad_scores = scores
+                else:
+                    grad_scores = logits.to(mm_dtype)
+                block_emb = emb_mm[lo:hi]
+                if row_factor is not None:
+                    row_factor = row_factor.to(mm_dtype)[:, None]
+                    block_emb = block_emb * row_factor
+                torch.mm(grad_scores, weight_mm, out=grad_emb[lo:hi])
+                if row_factor is not None:
+                    grad_emb[lo:hi] *= row_factor
+                if mm_dtype == torch.float32:
+                    grad_weight.addmm_(grad_scores.t(), block_emb)
+                else:
+                    grad_weight += (grad_scores.t() @ block_emb).float()
+        if fast:  # the per-row figures the blocks left behind, for the whole batch at once
+            value, hits = rows_out.fast_loss(scale * target_cos, target_logit)
+        else:
+            value, hits = rows_out.row_loss.sum(), rows_out.hits
+        grad_emb = grad_emb.float()
+        if fast:
+            grad_emb.mul_(scale)
+        ctx.save_for_backward(grad_emb, grad_weight)
+        ctx.mark_non_differentiable(hits)
+        return value / n, hits
+
+    @staticmethod
+    def backward(ctx, grad_value: Tensor, _grad_hits: Tensor) -> tuple[Tensor, Tensor, None]:
+        grad_emb, grad_weight = ctx.saved_tensors
+        return grad_emb * grad_value, grad_weight * grad_value, None
+
+
+class _RowStats:
+    """Per-row figures of the fused pass, filled a block at a time (float32, (B,) each)."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        self.other_max = torch.empty(n, device=device)  # max logit over the non-target columns
+        self.others = torch.empty(n, device=device)  # sum of exp(logit - shift) over the non-target columns
+        self.shift = torch.empty(n, device=device)  # the row max, target included
+        self.row_loss = torch.empty(n, device=device)  # autograd path: each row's loss
+        self.hits = torch.empty(n, dtype=torch.bool, device=device)  # autograd path: own class scored highest
+
+    def view(self, lo: int, hi: int) -> "_RowStats":
+        block = object.__new__(_RowStats)
+        block.__dict__ = {name: value[lo:hi] for name, value in self.__dict__.items()}
+        return block
+
+    def fast_loss(self, logit_y: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Summed loss and top-1 hits, from each row's own scale·cos ``logit_y`` and target logit ``t``.
+
+        The loss of a row is log(others + exp(t - shift)) + shift - t, which is log1p(others) when the
+        target is the row max (then shift = t): a loss of 1e-20 is not rounded to 0.
+        """
+        target_max = t >= self.other_max
+        sum_exp = self.others + torch.exp(t - self.shift)
+        row_loss = torch.where(target_max, torch.log1p(self.others), sum_exp.log() + (self.shift - t))
+        return row_loss.sum(), logit_y >= self.other_max
+
+
+def _fast_block(logits: Tensor, target: Tensor, t: Tensor, slope: Tensor, out: _RowStats, batch: int) -> Tensor:
+    """Cross-entropy gradient of a block of rows whose non-target logits are ``logits`` (scale·cos) as
+    they are; ``t`` (R,) is each row's target logit after its margin and ``slope`` d t / d (scale·cos_y).
+
+    Overwrites ``logits`` with d mean loss / d logits divided by a factor per row, which it returns;
+    fills ``out`` with what the loss needs.
+    """
+    column = target[:, None]
+    logits.scatter_(1, column, -math.inf)
+    torch.amax(logits, dim=1, out=out.other_max)
+    # Shifted by the row max, so exp never overflows. The target column holds -inf: its exp is 0, and
+    # `others`, the non-target share, is summed on its own, which keeps the loss and the target's gradient
+    # exact when the target dominates.
+    torch.maximum(out.other_max, t, out=out.shift)
+    probs = logits.sub_(out.shift[:, None]).exp_()
+    torch.sum(probs, dim=1, out=out.others)
+    sum_exp = out.others + torch.exp(t - out.shift)
+    # d mean loss / d logit is softmax / B = probs / (B·sum_exp) off the target, and (p_y - 1)/B times the
+    # margin's slope = -others / (B·sum_exp) · slope on it: both are left as multiples of 1 / (B·sum_exp).
+    probs.scatter_(1, column, (out.others * -slope)[:, None])
+    return (sum_exp * batch).reciprocal_()
+
+
+def _autograd_block(loss: MarginSoftmaxLoss, b: _Batch, out: _RowStats, batch: int) -> None:
+    """Cross-entropy of a block of rows through the loss's own ``_scaled_logits``, by autograd.
+
+    ``b.cos`` holds the block's cosines on entry and d mean loss / d cosines on return; fills ``out``'s
+    row losses and hits.
+    """
+    torch.eq(b.cos.argmax(dim=1), b.target, out=out.hits)
+    with torch.enable_grad():
+        cos = b.cos.clone().requires_grad_()
+        scaled = loss._scaled_logits(_Batch(cos, b.target, b.labels, b.emb))
+        row_loss = F.cross_entropy(scaled, b.target, reduction="none")
+        (grad,) = torch.autograd.grad(row_loss.sum(), cos, torch.tensor(1.0 / batch, device=cos.device))
+    out.row_loss.copy_(row_loss.detach())
+    b.cos.copy_(grad)
 
 
 # ----------------------------------------------------------------------------------------- losses
@@ -307,12 +533,13 @@ class SoftmaxLoss(MarginSoftmaxLoss):
     name = "softmax"
     summary = "plain linear classifier: logit_c = x·W_c (no normalisation, scale, margin or bias)"
     normalise = False
+    scale = 1.0
 
     def __init__(self, num_classes: int, embed_dim: int, **common: Any) -> None:
         super().__init__(num_classes, embed_dim, **common)
 
-    def _scaled_logits(self, b: _Batch) -> Tensor:
-        return b.cos
+    def _target_logit(self, cos_y: Tensor, labels: Tensor) -> Tensor:
+        return cos_y
 
 
 class NormFaceLoss(MarginSoftmaxLoss):
@@ -325,8 +552,8 @@ class NormFaceLoss(MarginSoftmaxLoss):
         super().__init__(num_classes, embed_dim, **common)
         self.scale = _scale(scale)
 
-    def _scaled_logits(self, b: _Batch) -> Tensor:
-        return b.cos * self.scale
+    def _target_logit(self, cos_y: Tensor, labels: Tensor) -> Tensor:
+        return cos_y * self.scale
 
 
 class CosFaceLoss(MarginSoftmaxLoss):
@@ -342,9 +569,8 @@ class CosFaceLoss(MarginSoftmaxLoss):
         self.scale = _scale(scale)
         self.margin = _margin("margin", margin)
 
-    def _scaled_logits(self, b: _Batch) -> Tensor:
-        target = (_gather(b.cos, b.target) - self.margin) * self.scale
-        return _set_target(b.cos * self.scale, b.target, target)
+    def _target_logit(self, cos_y: Tensor, labels: Tensor) -> Tensor:
+        return (cos_y - self.margin) * self.scale
 
 
 class ArcFaceLoss(MarginSoftmaxLoss):
@@ -366,9 +592,8 @@ class ArcFaceLoss(MarginSoftmaxLoss):
     def _target_margin(self, labels: Tensor) -> float | Tensor:
         return self.margin
 
-    def _scaled_logits(self, b: _Batch) -> Tensor:
-        target = _arc_target(_gather(b.cos, b.target), self._target_margin(b.labels)) * self.scale
-        return _set_target(b.cos * self.scale, b.target, target)
+    def _target_logit(self, cos_y: Tensor, labels: Tensor) -> Tensor:
+        return _arc_target(cos_y, self._target_margin(labels)) * self.scale
 
 
 class SubCenterArcFaceLoss(ArcFaceLoss):
@@ -495,11 +720,11 @@ class CurricularFaceLoss(MarginSoftmaxLoss):
         self.momentum = _rate("momentum", momentum)
         self.register_buffer("t", torch.zeros(()))
 
+    def _update_state(self, s: _BatchStats) -> None:
+        self.t.lerp_(s.target_cos.mean(), self.momentum)
+
     def _scaled_logits(self, b: _Batch) -> Tensor:
         cos_y = _gather(b.cos, b.target)
-        if b.update_state:
-            with torch.no_grad():
-                self.t.lerp_(cos_y.mean(), self.momentum)
         # Hardness is judged against cos(θ_y + m) itself, not the fallback value (as upstream).
         hard = b.cos > _cos_plus(cos_y, self.margin).detach()[:, None]
         logits = torch.where(hard, b.cos * (b.cos + self.t), b.cos).mul_(self.scale)
@@ -537,15 +762,20 @@ class AdaFaceLoss(MarginSoftmaxLoss):
         self.register_buffer("batch_mean", torch.tensor(20.0))
         self.register_buffer("batch_std", torch.tensor(100.0))
 
+    @staticmethod
+    def _norms(emb: Tensor) -> Tensor:
+        return emb.detach().norm(dim=1).clamp(_ADAFACE_EPS, 100.0)
+
+    def _update_state(self, s: _BatchStats) -> None:
+        norms = self._norms(s.emb)
+        # Unbiased std as upstream; a batch of one has no spread.
+        std = norms.std() if norms.numel() > 1 else norms.new_zeros(())
+        self.batch_mean.lerp_(norms.mean(), self.momentum)
+        self.batch_std.lerp_(std, self.momentum)
+
     def _scaled_logits(self, b: _Batch) -> Tensor:
         eps = _ADAFACE_EPS
-        norms = b.emb.detach().norm(dim=1).clamp(eps, 100.0)
-        if b.update_state:
-            with torch.no_grad():
-                # Unbiased std as upstream; a batch of one has no spread.
-                std = norms.std() if norms.numel() > 1 else norms.new_zeros(())
-                self.batch_mean.lerp_(norms.mean(), self.momentum)
-                self.batch_std.lerp_(std, self.momentum)
+        norms = self._norms(b.emb)
         z = (self.h * (norms - self.batch_mean) / (self.batch_std + eps)).clamp(-1.0, 1.0)
         theta_y = torch.acos(_gather(b.cos, b.target).clamp(-1 + eps, 1 - eps))
         target = torch.cos((theta_y - self.margin * z).clamp(eps, math.pi - eps)) - self.margin * (1 + z)
@@ -571,13 +801,17 @@ class AdaCosLoss(MarginSoftmaxLoss):
         super().__init__(num_classes, embed_dim, **common)
         self.register_buffer("scale", torch.tensor(math.sqrt(2.0) * math.log(self.num_classes - 1)))
 
+    def _update_state(self, s: _BatchStats) -> None:
+        # log Σ_{c≠y} exp(s·cos θ_c) over the whole batch, a block of rows at a time.
+        parts = [
+            torch.logsumexp((cos * self.scale).scatter_(1, s.target[rows, None], -math.inf).flatten(), dim=0)
+            for rows, cos in s.cosines()
+        ]
+        log_b_avg = torch.logsumexp(torch.stack(parts), dim=0) - math.log(s.target.numel())
+        theta_med = torch.acos(s.target_cos.clamp(-_ACOS_CLAMP, _ACOS_CLAMP)).median()
+        self.scale.copy_(log_b_avg / torch.cos(theta_med.clamp(max=math.pi / 4)))
+
     def _scaled_logits(self, b: _Batch) -> Tensor:
-        if b.update_state:
-            with torch.no_grad():
-                others = (b.cos * self.scale).scatter_(1, b.target[:, None], -math.inf)
-                log_b_avg = torch.logsumexp(others.flatten(), dim=0) - math.log(b.cos.shape[0])
-                theta_med = torch.acos(_gather(b.cos, b.target).clamp(-_ACOS_CLAMP, _ACOS_CLAMP)).median()
-                self.scale.copy_(log_b_avg / torch.cos(theta_med.clamp(max=math.pi / 4)))
         return b.cos * self.scale
 
 

@@ -283,12 +283,13 @@ def test_logits_and_loss_match_formula(name):
     loss.eval()
     logits = loss.logits(emb_t(), labels_t())
     assert_rows(logits, expected)
-    value, cos = loss.forward_with_cosine(emb_t(), labels_t())
+    value, hits = loss.forward_with_hits(emb_t(), labels_t())
     assert value.ndim == 0
     assert value.item() == pytest.approx(cross_entropy(expected, LABELS), rel=1e-4, abs=1e-4)
     assert loss(emb_t(), labels_t()).item() == pytest.approx(value.item(), rel=1e-6)
+    cos = loss.cosine(emb_t())
     assert not cos.requires_grad and cos.shape == (4, 5)
-    assert_close(cos, loss.cosine(emb_t()))
+    assert hits.tolist() == [max(range(5), key=row.__getitem__) == y for row, y in zip(cos.tolist(), LABELS)]
     k = 3 if name == "subcenter-arcface" else 1
     weight = sub_center_weight(3).tolist() if k == 3 else W5
     if name == "softmax":  # its "cosine" is the raw class score the classifier ranks by
@@ -610,10 +611,7 @@ def test_partial_fc_subset(name):
     assert_close(logits, full_logits[:, classes])
     # Seeded sampling is reproducible and the loss is the cross-entropy over the subset.
     torch.manual_seed(0)
-    value, cos = loss.forward_with_cosine(emb, labels)
-    assert_close(value, F.cross_entropy(full_logits[:, classes], target))
-    assert cos.shape == (8, 50)  # accuracy still ranks every class
-    assert_close(cos, loss.cosine(emb))
+    assert_close(loss(emb, labels), F.cross_entropy(full_logits[:, classes], target))
     torch.manual_seed(1)
     assert not torch.equal(loss.logits_with_classes(emb, labels)[2], classes)
 
@@ -660,13 +658,13 @@ def test_bf16_close_to_fp32(name):
 # ----------------------------------------------------------------------------- misc API
 
 
-def test_forward_with_cosine_is_detached_and_forward_returns_scalar():
+def test_hits_are_detached_and_forward_returns_scalar():
     loss = make("subcenter-arcface", sub_center_weight(3)).train()
     emb = emb_t().requires_grad_(True)
-    value, cos = loss.forward_with_cosine(emb, labels_t())
+    value, hits = loss.forward_with_hits(emb, labels_t())
     assert value.requires_grad and value.ndim == 0
-    assert not cos.requires_grad
-    assert cos.argmax(dim=1).shape == (4,)
+    assert not hits.requires_grad
+    assert hits.shape == (4,) and hits.dtype == torch.bool
 
 
 def test_wrong_embedding_shape_raises():
@@ -686,18 +684,127 @@ def test_random_init_is_seeded_by_caller():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_predictions_are_the_argmax_class_ids_also_under_partial_fc():
+@pytest.mark.parametrize("name", ["subcenter-arcface", "curricularface"])  # the fast and the autograd path
+def test_hits_are_top1_among_all_or_the_sampled_classes(name):
     torch.manual_seed(0)
-    loss = build_loss("subcenter-arcface", 40, 8, sample_fraction=0.25)
-    emb, labels = torch.randn(6, 8), torch.tensor([3, 3, 17, 25, 39, 0])
-    loss.eval()  # all classes: the argmax of the full cosine matrix
-    _, predicted = loss.forward_with_predictions(emb, labels)
-    assert predicted.tolist() == loss.cosine(emb).argmax(dim=1).tolist()
-    loss.train()  # Partial FC: argmax among the sampled classes, reported as class ids
+    k = 3 if name == "subcenter-arcface" else 1
+    loss = build_loss(name, 40, 8, sample_fraction=0.25, **({"sub_centers": k} if k > 1 else {}))
+    emb = torch.randn(64, 8) * 3
+    labels = torch.randint(0, 40, (64,))
+    with torch.no_grad():  # make half the samples right: their embedding is their class's first sub-center
+        emb[:32] = loss.weight[labels[:32] * k] * 5
+    loss.eval()  # all classes
+    _, hits = loss.forward_with_hits(emb, labels)
+    top1 = loss.cosine(emb).argmax(dim=1) == labels
+    assert 32 <= top1.sum() < 64
+    assert hits.tolist() == top1.tolist()
+    loss.train()  # Partial FC: top-1 among the sampled classes
     torch.manual_seed(1)
-    _, predicted = loss.forward_with_predictions(emb, labels)
+    _, hits = loss.forward_with_hits(emb, labels)
     torch.manual_seed(1)
     _, _, classes = loss.logits_with_classes(emb, labels)
-    cos = loss.cosine(emb)[:, classes]
-    assert predicted.tolist() == classes[cos.argmax(dim=1)].tolist()
     assert set(labels.tolist()) <= set(classes.tolist()) and len(classes) < 40
+    assert hits.tolist() == (classes[loss.cosine(emb)[:, classes].argmax(dim=1)] == labels).tolist()
+
+
+# ----------------------------------------------------------------------------- the fused pass
+
+
+def _reference_step(loss, emb, labels):
+    """Loss and gradients the plain way: the full logit matrix, F.cross_entropy, autograd."""
+    emb = emb.clone().requires_grad_(True)
+    loss.zero_grad()
+    logits, target, _ = loss.logits_with_classes(emb, labels)
+    value = F.cross_entropy(logits, target)
+    value.backward()
+    return value.detach(), emb.grad, loss.weight.grad.clone()
+
+
+def _fused_step(loss, emb, labels):
+    emb = emb.clone().requires_grad_(True)
+    loss.zero_grad()
+    value, hits = loss.forward_with_hits(emb, labels)
+    (value * 3.0).backward()  # the stored gradients are scaled by the incoming one
+    return value.detach(), emb.grad / 3.0, loss.weight.grad.clone() / 3.0, hits
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.3])
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_pass_equals_full_matrix_autograd(name, fraction, monkeypatch):
+    """Loss, both gradients and top-1 hits of the block-wise fused pass against the plain computation,
+    with blocks of 5 rows (8 blocks for 37 rows), sub-centers and Partial FC."""
+    import featcache.losses as losses
+
+    monkeypatch.setitem(losses._BLOCK_ELEMENTS, "cpu", 5 * 60 * 3)
+    monkeypatch.setattr(losses, "_MIN_BLOCK_ROWS", 1)
+    gen = torch.Generator().manual_seed(21)
+    k = 3 if name == "subcenter-arcface" else 1
+    n_classes, batch = 60, 37
+    assert losses._block_rows(batch, n_classes * k, torch.device("cpu")) == 5 * 3 // k
+    hp = {"class_counts": torch.randint(3, 90, (n_classes,), generator=gen)} if name == "dynamic-arcface" else {}
+    loss = make(name, torch.randn(n_classes * k, 16, generator=gen), sample_fraction=fraction, **hp).train()
+    emb = torch.randn(batch, 16, generator=gen) * 3
+    labels = torch.randint(0, n_classes, (batch,), generator=gen)
+    # Half of them near a sub-center of their class (cos ~0.9, away from the ill-conditioned cos = 1): top-1 hits.
+    emb[:18] = loss.weight.detach()[labels[:18] * k] * 2 + torch.randn(18, 16, generator=gen) * 0.5
+    reference = copy.deepcopy(loss)
+    torch.manual_seed(5)
+    value, g_emb, g_weight, hits = _fused_step(loss, emb, labels)
+    reference.load_state_dict(loss.state_dict())  # running statistics as the fused forward left them
+    torch.manual_seed(5)
+    ref_value, ref_emb, ref_weight = _reference_step(reference, emb, labels)
+    assert value.item() == pytest.approx(ref_value.item(), rel=1e-5)
+    assert_close(g_emb, ref_emb, rtol=1e-4, atol=1e-6)
+    assert_close(g_weight, ref_weight, rtol=1e-4, atol=1e-6)
+    torch.manual_seed(5)
+    _, _, classes = reference.logits_with_classes(emb, labels)
+    assert hits.tolist() == (classes[reference.cosine(emb)[:, classes].argmax(dim=1)] == labels).tolist()
+    assert 0 < hits.sum() < batch
+
+
+def test_fused_sub_center_ties_go_to_the_first_like_torch_max():
+    # Sub-centers 0 and 2 of every class coincide: the whole gradient must go to sub-center 0.
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(6, 3, 8, generator=gen)
+    weight[:, 2] = weight[:, 0]
+    loss = make("subcenter-arcface", weight.reshape(18, 8)).train()
+    emb, labels = torch.randn(10, 8, generator=gen), torch.randint(0, 6, (10,), generator=gen)
+    _, _, g_weight, _ = _fused_step(loss, emb, labels)
+    _, _, ref_weight = _reference_step(copy.deepcopy(loss), emb, labels)
+    assert_close(g_weight, ref_weight, rtol=1e-4, atol=1e-6)
+    g = g_weight.view(6, 3, 8)
+    assert g[:, 2].abs().sum() == 0 and g[:, 0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["subcenter-arcface", "curricularface"])
+def test_fused_bf16_close_to_fp32_gradients(name):
+    gen = torch.Generator().manual_seed(8)
+    k = 3 if name == "subcenter-arcface" else 1
+    weight = torch.randn(50 * k, 32, generator=gen)
+    emb, labels = torch.randn(40, 32, generator=gen), torch.randint(0, 50, (40,), generator=gen)
+    v32, e32, w32, _ = _fused_step(make(name, weight).train(), emb, labels)
+    v16, e16, w16, _ = _fused_step(make(name, weight, precision="bf16").train(), emb, labels)
+    assert v16.item() == pytest.approx(v32.item(), rel=0.02)
+    for a, b in ((e16, e32), (w16, w32)):
+        assert not torch.equal(a, b)
+        assert (a - b).norm() / b.norm() < 0.05
+
+
+def test_fused_loss_and_gradient_are_exact_when_the_target_dominates():
+    # Target cosine 0.9, the two others -0.9, s = 30, m = 0.5: the loss is ~1e-19. A cross-entropy formed
+    # as log(sum of exps) rounds it (and the target's gradient, p_y - 1) to 0 in float32.
+    c = 0.9
+    weight = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]])
+    emb = torch.tensor([[c, math.sqrt(1 - c * c)]])
+    loss = make("arcface", weight).train()
+    value, g_emb, g_weight, _ = _fused_step(loss, emb, torch.tensor([0]))
+
+    e64 = emb.double().requires_grad_(True)  # the formula, in float64
+    cos = F.normalize(e64, dim=1) @ F.normalize(weight.double(), dim=1).T
+    target = 30 * torch.cos(torch.acos(cos[0, 0]) + 0.5)
+    expected = torch.log1p(torch.exp(30 * cos[0, 1:] - target).sum())
+    expected.backward()
+    assert 1e-22 < expected.item() < 1e-16
+    assert value.item() == pytest.approx(expected.item(), rel=1e-4, abs=0)
+    assert_close(g_emb.double(), e64.grad, rtol=1e-3, atol=0)
+    assert g_weight.abs().sum() > 0
