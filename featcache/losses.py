@@ -143,12 +143,15 @@ class _BatchStats:
     cosines: Callable[[], Iterator[tuple[slice, Tensor]]]  # (rows, (R, C') cosines) blocks of the whole batch
 
 
-# Elements of one block of the (rows x C*k) score matrix in the fused pass: on a CPU small enough to
-# stay in cache between the matmul and the elementwise work on it, on a GPU large enough that a step
-# is a handful of kernels.
+# Rows per block of the fused pass. On a CPU: enough rows for a block of the (rows x C*k) score matrix
+# to fill about 1 MB (it stays in cache from its matmul to its gradient), and never fewer than 128,
+# because every block also reads and writes the whole (C*k x E) weight gradient (26.7 MB at M4D-35k
+# size, where going from 16-row to 128-row blocks took an epoch from 2.2x to 1.5x the matmul floor,
+# BENCHMARKS.md). On a GPU: the whole batch up to 2^28 scores (1 GiB in float32), so that a step is
+# a handful of kernels.
 _BLOCK_ELEMENTS = {"cpu": 1 << 18}
 _GPU_BLOCK_ELEMENTS = 1 << 28
-_MIN_BLOCK_ROWS = 16
+_MIN_BLOCK_ROWS = 128
 # Subtracted from a max that a sub-center has claimed, so that no later sub-center matches it.
 _CLAIMED = 1e30
 
@@ -280,14 +283,7 @@ class MarginSoftmaxLoss(nn.Module):
         emb, labels = self._check_inputs(embeddings, labels)
         classes, target = self._sample_classes(labels)
         weight = self.weight if classes is None else self.weight.index_select(0, self._weight_rows(classes))
-        if self.normalise:
-            emb_in, weight = F.normalize(emb, dim=1), F.normalize(weight, dim=1)
-        else:
-            emb_in = emb
-        k = self.sub_centers
-        if k > 1:  # sub-center-major rows (j·C' + c): the max over sub-centers becomes k-1 elementwise maxima
-            weight = weight.view(-1, k, self.embed_dim).transpose(0, 1).reshape(-1, self.embed_dim)
-        return _FusedMarginCrossEntropy.apply(emb_in, weight, _Step(self, target, labels, emb.detach()))
+        return _FusedMarginCrossEntropy.apply(emb, weight, _Step(self, target, labels))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Scalar mean softmax cross-entropy over the scaled logits."""
@@ -351,47 +347,80 @@ class _Step:
     loss: MarginSoftmaxLoss
     target: Tensor  # (B,) columns
     labels: Tensor  # (B,) class ids
-    emb: Tensor  # (B, E) raw embeddings, detached
+
+
+_NORM_EPS = 1e-12  # as F.normalize
+
+
+def _normalise_rows(x: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(x / max(‖x‖, eps) row-wise, the clamped norms (..., 1)); ``out`` may be a differently laid out view."""
+    norms = x.norm(dim=-1, keepdim=True).clamp_min_(_NORM_EPS)
+    return torch.div(x, norms, out=out) if out is not None else x / norms, norms
+
+
+def _normalise_rows_backward_(grad: Tensor, unit: Tensor, norms: Tensor, block: int = 8192) -> Tensor:
+    """In place, d loss / d x from d loss / d (x / ‖x‖): (g − u·(u·g)) / ‖x‖, or g / eps where the norm
+    was clamped. A block of rows at a time, so that no temporary is the size of the class weights."""
+    for lo in range(0, grad.shape[0], block):
+        g, u, r = grad[lo:lo + block], unit[lo:lo + block], norms[lo:lo + block]
+        along = (u * g).sum(dim=-1, keepdim=True).masked_fill_(r <= _NORM_EPS, 0.0)
+        g.addcmul_(u, along, value=-1.0).div_(r)
+    return grad
 
 
 class _FusedMarginCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of a margin loss, with its gradients computed in the same pass.
 
-    Inputs: the embeddings as the scores see them (B, E) (normalised unless ``softmax``) and the class
-    weights (k·C', E) in sub-center-major order (row j·C' + c is sub-center j of column c). The batch
-    is scored a block of rows at a time: block scores (R, k·C') -> max over sub-centers -> logits ->
+    Inputs: the raw embeddings (B, E) and the raw class weights (C'·k, E), row c·k + j for sub-center j
+    of column c. Both are normalised here (not for ``softmax``), the weights into sub-center-major order
+    (row j·C' + c), so that the max over sub-centers is k − 1 elementwise maxima. The batch is then
+    scored a block of rows at a time: block scores (R, k·C') -> max over sub-centers -> logits ->
     cross-entropy -> d loss / d scores, routed to the sub-center that gave each max (the first one on a
     tie, as torch.max) -> the block's share of d loss / d embeddings and d loss / d weights. The only
-    matmuls are the three that any backward pass needs, and on a CPU a block stays in cache from its
-    matmul to its gradient. Backward just scales the stored gradients by the incoming one.
+    matmuls are the three that any backward pass needs; on a CPU a block stays in cache from its matmul
+    to its gradient, and its buffers are reused from block to block. The gradients wait in ``ctx``
+    until backward scales them by the incoming one (so backward can run only once per forward).
     """
 
     @staticmethod
     def forward(ctx, emb: Tensor, weight: Tensor, step: _Step) -> tuple[Tensor, Tensor]:
         loss, target, n, k = step.loss, step.target, emb.shape[0], step.loss.sub_centers
-        n_cols = weight.shape[0] // k
+        n_cols, dim = weight.shape[0] // k, weight.shape[1]
         fast = loss.target_only
         # Fast path: the scale is folded into the embeddings, so the matmul yields the logits.
         scale = float(loss.scale) if fast else 1.0
         mm_dtype = torch.bfloat16 if loss.precision == "bf16" else torch.float32
         rows = _block_rows(n, k * n_cols, emb.device)
+        by_class = weight.view(n_cols, k, dim)  # [c, j] = sub-center j of column c
+        unit_w = torch.empty(k, n_cols, dim, dtype=weight.dtype, device=weight.device)  # [j, c], normalised
+        if loss.normalise:
+            unit_emb, emb_norms = _normalise_rows(emb)
+            _, w_norms = _normalise_rows(by_class, out=unit_w.transpose(0, 1))
+        else:
+            unit_emb = emb
+            unit_w.copy_(by_class.transpose(0, 1))
         with torch.autocast(device_type=emb.device.type, enabled=False):
-            emb_mm = (emb * scale if fast else emb).to(mm_dtype)
-            weight_mm = weight.to(mm_dtype)
+            emb_mm = (unit_emb * scale if fast else unit_emb).to(mm_dtype)
+            w_mm = unit_w.view(k * n_cols, dim).to(mm_dtype)
+            scores_buf = torch.empty(rows, k * n_cols, dtype=mm_dtype, device=emb.device)
+            best_buf = torch.empty(rows, n_cols, dtype=mm_dtype, device=emb.device) if k > 1 else None
+            logits_buf = torch.empty(rows, n_cols, device=emb.device) if k > 1 or mm_dtype != torch.float32 else None
 
             def block_scores(lo: int, hi: int) -> tuple[Tensor, Tensor]:
-                """(R, k·C') scores of rows lo:hi and their (R, C') max over sub-centers."""
-                scores = emb_mm[lo:hi] @ weight_mm.t()
-                return scores, scores if k == 1 else scores.view(hi - lo, k, n_cols).amax(dim=1)
+                """(R, k·C') scores of rows lo:hi and their (R, C') max over sub-centers (reused buffers)."""
+                scores = torch.mm(emb_mm[lo:hi], w_mm.t(), out=scores_buf[: hi - lo])
+                if k == 1:
+                    return scores, scores
+                return scores, torch.amax(scores.view(hi - lo, k, n_cols), dim=1, out=best_buf[: hi - lo])
 
             # Each sample's own class cosine, straight from its k sub-centers (float32, B·k·E work).
-            target_cos = (weight.view(k, n_cols, -1)[:, target] * emb).sum(dim=2).amax(dim=0)
+            target_cos = (unit_w[:, target] * unit_emb).sum(dim=2).amax(dim=0)
             if loss.training and loss.has_state:
                 def cosines() -> Iterator[tuple[slice, Tensor]]:
                     for lo in range(0, n, rows):
                         yield slice(lo, lo + rows), block_scores(lo, min(n, lo + rows))[1].float()
 
-                loss._update_state(_BatchStats(step.emb, target_cos, target, cosines))
+                loss._update_state(_BatchStats(emb, target_cos, target, cosines))
             if fast:  # the target logits and their slopes, once for the whole batch
                 with torch.enable_grad():
                     cos_y = target_cos.clone().requires_grad_()
@@ -399,13 +428,14 @@ class _FusedMarginCrossEntropy(torch.autograd.Function):
                     (slope,) = torch.autograd.grad(target_logit.sum(), cos_y)
                 target_logit = target_logit.detach()
 
-            grad_emb = torch.empty(n, emb.shape[1], dtype=mm_dtype, device=emb.device)
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=emb.device)
+            grad_emb = torch.empty(n, dim, dtype=mm_dtype, device=emb.device)
+            # d loss / d unit weights, in the weights' own layout: [c, j] = sub-center j of column c.
+            grad_weight = torch.zeros(n_cols, k, dim, dtype=torch.float32, device=emb.device)
             rows_out = _RowStats(n, emb.device)
             for lo in range(0, n, rows):
                 hi = min(n, lo + rows)
                 scores, best = block_scores(lo, hi)
-                logits = best.to(torch.float32, copy=k > 1)
+                logits = best if logits_buf is None else logits_buf[: hi - lo].copy_(best)
                 if k > 1:
                     by_center = scores.view(hi - lo, k, n_cols)
                     for j in range(k):  # the scores become one-hot masks of the sub-center that gave each max
@@ -416,7 +446,7 @@ class _FusedMarginCrossEntropy(torch.autograd.Function):
                     row_factor = _fast_block(logits, target[lo:hi], target_logit[lo:hi], slope[lo:hi] / scale,
                                              rows_out.view(lo, hi), n)
                 else:
-                    block = _Batch(logits, target[lo:hi], step.labels[lo:hi], step.emb[lo:hi])
+                    block = _Batch(logits, target[lo:hi], step.labels[lo:hi], emb[lo:hi])
                     _autograd_block(loss, block, rows_out.view(lo, hi), n)
                     row_factor = None
                 # `logits` now holds d loss / d logits, up to a factor per row (applied to the two (R, E)
@@ -431,28 +461,38 @@ class _FusedMarginCrossEntropy(torch.autograd.Function):
                 if row_factor is not None:
                     row_factor = row_factor.to(mm_dtype)[:, None]
                     block_emb = block_emb * row_factor
-                torch.mm(grad_scores, weight_mm, out=grad_emb[lo:hi])
+                torch.mm(grad_scores, w_mm, out=grad_emb[lo:hi])
                 if row_factor is not None:
                     grad_emb[lo:hi] *= row_factor
-                if mm_dtype == torch.float32:
-                    grad_weight.addmm_(grad_scores.t(), block_emb)
-                else:
-                    grad_weight += (grad_scores.t() @ block_emb).float()
+                for j in range(k):  # sub-center j's (C', E) gradient, a strided view of grad_weight
+                    grad_j, scores_j = grad_weight[:, j], grad_scores[:, j * n_cols:(j + 1) * n_cols]
+                    if mm_dtype == torch.float32:
+                        grad_j.addmm_(scores_j.t(), block_emb)
+                    else:
+                        grad_j += (scores_j.t() @ block_emb).float()
         if fast:  # the per-row figures the blocks left behind, for the whole batch at once
             value, hits = rows_out.fast_loss(scale * target_cos, target_logit)
         else:
             value, hits = rows_out.row_loss.sum(), rows_out.hits
+        del scores_buf, best_buf, logits_buf
+        # Back through the normalisations, into the inputs' own layouts.
         grad_emb = grad_emb.float()
         if fast:
             grad_emb.mul_(scale)
-        ctx.save_for_backward(grad_emb, grad_weight)
+        if loss.normalise:
+            _normalise_rows_backward_(grad_emb, unit_emb, emb_norms)
+            _normalise_rows_backward_(grad_weight, unit_w.transpose(0, 1), w_norms)
+        ctx.grads = (grad_emb, grad_weight.view(k * n_cols, dim))
         ctx.mark_non_differentiable(hits)
         return value / n, hits
 
     @staticmethod
     def backward(ctx, grad_value: Tensor, _grad_hits: Tensor) -> tuple[Tensor, Tensor, None]:
-        grad_emb, grad_weight = ctx.saved_tensors
-        return grad_emb * grad_value, grad_weight * grad_value, None
+        if ctx.grads is None:
+            raise RuntimeError("the fused margin loss can be differentiated once per forward (no retain_graph)")
+        grad_emb, grad_weight = ctx.grads
+        ctx.grads = None
+        return grad_emb.mul_(grad_value), grad_weight.mul_(grad_value), None
 
 
 class _RowStats:
@@ -473,12 +513,10 @@ class _RowStats:
     def fast_loss(self, logit_y: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Summed loss and top-1 hits, from each row's own scale·cos ``logit_y`` and target logit ``t``.
 
-        The loss of a row is log(others + exp(t - shift)) + shift - t, which is log1p(others) when the
-        target is the row max (then shift = t): a loss of 1e-20 is not rounded to 0.
+        The loss of a row, log(others·e^shift + e^t) − t, is written softplus(log(others) + shift − t):
+        exact when the target dominates (a loss of 1e-20 is not rounded to 0) and never overflowing.
         """
-        target_max = t >= self.other_max
-        sum_exp = self.others + torch.exp(t - self.shift)
-        row_loss = torch.where(target_max, torch.log1p(self.others), sum_exp.log() + (self.shift - t))
+        row_loss = F.softplus(self.others.log() + (self.shift - t))
         return row_loss.sum(), logit_y >= self.other_max
 
 

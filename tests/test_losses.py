@@ -808,3 +808,26 @@ def test_fused_loss_and_gradient_are_exact_when_the_target_dominates():
     assert value.item() == pytest.approx(expected.item(), rel=1e-4, abs=0)
     assert_close(g_emb.double(), e64.grad, rtol=1e-3, atol=0)
     assert g_weight.abs().sum() > 0
+
+
+def test_fused_normalisation_backward_matches_f_normalize_for_a_zero_row():
+    # A class weight of norm 0 is clamped (as F.normalize, eps 1e-12): its gradient is g / eps, not NaN.
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(6, 5, generator=gen)
+    weight[2] = 0.0
+    loss = make("cosface", weight).train()
+    emb, labels = torch.randn(7, 5, generator=gen), torch.tensor([0, 1, 2, 3, 4, 5, 2])
+    value, g_emb, g_weight, _ = _fused_step(loss, emb, labels)
+    ref_value, ref_emb, ref_weight = _reference_step(copy.deepcopy(loss), emb, labels)
+    assert value.item() == pytest.approx(ref_value.item(), rel=1e-5)
+    assert_close(g_emb, ref_emb, rtol=1e-4, atol=1e-6)
+    assert_close(g_weight, ref_weight, rtol=1e-4, atol=1e-6)
+    assert torch.isfinite(g_weight).all() and g_weight[2].abs().max() > 1e6
+
+
+def test_fused_backward_runs_once_per_forward():
+    loss = make("arcface", W5).train()
+    value = loss(emb_t().requires_grad_(True), labels_t())
+    value.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once per forward"):
+        value.backward()
