@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, ClassVar, Iterator
 
 import torch
@@ -413,9 +413,11 @@ class _FusedMarginCrossEntropy(torch.autograd.Function):
                     return scores, scores
                 return scores, torch.amax(scores.view(hi - lo, k, n_cols), dim=1, out=best_buf[: hi - lo])
 
-            # Each sample's own class cosine, straight from its k sub-centers (float32, B·k·E work).
-            target_cos = (unit_w[:, target] * unit_emb).sum(dim=2).amax(dim=0)
-            if loss.training and loss.has_state:
+            update_state = loss.training and loss.has_state
+            if fast or update_state:
+                # Each sample's own class cosine, straight from its k sub-centers (float32, B·k·E work).
+                target_cos = (unit_w[:, target] * unit_emb).sum(dim=2).amax(dim=0)
+            if update_state:
                 def cosines() -> Iterator[tuple[slice, Tensor]]:
                     for lo in range(0, n, rows):
                         yield slice(lo, lo + rows), block_scores(lo, min(n, lo + rows))[1].float()
@@ -431,7 +433,7 @@ class _FusedMarginCrossEntropy(torch.autograd.Function):
             grad_emb = torch.empty(n, dim, dtype=mm_dtype, device=emb.device)
             # d loss / d unit weights, in the weights' own layout: [c, j] = sub-center j of column c.
             grad_weight = torch.zeros(n_cols, k, dim, dtype=torch.float32, device=emb.device)
-            rows_out = _RowStats(n, emb.device)
+            rows_out = _RowStats.empty(n, emb.device)
             for lo in range(0, n, rows):
                 hi = min(n, lo + rows)
                 scores, best = block_scores(lo, hi)
@@ -495,20 +497,24 @@ class _FusedMarginCrossEntropy(torch.autograd.Function):
         return grad_emb.mul_(grad_value), grad_weight.mul_(grad_value), None
 
 
+@dataclass
 class _RowStats:
     """Per-row figures of the fused pass, filled a block at a time (float32, (B,) each)."""
 
-    def __init__(self, n: int, device: torch.device) -> None:
-        self.other_max = torch.empty(n, device=device)  # max logit over the non-target columns
-        self.others = torch.empty(n, device=device)  # sum of exp(logit - shift) over the non-target columns
-        self.shift = torch.empty(n, device=device)  # the row max, target included
-        self.row_loss = torch.empty(n, device=device)  # autograd path: each row's loss
-        self.hits = torch.empty(n, dtype=torch.bool, device=device)  # autograd path: own class scored highest
+    other_max: Tensor  # max logit over the non-target columns
+    others: Tensor  # sum of exp(logit - shift) over the non-target columns
+    shift: Tensor  # the row max, target included
+    row_loss: Tensor  # autograd path: each row's loss
+    hits: Tensor  # autograd path: own class scored highest (bool)
+
+    @classmethod
+    def empty(cls, n: int, device: torch.device) -> "_RowStats":
+        floats = [torch.empty(n, device=device) for _ in range(4)]
+        return cls(*floats, hits=torch.empty(n, dtype=torch.bool, device=device))
 
     def view(self, lo: int, hi: int) -> "_RowStats":
-        block = object.__new__(_RowStats)
-        block.__dict__ = {name: value[lo:hi] for name, value in self.__dict__.items()}
-        return block
+        """The rows lo:hi, sharing storage."""
+        return _RowStats(*(getattr(self, f.name)[lo:hi] for f in fields(self)))
 
     def fast_loss(self, logit_y: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Summed loss and top-1 hits, from each row's own scale·cos ``logit_y`` and target logit ``t``.

@@ -225,8 +225,9 @@ def train(
                 for group in opt.param_groups:
                     group["lr"] = lr
                 idx = perm[step * options.batch_size:(step + 1) * options.batch_size]
-                y = data.labels.index_select(0, idx)  # index_select: several times faster than features[idx] on a CPU
+                y = data.labels.index_select(0, idx)
                 opt.zero_grad(set_to_none=True)  # before the forward: last step's gradients are freed first
+                # index_select, not features[idx]: several times faster on a CPU
                 loss, hits = loss_fn.forward_with_hits(head(data.features.index_select(0, idx).float()), y)
                 loss.backward()
                 opt.step()
