@@ -152,8 +152,6 @@ class _BatchStats:
 _BLOCK_ELEMENTS = {"cpu": 1 << 18}
 _GPU_BLOCK_ELEMENTS = 1 << 28
 _MIN_BLOCK_ROWS = 128
-# Subtracted from a max that a sub-center has claimed, so that no later sub-center matches it.
-_CLAIMED = 1e30
 
 
 def _block_rows(batch: int, columns: int, device: torch.device) -> int:
@@ -211,6 +209,9 @@ class MarginSoftmaxLoss(nn.Module):
             _fail(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self.precision = precision
         self.weight = nn.Parameter(torch.empty(self.num_classes * self.sub_centers, self.embed_dim))
+        # Scratch tensors of the fused pass, kept from step to step: a fresh allocation of tens of MB is
+        # mapped afresh by the OS every time, and its page faults alone cost as much as an elementwise pass.
+        self._scratch: dict[str, Tensor] = {}
         # Gaussian rows point in uniformly random directions; std 1/sqrt(E) keeps `softmax` logits O(|x|).
         nn.init.normal_(self.weight, std=self.embed_dim**-0.5)
 
@@ -219,6 +220,11 @@ class MarginSoftmaxLoss(nn.Module):
             f"num_classes={self.num_classes}, embed_dim={self.embed_dim}, sub_centers={self.sub_centers}, "
             f"sample_fraction={self.sample_fraction}, precision={self.precision!r}"
         )
+
+    def train(self, mode: bool = True) -> "MarginSoftmaxLoss":
+        if not mode:
+            self._scratch.clear()  # training's scratch tensors are not kept once training is over
+        return super().train(mode)
 
     # --- hooks ------------------------------------------------------------------------------------
 
@@ -301,6 +307,16 @@ class MarginSoftmaxLoss(nn.Module):
         if labels.shape != (emb.shape[0],):
             _fail(f"labels must have shape ({emb.shape[0]},), got {tuple(labels.shape)}")
         return emb, labels.to(device=emb.device, dtype=torch.long)
+
+    def _workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A reusable scratch tensor of ``shape`` (contents undefined), grown when a step needs more."""
+        numel = math.prod(shape)
+        buf = self._scratch.pop(name, None)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            del buf  # freed before the larger one is allocated
+            buf = torch.empty(numel, dtype=dtype, device=device)
+        self._scratch[name] = buf
+        return buf[:numel].view(shape)
 
     def _weight_rows(self, classes: Tensor) -> Tensor:
         k = self.sub_centers
@@ -402,16 +418,21 @@ class _FusedMarginCrossEntropy(torch.autograd.Function):
         with torch.autocast(device_type=emb.device.type, enabled=False):
             emb_mm = (unit_emb * scale if fast else unit_emb).to(mm_dtype)
             w_mm = unit_w.view(k * n_cols, dim).to(mm_dtype)
-            scores_buf = torch.empty(rows, k * n_cols, dtype=mm_dtype, device=emb.device)
-            best_buf = torch.empty(rows, n_cols, dtype=mm_dtype, device=emb.device) if k > 1 else None
-            logits_buf = torch.empty(rows, n_cols, device=emb.device) if k > 1 or mm_dtype != torch.float32 else None
+            scores_buf = loss._workspace("scores", (rows, k * n_cols), mm_dtype, emb.device)
+            best_buf = loss._workspace("best", (rows, n_cols), mm_dtype, emb.device) if k > 1 else None
+            logits_buf = loss._workspace("logits", (rows, n_cols), torch.float32, emb.device) \
+                if mm_dtype != torch.float32 else None
 
             def block_scores(lo: int, hi: int) -> tuple[Tensor, Tensor]:
                 """(R, k·C') scores of rows lo:hi and their (R, C') max over sub-centers (reused buffers)."""
                 scores = torch.mm(emb_mm[lo:hi], w_mm.t(), out=scores_buf[: hi - lo])
                 if k == 1:
                     return scores, scores
-                return scores, torch.amax(scores.view(hi - lo, k, n_cols), dim=1, out=best_buf[: hi - lo])
+                by_center, best = scores.view(hi - lo, k, n_cols), best_buf[: hi - lo]
+                torch.maximum(by_center[:, 0], by_center[:, 1], out=best)
+                for j in range(2, k):
+                    torch.maximum(best, by_center[:, j], out=best)
+                return scores, best
 
             update_state = loss.training and loss.has_state
             if fast or update_state:
@@ -431,19 +452,17 @@ class _FusedMarginCrossEntropy(torch.autograd.Function):
                 target_logit = target_logit.detach()
 
             grad_emb = torch.empty(n, dim, dtype=mm_dtype, device=emb.device)
-            # d loss / d unit weights, in the weights' own layout: [c, j] = sub-center j of column c.
-            grad_weight = torch.zeros(n_cols, k, dim, dtype=torch.float32, device=emb.device)
+            # d loss / d unit weights, in the weights' own layout: [c, j] = sub-center j of column c. The
+            # first block writes it (no separate zeroing pass), later ones add to it.
+            grad_weight = torch.empty(n_cols, k, dim, dtype=torch.float32, device=emb.device)
             rows_out = _RowStats.empty(n, emb.device)
             for lo in range(0, n, rows):
                 hi = min(n, lo + rows)
                 scores, best = block_scores(lo, hi)
-                logits = best if logits_buf is None else logits_buf[: hi - lo].copy_(best)
                 if k > 1:
                     by_center = scores.view(hi - lo, k, n_cols)
-                    for j in range(k):  # the scores become one-hot masks of the sub-center that gave each max
-                        hit = by_center[:, j].eq_(best)
-                        if j < k - 1:
-                            best.sub_(hit, alpha=_CLAIMED)
+                    _first_max_masks_(by_center, best)
+                logits = best if logits_buf is None else logits_buf[: hi - lo].copy_(best)
                 if fast:
                     row_factor = _fast_block(logits, target[lo:hi], target_logit[lo:hi], slope[lo:hi] / scale,
                                              rows_out.view(lo, hi), n)
@@ -469,7 +488,9 @@ class _FusedMarginCrossEntropy(torch.autograd.Function):
                 for j in range(k):  # sub-center j's (C', E) gradient, a strided view of grad_weight
                     grad_j, scores_j = grad_weight[:, j], grad_scores[:, j * n_cols:(j + 1) * n_cols]
                     if mm_dtype == torch.float32:
-                        grad_j.addmm_(scores_j.t(), block_emb)
+                        torch.addmm(grad_j, scores_j.t(), block_emb, beta=float(lo > 0), out=grad_j)
+                    elif lo == 0:
+                        grad_j.copy_(scores_j.t() @ block_emb)
                     else:
                         grad_j += (scores_j.t() @ block_emb).float()
         if fast:  # the per-row figures the blocks left behind, for the whole batch at once
@@ -495,6 +516,28 @@ class _FusedMarginCrossEntropy(torch.autograd.Function):
         grad_emb, grad_weight = ctx.grads
         ctx.grads = None
         return grad_emb.mul_(grad_value), grad_weight.mul_(grad_value), None
+
+
+def _first_max_masks_(by_center: Tensor, best: Tensor) -> None:
+    """In place, scores (R, k, C) -> one-hot masks (1.0 / 0.0) of the first sub-center whose score
+    equals ``best`` (R, C), their max: the one torch.max picks on a tie, and the one that gets the gradient.
+
+    The max is attained somewhere, so the last sub-center's mask is "no earlier one claimed it" and its
+    scores are never read: with k = 3 that is four passes over (R, C) and no temporary.
+    """
+    k = by_center.shape[1]
+    first, last = by_center[:, 0].eq_(best), by_center[:, k - 1]
+    if k == 2:
+        torch.eq(first, 0.0, out=last)
+        return
+    second = torch.gt(by_center[:, 1].eq_(best), first, out=by_center[:, 1])  # a tie stays with the first
+    if k == 3:
+        torch.eq(first, second, out=last)  # both 0
+        return
+    claimed = torch.add(first, second, out=last)
+    for j in range(2, k - 1):
+        claimed.add_(torch.gt(by_center[:, j].eq_(best), claimed, out=by_center[:, j]))
+    claimed.eq_(0.0)
 
 
 @dataclass

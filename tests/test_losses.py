@@ -776,8 +776,38 @@ def test_fused_sub_center_ties_go_to_the_first_like_torch_max():
     assert g[:, 2].abs().sum() == 0 and g[:, 0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+def test_fused_sub_center_routing_any_k_with_ties(k, monkeypatch):
+    """Gradients against the full-matrix autograd computation for every k, in blocks of 5 rows, with
+    tied sub-centers in every position: each tie goes to the first of the tied sub-centers."""
+    import featcache.losses as losses
+
+    monkeypatch.setattr(losses, "_MIN_BLOCK_ROWS", 5)
+    monkeypatch.setitem(losses._BLOCK_ELEMENTS, "cpu", 1)
+    gen = torch.Generator().manual_seed(40 + k)
+    weight = torch.randn(8, k, 8, generator=gen)
+    weight[0, 1:] = weight[0, 0]  # all k tied
+    weight[1, k - 1] = weight[1, 0]  # first and last
+    weight[2, 0] = weight[2, 1]  # first two
+    weight[3, k - 1] = weight[3, k - 2]  # last two
+    loss = make("subcenter-arcface", weight.reshape(8 * k, 8), sub_centers=k).train()
+    emb, labels = torch.randn(23, 8, generator=gen), torch.randint(0, 8, (23,), generator=gen)
+    _, g_emb, g_weight, _ = _fused_step(loss, emb, labels)
+    _, ref_emb, ref_weight = _reference_step(copy.deepcopy(loss), emb, labels)
+    assert_close(g_emb, ref_emb, rtol=1e-4, atol=1e-6)
+    assert_close(g_weight, ref_weight, rtol=1e-4, atol=1e-6)
+    g = g_weight.view(8, k, 8).abs().sum(dim=2)
+    assert (g[0, 0] > 0).item() and g[0, 1:].sum() == 0
+    assert g[1, k - 1] == 0 and g[2, 1] == 0
+    assert (g[4:] > 0).all()  # untied classes: every sub-center wins somewhere, over 23 random rows
+
+
 @pytest.mark.parametrize("name", ["subcenter-arcface", "curricularface"])
-def test_fused_bf16_close_to_fp32_gradients(name):
+def test_fused_bf16_close_to_fp32_gradients(name, monkeypatch):
+    import featcache.losses as losses
+
+    monkeypatch.setattr(losses, "_MIN_BLOCK_ROWS", 7)  # 6 blocks for 40 rows
+    monkeypatch.setitem(losses._BLOCK_ELEMENTS, "cpu", 1)
     gen = torch.Generator().manual_seed(8)
     k = 3 if name == "subcenter-arcface" else 1
     weight = torch.randn(50 * k, 32, generator=gen)
