@@ -167,8 +167,9 @@ class MarginSoftmaxLoss(nn.Module):
 
     A loss says how cosines become logits in one of two ways:
 
-    * most losses only change the target column: others are ``scale·cos θ_c``. They set
-      ``scale`` and override :meth:`_target_logit`, and train through the fast fused pass;
+    * most losses only change the target column: others are ``scale·cos θ_c`` (cos clamped to
+      ±``others_clamp`` if set). They set ``scale`` and override :meth:`_target_logit`, and train
+      through the fast fused pass;
     * the rest override :meth:`_scaled_logits` (every column may change), which the fused pass
       differentiates with autograd one block of rows at a time.
 
@@ -190,6 +191,7 @@ class MarginSoftmaxLoss(nn.Module):
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     normalise: ClassVar[bool] = True
+    others_clamp: ClassVar[float | None] = None
 
     def __init__(
         self,
@@ -238,14 +240,20 @@ class MarginSoftmaxLoss(nn.Module):
         """True when running statistics move on training forwards (:meth:`_update_state`)."""
         return type(self)._update_state is not MarginSoftmaxLoss._update_state
 
-    def _target_logit(self, cos_y: Tensor, labels: Tensor) -> Tensor:
-        """(R,) scaled target logits from the target cosines (differentiable in ``cos_y``)."""
+    def _target_logit(self, cos_y: Tensor, labels: Tensor, emb: Tensor) -> Tensor:
+        """(R,) scaled target logits from the target cosines (differentiable in ``cos_y``); ``emb`` holds
+        the rows' raw embeddings (detached), for margins that depend on them."""
         raise NotImplementedError
 
     def _scaled_logits(self, b: _Batch) -> Tensor:
-        """(R, C') float32 logits for cross-entropy. Must not modify ``b.cos`` in place."""
-        logits = b.cos * self.scale
-        return _set_target(logits, b.target, self._target_logit(_gather(b.cos, b.target), b.labels))
+        """(R, C') float32 logits for cross-entropy. Must not modify ``b.cos`` in place.
+
+        The default: scale·cos θ_c off the target (cos clamped to ±``others_clamp`` when set), the
+        target from :meth:`_target_logit`. Losses that keep it run the hand-written fused softmax.
+        """
+        cos = b.cos if self.others_clamp is None else b.cos.clamp(-self.others_clamp, self.others_clamp)
+        target = self._target_logit(_gather(b.cos, b.target), b.labels, b.emb)
+        return _set_target(cos * self.scale, b.target, target)
 
     def _update_state(self, s: _BatchStats) -> None:
         """Move running statistics (without gradient); called on training forwards only."""
@@ -403,8 +411,6 @@ class _FusedMarginCrossEntropy(torch.autograd.Function):
         loss, target, n, k = step.loss, step.target, emb.shape[0], step.loss.sub_centers
         n_cols, dim = weight.shape[0] // k, weight.shape[1]
         fast = loss.target_only
-        # Fast path: the scale is folded into the embeddings, so the matmul yields the logits.
-        scale = float(loss.scale) if fast else 1.0
         mm_dtype = torch.bfloat16 if loss.precision == "bf16" else torch.float32
         rows = _block_rows(n, k * n_cols, emb.device)
         by_class = weight.view(n_cols, k, dim)  # [c, j] = sub-center j of column c
@@ -416,19 +422,18 @@ class _FusedMarginCrossEntropy(torch.autograd.Function):
             unit_emb = emb
             unit_w.copy_(by_class.transpose(0, 1))
         with torch.autocast(device_type=emb.device.type, enabled=False):
-            emb_mm = (unit_emb * scale if fast else unit_emb).to(mm_dtype)
             w_mm = unit_w.view(k * n_cols, dim).to(mm_dtype)
             scores_buf = loss._workspace("scores", (rows, k * n_cols), mm_dtype, emb.device)
-            best_buf = loss._workspace("best", (rows, n_cols), mm_dtype, emb.device) if k > 1 else None
             logits_buf = loss._workspace("logits", (rows, n_cols), torch.float32, emb.device) \
                 if mm_dtype != torch.float32 else None
 
-            def block_scores(lo: int, hi: int) -> tuple[Tensor, Tensor]:
+            def block_scores(emb_mm: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
                 """(R, k·C') scores of rows lo:hi and their (R, C') max over sub-centers (reused buffers)."""
                 scores = torch.mm(emb_mm[lo:hi], w_mm.t(), out=scores_buf[: hi - lo])
                 if k == 1:
                     return scores, scores
-                by_center, best = scores.view(hi - lo, k, n_cols), best_buf[: hi - lo]
+                by_center = scores.view(hi - lo, k, n_cols)
+                best = loss._workspace("best", (hi - lo, n_cols), mm_dtype, emb.device)
                 torch.maximum(by_center[:, 0], by_center[:, 1], out=best)
                 for j in range(2, k):
                     torch.maximum(best, by_center[:, j], out=best)
@@ -439,17 +444,24 @@ class _FusedMarginCrossEntropy(torch.autograd.Function):
                 # Each sample's own class cosine, straight from its k sub-centers (float32, B·k·E work).
                 target_cos = (unit_w[:, target] * unit_emb).sum(dim=2).amax(dim=0)
             if update_state:
+                unit_mm = unit_emb.to(mm_dtype)
+
                 def cosines() -> Iterator[tuple[slice, Tensor]]:
                     for lo in range(0, n, rows):
-                        yield slice(lo, lo + rows), block_scores(lo, min(n, lo + rows))[1].float()
+                        yield slice(lo, lo + rows), block_scores(unit_mm, lo, min(n, lo + rows))[1].float()
 
                 loss._update_state(_BatchStats(emb, target_cos, target, cosines))
+            # Fast path: the scale (read after the update: adacos moves it) is folded into the embeddings,
+            # so the matmul yields the logits.
+            scale = float(loss.scale) if fast else 1.0
+            emb_mm = (unit_emb * scale if fast else unit_emb).to(mm_dtype)
             if fast:  # the target logits and their slopes, once for the whole batch
                 with torch.enable_grad():
                     cos_y = target_cos.clone().requires_grad_()
-                    target_logit = loss._target_logit(cos_y, step.labels).float()
+                    target_logit = loss._target_logit(cos_y, step.labels, emb).float()
                     (slope,) = torch.autograd.grad(target_logit.sum(), cos_y)
                 target_logit = target_logit.detach()
+                limit = None if loss.others_clamp is None else scale * loss.others_clamp
 
             grad_emb = torch.empty(n, dim, dtype=mm_dtype, device=emb.device)
             # d loss / d unit weights, in the weights' own layout: [c, j] = sub-center j of column c. The
@@ -458,14 +470,14 @@ class _FusedMarginCrossEntropy(torch.autograd.Function):
             rows_out = _RowStats.empty(n, emb.device)
             for lo in range(0, n, rows):
                 hi = min(n, lo + rows)
-                scores, best = block_scores(lo, hi)
+                scores, best = block_scores(emb_mm, lo, hi)
                 if k > 1:
                     by_center = scores.view(hi - lo, k, n_cols)
                     _first_max_masks_(by_center, best)
                 logits = best if logits_buf is None else logits_buf[: hi - lo].copy_(best)
                 if fast:
                     row_factor = _fast_block(logits, target[lo:hi], target_logit[lo:hi], slope[lo:hi] / scale,
-                                             rows_out.view(lo, hi), n)
+                                             rows_out.view(lo, hi), n, limit)
                 else:
                     block = _Batch(logits, target[lo:hi], step.labels[lo:hi], emb[lo:hi])
                     _autograd_block(loss, block, rows_out.view(lo, hi), n)
@@ -497,7 +509,7 @@ class _FusedMarginCrossEntropy(torch.autograd.Function):
             value, hits = rows_out.fast_loss(scale * target_cos, target_logit)
         else:
             value, hits = rows_out.row_loss.sum(), rows_out.hits
-        del scores_buf, best_buf, logits_buf
+        del scores_buf, logits_buf
         # Back through the normalisations, into the inputs' own layouts.
         grad_emb = grad_emb.float()
         if fast:
@@ -569,22 +581,35 @@ class _RowStats:
         return row_loss.sum(), logit_y >= self.other_max
 
 
-def _fast_block(logits: Tensor, target: Tensor, t: Tensor, slope: Tensor, out: _RowStats, batch: int) -> Tensor:
-    """Cross-entropy gradient of a block of rows whose non-target logits are ``logits`` (scale·cos) as
-    they are; ``t`` (R,) is each row's target logit after its margin and ``slope`` d t / d (scale·cos_y).
+def _fast_block(logits: Tensor, target: Tensor, t: Tensor, slope: Tensor, out: _RowStats, batch: int,
+                limit: float | None = None) -> Tensor:
+    """Cross-entropy gradient of a block of rows whose non-target logits are ``logits`` (scale·cos),
+    clamped to ±``limit`` if given; ``t`` (R,) is each row's target logit after its margin and ``slope``
+    d t / d (scale·cos_y).
 
     Overwrites ``logits`` with d mean loss / d logits divided by a factor per row, which it returns;
     fills ``out`` with what the loss needs.
     """
     column = target[:, None]
+    # A clamp changes nothing unless a score is past the limit (cos within 1e-3 of ±1 for adaface): one
+    # pass to find out, and the masks only then.
+    beyond = None
+    if limit is not None:
+        low, high = torch.aminmax(logits)
+        if low < -limit or high > limit:
+            beyond = logits.abs() > limit  # where the clamp's gradient is 0
     logits.scatter_(1, column, -math.inf)
-    torch.amax(logits, dim=1, out=out.other_max)
+    torch.amax(logits, dim=1, out=out.other_max)  # unclamped, as the hits are judged on the cosines
+    if beyond is not None:
+        logits.clamp_(-limit, limit).scatter_(1, column, -math.inf)
     # Shifted by the row max, so exp never overflows. The target column holds -inf: its exp is 0, and
     # `others`, the non-target share, is summed on its own, which keeps the loss and the target's gradient
     # exact when the target dominates.
     torch.maximum(out.other_max, t, out=out.shift)
     probs = logits.sub_(out.shift[:, None]).exp_()
     torch.sum(probs, dim=1, out=out.others)
+    if beyond is not None:
+        probs.masked_fill_(beyond, 0.0)
     sum_exp = out.others + torch.exp(t - out.shift)
     # d mean loss / d logit is softmax / B = probs / (B·sum_exp) off the target, and (p_y - 1)/B times the
     # margin's slope = -others / (B·sum_exp) · slope on it: both are left as multiples of 1 / (B·sum_exp).
@@ -625,7 +650,7 @@ class SoftmaxLoss(MarginSoftmaxLoss):
     def __init__(self, num_classes: int, embed_dim: int, **common: Any) -> None:
         super().__init__(num_classes, embed_dim, **common)
 
-    def _target_logit(self, cos_y: Tensor, labels: Tensor) -> Tensor:
+    def _target_logit(self, cos_y: Tensor, labels: Tensor, emb: Tensor) -> Tensor:
         return cos_y
 
 
@@ -639,7 +664,7 @@ class NormFaceLoss(MarginSoftmaxLoss):
         super().__init__(num_classes, embed_dim, **common)
         self.scale = _scale(scale)
 
-    def _target_logit(self, cos_y: Tensor, labels: Tensor) -> Tensor:
+    def _target_logit(self, cos_y: Tensor, labels: Tensor, emb: Tensor) -> Tensor:
         return cos_y * self.scale
 
 
@@ -656,7 +681,7 @@ class CosFaceLoss(MarginSoftmaxLoss):
         self.scale = _scale(scale)
         self.margin = _margin("margin", margin)
 
-    def _target_logit(self, cos_y: Tensor, labels: Tensor) -> Tensor:
+    def _target_logit(self, cos_y: Tensor, labels: Tensor, emb: Tensor) -> Tensor:
         return (cos_y - self.margin) * self.scale
 
 
@@ -679,7 +704,7 @@ class ArcFaceLoss(MarginSoftmaxLoss):
     def _target_margin(self, labels: Tensor) -> float | Tensor:
         return self.margin
 
-    def _target_logit(self, cos_y: Tensor, labels: Tensor) -> Tensor:
+    def _target_logit(self, cos_y: Tensor, labels: Tensor, emb: Tensor) -> Tensor:
         return _arc_target(cos_y, self._target_margin(labels)) * self.scale
 
 
@@ -828,6 +853,7 @@ class AdaFaceLoss(MarginSoftmaxLoss):
     """
 
     name = "adaface"
+    others_clamp = 1.0 - _ADAFACE_EPS
     summary = "target s·(cos(θ_y − m·ẑ) − m·(1 + ẑ)), ẑ = clip(h·(‖x‖ − μ)/σ, −1, 1), μ, σ running norm stats"
 
     def __init__(
@@ -860,14 +886,12 @@ class AdaFaceLoss(MarginSoftmaxLoss):
         self.batch_mean.lerp_(norms.mean(), self.momentum)
         self.batch_std.lerp_(std, self.momentum)
 
-    def _scaled_logits(self, b: _Batch) -> Tensor:
+    def _target_logit(self, cos_y: Tensor, labels: Tensor, emb: Tensor) -> Tensor:
         eps = _ADAFACE_EPS
-        norms = self._norms(b.emb)
-        z = (self.h * (norms - self.batch_mean) / (self.batch_std + eps)).clamp(-1.0, 1.0)
-        theta_y = torch.acos(_gather(b.cos, b.target).clamp(-1 + eps, 1 - eps))
+        z = (self.h * (self._norms(emb) - self.batch_mean) / (self.batch_std + eps)).clamp(-1.0, 1.0)
+        theta_y = torch.acos(cos_y.clamp(-1 + eps, 1 - eps))
         target = torch.cos((theta_y - self.margin * z).clamp(eps, math.pi - eps)) - self.margin * (1 + z)
-        logits = b.cos.clamp(-1 + eps, 1 - eps).mul_(self.scale)
-        return _set_target(logits, b.target, target * self.scale)
+        return target * self.scale
 
 
 class AdaCosLoss(MarginSoftmaxLoss):
@@ -898,8 +922,8 @@ class AdaCosLoss(MarginSoftmaxLoss):
         theta_med = torch.acos(s.target_cos.clamp(-_ACOS_CLAMP, _ACOS_CLAMP)).median()
         self.scale.copy_(log_b_avg / torch.cos(theta_med.clamp(max=math.pi / 4)))
 
-    def _scaled_logits(self, b: _Batch) -> Tensor:
-        return b.cos * self.scale
+    def _target_logit(self, cos_y: Tensor, labels: Tensor, emb: Tensor) -> Tensor:
+        return cos_y * self.scale
 
 
 # ----------------------------------------------------------------------------------------- registry

@@ -762,6 +762,36 @@ def test_fused_pass_equals_full_matrix_autograd(name, fraction, monkeypatch):
     assert 0 < hits.sum() < batch
 
 
+def test_fused_adaface_clamps_other_cosines_like_the_full_matrix(monkeypatch):
+    """AdaFace clamps every non-target cosine to ±(1 − 1e-3): value capped, gradient 0 past it. The fused
+    pass only clamps blocks that need it; here rows 1 and 7 (blocks 0 and 1 of 5 rows) lie within 1e-4
+    of another class's weight and of its opposite."""
+    import featcache.losses as losses
+
+    monkeypatch.setattr(losses, "_MIN_BLOCK_ROWS", 5)
+    monkeypatch.setitem(losses._BLOCK_ELEMENTS, "cpu", 1)
+    gen = torch.Generator().manual_seed(17)
+    weight = torch.randn(6, 8, generator=gen)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 0])
+    emb = torch.randn(13, 8, generator=gen) * 4
+    emb[1] = weight[4] * 3 + torch.randn(8, generator=gen) * 1e-3  # cos ~ +0.99999 to class 4
+    emb[7] = -weight[2] * 2 + torch.randn(8, generator=gen) * 1e-3  # cos ~ -0.99999 to class 2
+    cos = F.normalize(emb, dim=1) @ F.normalize(weight, dim=1).T
+    assert cos[1, 4] > 1 - 1e-4 and cos[7, 2] < -1 + 1e-4
+    loss = make("adaface", weight).eval()
+    value, g_emb, g_weight, hits = _fused_step(loss, emb, labels)
+    ref_value, ref_emb, ref_weight = _reference_step(copy.deepcopy(loss), emb, labels)
+    assert value.item() == pytest.approx(ref_value.item(), rel=1e-5)
+    assert_close(g_emb, ref_emb, rtol=1e-4, atol=1e-6)
+    assert_close(g_weight, ref_weight, rtol=1e-4, atol=1e-6)
+    assert hits.tolist() == (loss.cosine(emb).argmax(dim=1) == labels).tolist()
+    # ... and the clamp matters: without it the loss and the gradients are not these.
+    monkeypatch.setattr(type(loss), "others_clamp", None)
+    unclamped_value, unclamped_emb, _ = _reference_step(copy.deepcopy(loss), emb, labels)
+    assert unclamped_value.item() != pytest.approx(ref_value.item(), rel=1e-5)
+    assert not torch.allclose(unclamped_emb[1], ref_emb[1], rtol=1e-3)
+
+
 def test_fused_sub_center_ties_go_to_the_first_like_torch_max():
     # Sub-centers 0 and 2 of every class coincide: the whole gradient must go to sub-center 0.
     gen = torch.Generator().manual_seed(3)
@@ -838,6 +868,30 @@ def test_fused_loss_and_gradient_are_exact_when_the_target_dominates():
     assert value.item() == pytest.approx(expected.item(), rel=1e-4, abs=0)
     assert_close(g_emb.double(), e64.grad, rtol=1e-3, atol=0)
     assert g_weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("scale", [30.0, 120.0])
+def test_fused_softmax_is_exact_when_every_logit_is_near_minus_the_scale(scale):
+    """A row whose every cosine is below -0.99 (all exps tiny before the row-max shift), against the
+    float64 formula, at the paper's scale and a large one."""
+    gen = torch.Generator().manual_seed(5)
+    direction = F.normalize(torch.randn(8, generator=gen), dim=0)
+    weight = direction + torch.randn(5, 8, generator=gen) * 0.01  # five classes, all nearly `direction`
+    emb = torch.stack([-direction * 2, direction + torch.randn(8, generator=gen) * 0.3, torch.randn(8, generator=gen)])
+    labels = torch.tensor([1, 3, 4])
+    loss = make("arcface", weight, scale=scale, margin=0.5).eval()
+    value, g_emb, g_weight, hits = _fused_step(loss, emb, labels)
+    cos = F.normalize(emb.double(), dim=1) @ F.normalize(weight.double(), dim=1).T
+    assert cos[0].max() < -0.99  # row 0: every logit below -0.99·s
+    theta = torch.acos(cos[torch.arange(3), labels].clamp(-1, 1))
+    fallback = cos[torch.arange(3), labels] - 0.5 * math.sin(0.5)
+    t = torch.where(theta + 0.5 > math.pi, fallback, torch.cos(theta + 0.5)) * scale
+    logits = (cos * scale).scatter(1, labels[:, None], t[:, None])
+    expected = F.cross_entropy(logits, labels)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    ref_value, ref_emb, ref_weight = _reference_step(copy.deepcopy(loss), emb, labels)
+    assert_close(g_emb, ref_emb, rtol=1e-4, atol=1e-6)
+    assert_close(g_weight, ref_weight, rtol=1e-4, atol=1e-6)
 
 
 def test_fused_normalisation_backward_matches_f_normalize_for_a_zero_row():
