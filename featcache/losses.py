@@ -171,7 +171,9 @@ class MarginSoftmaxLoss(nn.Module):
       ±``others_clamp`` if set). They set ``scale`` and override :meth:`_target_logit`, and train
       through the fast fused pass;
     * the rest override :meth:`_scaled_logits` (every column may change), which the fused pass
-      differentiates with autograd one block of rows at a time.
+      differentiates with autograd one block of rows at a time, unless the loss also gives its
+      non-target logits and their derivative elementwise in :meth:`_others_` (and its target in
+      :meth:`_target_logit`): then the fused pass runs them with the hand-written softmax.
 
     Running statistics move in :meth:`_update_state`, once per training forward, before any logit.
 
@@ -236,6 +238,11 @@ class MarginSoftmaxLoss(nn.Module):
         return type(self)._scaled_logits is MarginSoftmaxLoss._scaled_logits
 
     @property
+    def elementwise_others(self) -> bool:
+        """True when :meth:`_others_` gives the non-target logits for the fused pass (see the class doc)."""
+        return type(self)._others_ is not MarginSoftmaxLoss._others_
+
+    @property
     def has_state(self) -> bool:
         """True when running statistics move on training forwards (:meth:`_update_state`)."""
         return type(self)._update_state is not MarginSoftmaxLoss._update_state
@@ -254,6 +261,12 @@ class MarginSoftmaxLoss(nn.Module):
         cos = b.cos if self.others_clamp is None else b.cos.clamp(-self.others_clamp, self.others_clamp)
         target = self._target_logit(_gather(b.cos, b.target), b.labels, b.emb)
         return _set_target(cos * self.scale, b.target, target)
+
+    def _others_(self, cos: Tensor, cos_y: Tensor, deriv: Tensor) -> None:
+        """In place, a block's cosines ``cos`` (R, C') -> its logits, and ``deriv`` (R, C') <- d logit / d cos,
+        given each row's target cosine ``cos_y`` (R,). The target column's entries are ignored. Must agree
+        with :meth:`_scaled_logits` off the target, which the tests hold it to."""
+        raise NotImplementedError
 
     def _update_state(self, s: _BatchStats) -> None:
         """Move running statistics (without gradient); called on training forwards only."""
@@ -411,6 +424,8 @@ class _FusedMarginCrossEntropy(torch.autograd.Function):
         loss, target, n, k = step.loss, step.target, emb.shape[0], step.loss.sub_centers
         n_cols, dim = weight.shape[0] // k, weight.shape[1]
         fast = loss.target_only
+        # Hand-written softmax: the fast path, or elementwise non-target logits (scale not folded then).
+        hand = fast or loss.elementwise_others
         mm_dtype = torch.bfloat16 if loss.precision == "bf16" else torch.float32
         rows = _block_rows(n, k * n_cols, emb.device)
         by_class = weight.view(n_cols, k, dim)  # [c, j] = sub-center j of column c
@@ -440,7 +455,7 @@ class _FusedMarginCrossEntropy(torch.autograd.Function):
                 return scores, best
 
             update_state = loss.training and loss.has_state
-            if fast or update_state:
+            if hand or update_state:
                 # Each sample's own class cosine, straight from its k sub-centers (float32, B·k·E work).
                 target_cos = (unit_w[:, target] * unit_emb).sum(dim=2).amax(dim=0)
             if update_state:
@@ -455,13 +470,14 @@ class _FusedMarginCrossEntropy(torch.autograd.Function):
             # so the matmul yields the logits.
             scale = float(loss.scale) if fast else 1.0
             emb_mm = (unit_emb * scale if fast else unit_emb).to(mm_dtype)
-            if fast:  # the target logits and their slopes, once for the whole batch
+            if hand:  # the target logits and their slopes, once for the whole batch
                 with torch.enable_grad():
                     cos_y = target_cos.clone().requires_grad_()
                     target_logit = loss._target_logit(cos_y, step.labels, emb).float()
                     (slope,) = torch.autograd.grad(target_logit.sum(), cos_y)
                 target_logit = target_logit.detach()
                 limit = None if loss.others_clamp is None else scale * loss.others_clamp
+                others_of = None if fast else _others_transform(loss, target_cos)
 
             grad_emb = torch.empty(n, dim, dtype=mm_dtype, device=emb.device)
             # d loss / d unit weights, in the weights' own layout: [c, j] = sub-center j of column c. The
@@ -475,9 +491,10 @@ class _FusedMarginCrossEntropy(torch.autograd.Function):
                     by_center = scores.view(hi - lo, k, n_cols)
                     _first_max_masks_(by_center, best)
                 logits = best if logits_buf is None else logits_buf[: hi - lo].copy_(best)
-                if fast:
+                if hand:
                     row_factor = _fast_block(logits, target[lo:hi], target_logit[lo:hi], slope[lo:hi] / scale,
-                                             rows_out.view(lo, hi), n, limit)
+                                             rows_out.view(lo, hi), n, limit,
+                                             None if others_of is None else others_of(lo, hi))
                 else:
                     block = _Batch(logits, target[lo:hi], step.labels[lo:hi], emb[lo:hi])
                     _autograd_block(loss, block, rows_out.view(lo, hi), n)
@@ -505,7 +522,7 @@ class _FusedMarginCrossEntropy(torch.autograd.Function):
                         grad_j.copy_(scores_j.t() @ block_emb)
                     else:
                         grad_j += (scores_j.t() @ block_emb).float()
-        if fast:  # the per-row figures the blocks left behind, for the whole batch at once
+        if hand:  # the per-row figures the blocks left behind, for the whole batch at once
             value, hits = rows_out.fast_loss(scale * target_cos, target_logit)
         else:
             value, hits = rows_out.row_loss.sum(), rows_out.hits
@@ -581,11 +598,27 @@ class _RowStats:
         return row_loss.sum(), logit_y >= self.other_max
 
 
+def _others_transform(loss: MarginSoftmaxLoss, target_cos: Tensor) -> Callable[[int, int], Callable[[Tensor], Tensor]]:
+    """For rows lo:hi, the function that turns a block's cosines into the loss's non-target logits in
+    place and returns d logit / d cos (a reused buffer)."""
+
+    def rows(lo: int, hi: int) -> Callable[[Tensor], Tensor]:
+        def transform(cos: Tensor) -> Tensor:
+            deriv = loss._workspace("deriv", tuple(cos.shape), cos.dtype, cos.device)
+            loss._others_(cos, target_cos[lo:hi], deriv)
+            return deriv
+
+        return transform
+
+    return rows
+
+
 def _fast_block(logits: Tensor, target: Tensor, t: Tensor, slope: Tensor, out: _RowStats, batch: int,
-                limit: float | None = None) -> Tensor:
+                limit: float | None = None, transform: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Cross-entropy gradient of a block of rows whose non-target logits are ``logits`` (scale·cos),
     clamped to ±``limit`` if given; ``t`` (R,) is each row's target logit after its margin and ``slope``
-    d t / d (scale·cos_y).
+    d t / d (scale·cos_y). With ``transform``, ``logits`` holds cosines, which it turns into the logits
+    in place, returning their derivative (:meth:`MarginSoftmaxLoss._others_`).
 
     Overwrites ``logits`` with d mean loss / d logits divided by a factor per row, which it returns;
     fills ``out`` with what the loss needs.
@@ -602,14 +635,22 @@ def _fast_block(logits: Tensor, target: Tensor, t: Tensor, slope: Tensor, out: _
     torch.amax(logits, dim=1, out=out.other_max)  # unclamped, as the hits are judged on the cosines
     if beyond is not None:
         logits.clamp_(-limit, limit).scatter_(1, column, -math.inf)
+    deriv = None
+    if transform is not None:  # other_max stays a cosine, what the hits are judged on
+        deriv = transform(logits.scatter_(1, column, 0.0))
+        shift_base = logits.scatter_(1, column, -math.inf).amax(dim=1)
+    else:
+        shift_base = out.other_max
     # Shifted by the row max, so exp never overflows. The target column holds -inf: its exp is 0, and
     # `others`, the non-target share, is summed on its own, which keeps the loss and the target's gradient
     # exact when the target dominates.
-    torch.maximum(out.other_max, t, out=out.shift)
+    torch.maximum(shift_base, t, out=out.shift)
     probs = logits.sub_(out.shift[:, None]).exp_()
     torch.sum(probs, dim=1, out=out.others)
     if beyond is not None:
         probs.masked_fill_(beyond, 0.0)
+    if deriv is not None:
+        probs.mul_(deriv)
     sum_exp = out.others + torch.exp(t - out.shift)
     # d mean loss / d logit is softmax / B = probs / (B·sum_exp) off the target, and (p_y - 1)/B times the
     # margin's slope = -others / (B·sum_exp) · slope on it: both are left as multiples of 1 / (B·sum_exp).
@@ -803,6 +844,22 @@ class AirFaceLoss(MarginSoftmaxLoss):
         target = self.scale - slope * (_gather(theta, b.target) + self.margin)
         return _set_target(logits, b.target, target)
 
+    def _target_logit(self, cos_y: Tensor, labels: Tensor, emb: Tensor) -> Tensor:
+        theta_y = torch.acos(cos_y.clamp(-_ACOS_CLAMP, _ACOS_CLAMP))
+        return self.scale - 2.0 * self.scale / math.pi * (theta_y + self.margin)
+
+    def _others_(self, cos: Tensor, cos_y: Tensor, deriv: Tensor) -> None:
+        slope = 2.0 * self.scale / math.pi
+        # d/dc (s − slope·acos c) = slope / sqrt(1 − c²) inside the clamp, 0 past it (rare: one pass to
+        # find out, the masks only then).
+        low, high = torch.aminmax(cos)
+        beyond = cos.abs() > _ACOS_CLAMP if low < -_ACOS_CLAMP or high > _ACOS_CLAMP else None
+        torch.addcmul(cos.new_ones(()), cos, cos, value=-1.0, out=deriv).rsqrt_().mul_(slope)
+        if beyond is not None:
+            deriv.masked_fill_(beyond, 0.0)
+            cos.clamp_(-_ACOS_CLAMP, _ACOS_CLAMP)
+        cos.acos_().mul_(-slope).add_(self.scale)
+
 
 class CurricularFaceLoss(MarginSoftmaxLoss):
     """CurricularFace: ArcFace target; negatives harder than it are re-weighted by a running t.
@@ -841,6 +898,17 @@ class CurricularFaceLoss(MarginSoftmaxLoss):
         hard = b.cos > _cos_plus(cos_y, self.margin).detach()[:, None]
         logits = torch.where(hard, b.cos * (b.cos + self.t), b.cos).mul_(self.scale)
         return _set_target(logits, b.target, _arc_target(cos_y, self.margin) * self.scale)
+
+    def _target_logit(self, cos_y: Tensor, labels: Tensor, emb: Tensor) -> Tensor:
+        return _arc_target(cos_y, self.margin) * self.scale
+
+    def _others_(self, cos: Tensor, cos_y: Tensor, deriv: Tensor) -> None:
+        # With h = [c > cos(θ_y + m)] and A = h·(c + t − 1): logit = s·c·(1 + A), d/dc = s·(1 + A + h·c).
+        hard = torch.gt(cos, _cos_plus(cos_y, self.margin)[:, None], out=deriv)
+        a = self._workspace("curricular", tuple(cos.shape), cos.dtype, cos.device)
+        torch.add(cos, float(self.t) - 1.0, out=a).mul_(hard)
+        hard.mul_(cos).add_(a).add_(1.0).mul_(self.scale)
+        cos.addcmul_(cos, a).mul_(self.scale)
 
 
 class AdaFaceLoss(MarginSoftmaxLoss):

@@ -792,6 +792,25 @@ def test_fused_adaface_clamps_other_cosines_like_the_full_matrix(monkeypatch):
     assert not torch.allclose(unclamped_emb[1], ref_emb[1], rtol=1e-3)
 
 
+def test_fused_airface_derivative_is_zero_past_its_acos_clamp():
+    """Rows that coincide with another class's weight or its opposite (|cos| past 1 − 1e-7): the
+    clamp's gradient is 0 there, not 1/sqrt(1 − c²) = inf."""
+    gen = torch.Generator().manual_seed(23)
+    weight = torch.randn(5, 8, generator=gen)
+    emb = torch.randn(6, 8, generator=gen)
+    emb[0], emb[3] = weight[2] * 3, -weight[4]
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    cos = F.normalize(emb, dim=1) @ F.normalize(weight, dim=1).T
+    assert cos[0, 2].abs() > 1 - 1e-7 and cos[3, 4].abs() > 1 - 1e-7
+    loss = make("airface", weight).train()
+    value, g_emb, g_weight, hits = _fused_step(loss, emb, labels)
+    ref_value, ref_emb, ref_weight = _reference_step(copy.deepcopy(loss), emb, labels)
+    assert torch.isfinite(g_emb).all() and torch.isfinite(g_weight).all()
+    assert value.item() == pytest.approx(ref_value.item(), rel=1e-5)
+    assert_close(g_emb, ref_emb, rtol=1e-4, atol=1e-6)
+    assert_close(g_weight, ref_weight, rtol=1e-4, atol=1e-6)
+
+
 def test_fused_sub_center_ties_go_to_the_first_like_torch_max():
     # Sub-centers 0 and 2 of every class coincide: the whole gradient must go to sub-center 0.
     gen = torch.Generator().manual_seed(3)
