@@ -140,7 +140,8 @@ class _BatchStats:
     emb: Tensor  # (B, E) raw float32 embeddings, detached
     target_cos: Tensor  # (B,) cosine of each sample's own class (max over its sub-centers)
     target: Tensor  # (B,) column of each sample's class
-    cosines: Callable[[], Iterator[tuple[slice, Tensor]]]  # (rows, (R, C') cosines) blocks of the whole batch
+    # (rows, (R, C') cosines) blocks of the whole batch; each block is scratch, free to overwrite
+    cosines: Callable[[], Iterator[tuple[slice, Tensor]]]
 
 
 # Rows per block of the fused pass. On a CPU: enough rows for a block of the (rows x C*k) score matrix
@@ -981,11 +982,13 @@ class AdaCosLoss(MarginSoftmaxLoss):
         self.register_buffer("scale", torch.tensor(math.sqrt(2.0) * math.log(self.num_classes - 1)))
 
     def _update_state(self, s: _BatchStats) -> None:
-        # log Σ_{c≠y} exp(s·cos θ_c) over the whole batch, a block of rows at a time.
-        parts = [
-            torch.logsumexp((cos * self.scale).scatter_(1, s.target[rows, None], -math.inf).flatten(), dim=0)
-            for rows, cos in s.cosines()
-        ]
+        # log Σ_{c≠y} exp(s·cos θ_c) over the whole batch, a block of rows at a time, in place in the
+        # block's scratch scores (torch.logsumexp would allocate two temporaries of a block's size).
+        parts = []
+        for rows, cos in s.cosines():
+            logits = cos.mul_(self.scale).scatter_(1, s.target[rows, None], -math.inf)
+            peak = logits.amax()
+            parts.append(peak + logits.sub_(peak).exp_().sum().log())
         log_b_avg = torch.logsumexp(torch.stack(parts), dim=0) - math.log(s.target.numel())
         theta_med = torch.acos(s.target_cos.clamp(-_ACOS_CLAMP, _ACOS_CLAMP)).median()
         self.scale.copy_(log_b_avg / torch.cos(theta_med.clamp(max=math.pi / 4)))

@@ -497,8 +497,14 @@ def test_adaface_stats_move_only_in_training():
     assert value.item() == pytest.approx(cross_entropy(ref_adaface(EMB, W5, LABELS, mu, sigma), LABELS), rel=1e-4)
 
 
+@pytest.mark.parametrize("block_rows", [None, 1])
 @pytest.mark.parametrize(("labels", "median_past_quarter_pi"), [(LABELS, False), ([3, 0, 4, 1], True)])
-def test_adacos_scale_moves_only_in_training(labels, median_past_quarter_pi):
+def test_adacos_scale_moves_only_in_training(labels, median_past_quarter_pi, block_rows, monkeypatch):
+    import featcache.losses as losses
+
+    if block_rows:  # the batch's sum of exps gathered over several blocks
+        monkeypatch.setattr(losses, "_MIN_BLOCK_ROWS", block_rows)
+        monkeypatch.setitem(losses._BLOCK_ELEMENTS, "cpu", 1)
     loss = make("adacos", W5)
     s0 = math.sqrt(2) * math.log(4)
     rows = cos_rows(EMB, W5)
@@ -684,7 +690,7 @@ def test_random_init_is_seeded_by_caller():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("name", ["subcenter-arcface", "curricularface"])  # the fast and the autograd path
+@pytest.mark.parametrize("name", ["subcenter-arcface", "curricularface"])  # linear and elementwise others
 def test_hits_are_top1_among_all_or_the_sampled_classes(name):
     torch.manual_seed(0)
     k = 3 if name == "subcenter-arcface" else 1
@@ -809,6 +815,30 @@ def test_fused_airface_derivative_is_zero_past_its_acos_clamp():
     assert value.item() == pytest.approx(ref_value.item(), rel=1e-5)
     assert_close(g_emb, ref_emb, rtol=1e-4, atol=1e-6)
     assert_close(g_weight, ref_weight, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["airface", "curricularface"])
+def test_fused_autograd_path_for_losses_without_elementwise_others(name, monkeypatch):
+    """A loss that only overrides _scaled_logits (no _others_) is differentiated by autograd a block at
+    a time: the built-in ones all have _others_, so it is taken away here."""
+    import featcache.losses as losses
+
+    monkeypatch.setattr(losses, "_MIN_BLOCK_ROWS", 4)
+    monkeypatch.setitem(losses._BLOCK_ELEMENTS, "cpu", 1)
+    cls = LOSSES[name].cls
+    monkeypatch.setattr(cls, "_others_", losses.MarginSoftmaxLoss._others_)
+    gen = torch.Generator().manual_seed(31)
+    loss = make(name, torch.randn(20, 16, generator=gen)).train()
+    assert not loss.target_only and not loss.elementwise_others
+    emb, labels = torch.randn(11, 16, generator=gen) * 2, torch.randint(0, 20, (11,), generator=gen)
+    reference = copy.deepcopy(loss)
+    value, g_emb, g_weight, hits = _fused_step(loss, emb, labels)
+    reference.load_state_dict(loss.state_dict())
+    ref_value, ref_emb, ref_weight = _reference_step(reference, emb, labels)
+    assert value.item() == pytest.approx(ref_value.item(), rel=1e-5)
+    assert_close(g_emb, ref_emb, rtol=1e-4, atol=1e-6)
+    assert_close(g_weight, ref_weight, rtol=1e-4, atol=1e-6)
+    assert hits.tolist() == (reference.cosine(emb).argmax(dim=1) == labels).tolist()
 
 
 def test_fused_sub_center_ties_go_to_the_first_like_torch_max():
