@@ -478,7 +478,6 @@ class _FusedMarginCrossEntropy(torch.autograd.Function):
                     (slope,) = torch.autograd.grad(target_logit.sum(), cos_y)
                 target_logit = target_logit.detach()
                 limit = None if loss.others_clamp is None else scale * loss.others_clamp
-                others_of = None if fast else _others_transform(loss, target_cos)
 
             grad_emb = torch.empty(n, dim, dtype=mm_dtype, device=emb.device)
             # d loss / d unit weights, in the weights' own layout: [c, j] = sub-center j of column c. The
@@ -495,7 +494,7 @@ class _FusedMarginCrossEntropy(torch.autograd.Function):
                 if hand:
                     row_factor = _fast_block(logits, target[lo:hi], target_logit[lo:hi], slope[lo:hi] / scale,
                                              rows_out.view(lo, hi), n, limit,
-                                             None if others_of is None else others_of(lo, hi))
+                                             None if fast else (loss, target_cos[lo:hi]))
                 else:
                     block = _Batch(logits, target[lo:hi], step.labels[lo:hi], emb[lo:hi])
                     _autograd_block(loss, block, rows_out.view(lo, hi), n)
@@ -599,27 +598,12 @@ class _RowStats:
         return row_loss.sum(), logit_y >= self.other_max
 
 
-def _others_transform(loss: MarginSoftmaxLoss, target_cos: Tensor) -> Callable[[int, int], Callable[[Tensor], Tensor]]:
-    """For rows lo:hi, the function that turns a block's cosines into the loss's non-target logits in
-    place and returns d logit / d cos (a reused buffer)."""
-
-    def rows(lo: int, hi: int) -> Callable[[Tensor], Tensor]:
-        def transform(cos: Tensor) -> Tensor:
-            deriv = loss._workspace("deriv", tuple(cos.shape), cos.dtype, cos.device)
-            loss._others_(cos, target_cos[lo:hi], deriv)
-            return deriv
-
-        return transform
-
-    return rows
-
-
 def _fast_block(logits: Tensor, target: Tensor, t: Tensor, slope: Tensor, out: _RowStats, batch: int,
-                limit: float | None = None, transform: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                limit: float | None = None, others: tuple[MarginSoftmaxLoss, Tensor] | None = None) -> Tensor:
     """Cross-entropy gradient of a block of rows whose non-target logits are ``logits`` (scale·cos),
     clamped to ±``limit`` if given; ``t`` (R,) is each row's target logit after its margin and ``slope``
-    d t / d (scale·cos_y). With ``transform``, ``logits`` holds cosines, which it turns into the logits
-    in place, returning their derivative (:meth:`MarginSoftmaxLoss._others_`).
+    d t / d (scale·cos_y). With ``others`` = (loss, the rows' target cosines), ``logits`` holds
+    cosines, which the loss's :meth:`MarginSoftmaxLoss._others_` turns into its logits.
 
     Overwrites ``logits`` with d mean loss / d logits divided by a factor per row, which it returns;
     fills ``out`` with what the loss needs.
@@ -637,8 +621,10 @@ def _fast_block(logits: Tensor, target: Tensor, t: Tensor, slope: Tensor, out: _
     if beyond is not None:
         logits.clamp_(-limit, limit).scatter_(1, column, -math.inf)
     deriv = None
-    if transform is not None:  # other_max stays a cosine, what the hits are judged on
-        deriv = transform(logits.scatter_(1, column, 0.0))
+    if others is not None:  # other_max stays a cosine, what the hits are judged on
+        loss, cos_y = others
+        deriv = loss._workspace("deriv", tuple(logits.shape), logits.dtype, logits.device)
+        loss._others_(logits.scatter_(1, column, 0.0), cos_y, deriv)
         shift_base = logits.scatter_(1, column, -math.inf).amax(dim=1)
     else:
         shift_base = out.other_max
