@@ -1,4 +1,4 @@
-"""Exact top-k search at GUIEC size: featcache.retrieval.search (faiss IndexFlatIP) against a
+"""Exact top-k search at GUIEC size: featcache.evaluate.search.search (faiss IndexFlatIP) against a
 plain numpy matmul + argpartition baseline, in the same run, on seeded random unit vectors.
 
     uv run python benchmarks/eval.py [--queries 5000 --index 200000 --dim 64 --k 5
@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from featcache.retrieval import l2_normalize, search  # noqa: E402
+from featcache.evaluate.search import l2_normalize, search  # noqa: E402
 
 
 def peak_rss_mib() -> float:

@@ -43,9 +43,9 @@ import torch  # noqa: E402
 from machine import machine_facts, sync  # noqa: E402  (benchmarks/machine.py)
 from PIL import Image  # noqa: E402
 
-from featcache.extract import _autocast, image_loader, run_extract  # noqa: E402
+from featcache.extract.backbones import create_backbone  # noqa: E402
+from featcache.extract.pipeline import Progress, _autocast, image_loader, run_extract  # noqa: E402
 from featcache.manifest import read_manifest, write_manifest  # noqa: E402
-from featcache.models import create_backbone  # noqa: E402
 
 GOAL_E2E_OVER_MODEL = 0.90
 
@@ -142,15 +142,16 @@ def measure_model(backbone, sample: torch.Tensor, n_images: int, batch_size: int
 def measure_end_to_end(manifest, backbone, out: Path, batch_size: int, workers: int, device: str,
                        precision: str, dtype: str) -> dict:
     sync(torch.device(device))
+    progress = Progress()
     r = run_extract(manifest, backbone, out, dtype=dtype, batch_size=batch_size, workers=workers, device=device,
-                    precision=precision, overwrite=True)
+                    precision=precision, overwrite=True, progress=progress)
     return {
         "seconds": r.seconds,
         "write_seconds": r.write_seconds,
-        "images": r.rows_this_run - r.failed_this_run,
-        "failed": r.failed_this_run,
+        "images": r.rows_this_run - progress.failed,
+        "failed": progress.failed,
         "rows_per_chunk": r.meta.get("rows_per_chunk"),
-        "images_per_s": (r.rows_this_run - r.failed_this_run) / r.seconds,
+        "images_per_s": (r.rows_this_run - progress.failed) / r.seconds,
     }
 
 

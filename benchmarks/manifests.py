@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from featcache.builders import build  # noqa: E402
-from featcache.curate import Rule, curate, domain_counts, read_inputs  # noqa: E402
+from featcache.manifest.builders import build  # noqa: E402
+from featcache.manifest.curate import Rule, curate, domain_counts, read_inputs  # noqa: E402
 
 ROWS = int(os.environ.get("FEATCACHE_BENCH_ROWS", 4_100_000))
 CLASSES = int(os.environ.get("FEATCACHE_BENCH_CLASSES", 200_000))

@@ -1,4 +1,4 @@
-"""Stage two speed: one epoch of `featcache.train.train` against its bare matmul floor, in one run.
+"""Stage two speed: one epoch of `featcache.train.loop.train` against its bare matmul floor, in one run.
 
 A synthetic cache of M4D-35k's shape is built in memory: 328,400 rows x 1152 dims float16 over 34,800
 classes (long-tailed class sizes, every class >= 3 rows); ``--scale S`` shrinks rows AND classes by S.
@@ -44,11 +44,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from machine import machine_facts, sync  # noqa: E402  (benchmarks/machine.py)
 import torch.nn.functional as F  # noqa: E402
+from machine import machine_facts, sync  # noqa: E402  (benchmarks/machine.py)
 
-from featcache.losses import loss_names  # noqa: E402
-from featcache.train import TrainData, TrainOptions, build_model, make_optimizer, train  # noqa: E402
+from featcache.train.loop import TrainData, TrainOptions, build_model, make_optimizer, train  # noqa: E402
+from featcache.train.losses import loss_names  # noqa: E402
 
 FULL_ROWS = 328_400
 FULL_CLASSES = 34_800

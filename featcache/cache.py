@@ -74,6 +74,12 @@ def key_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out or ["the cache key"]
 
 
+def feature_space(meta: dict[str, Any]) -> dict[str, Any]:
+    """What makes two caches' features comparable: the backbone (weights included) and preprocessing."""
+    backbone = {k: v for k, v in meta["backbone"].items() if k != "name"}
+    return {"backbone": backbone, "preprocessing": meta["preprocessing"], "precision": meta.get("precision")}
+
+
 def build_meta(manifest: Manifest, backbone: dict[str, Any], preprocessing: dict[str, Any], dtype: str,
                precision: str, rows_per_chunk: int) -> dict[str, Any]:
     meta = {

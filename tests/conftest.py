@@ -49,9 +49,9 @@ def tiny_weights(tmp_path_factory) -> Path:
     import open_clip
     import torch
 
-    from featcache.models import _register_local_configs
+    from featcache.extract.backbones.open_clip_models import register_local_configs
 
-    _register_local_configs()
+    register_local_configs()
     torch.manual_seed(1234)
     model = open_clip.create_model("featcache-tiny-vit")
     path = tmp_path_factory.mktemp("weights") / "tiny.pt"

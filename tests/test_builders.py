@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 import scipy.io
 
-from featcache.builders import build, deepfashion_c2s, gldv2, imagefolder, products10k, stanford_cars, uned
 from featcache.manifest import ManifestError, read_manifest
+from featcache.manifest.builders import build
+from featcache.manifest.builders.deepfashion import deepfashion_c2s
+from featcache.manifest.builders.gldv2 import gldv2
+from featcache.manifest.builders.imagefolder import imagefolder
+from featcache.manifest.builders.products10k import products10k
+from featcache.manifest.builders.stanford_cars import stanford_cars
+from featcache.manifest.builders.uned import uned
 from tests.conftest import write_csv, write_images
 
 # ---------------------------------------------------------------------------------------------------

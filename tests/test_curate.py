@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featcache.builders import Rows
-from featcache.curate import Rule, curate, domain_counts, load_recipe
-from featcache.manifest import ManifestError
+from featcache.manifest import ManifestError, Rows
+from featcache.manifest.curate import Rule, curate, domain_counts
+from featcache.manifest.recipe import load_recipe
 from tests.conftest import PYTHON, REPO, subprocess_env, write_csv, write_images
 from tests.test_builders import (
     CAR_COLOURS,
@@ -67,8 +67,8 @@ def test_same_seed_same_result_other_seed_other_result():
 def test_result_does_not_depend_on_hash_order(tmp_path):
     """Python's string hashing changes every run unless PYTHONHASHSEED is fixed: the result must not."""
     code = (
-        "from featcache.builders import Rows\n"
-        "from featcache.curate import Rule, curate\n"
+        "from featcache.manifest import Rows\n"
+        "from featcache.manifest.curate import Rule, curate\n"
         "labels = [f'c{i % 300:03d}' for i in range(1500)]\n"
         "rows = Rows([f'{i}.jpg' for i in range(1500)], labels, ['d'] * 1500, ['train'] * 1500)\n"
         "print(','.join(curate(rows, Rule(3, 4, 50), seed=7).paths))\n"

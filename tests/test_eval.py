@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
-from featcache.evaluate import pooled
+from featcache.evaluate.protocols import pooled
 from tests.conftest import blobs, make_cache
 
 

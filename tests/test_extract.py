@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import time
@@ -193,16 +192,60 @@ def test_unavailable_weights_stop_with_one_line(tmp_path, cli, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     m = image_manifest(tmp_path, 2)
     r = cli("extract", "-m", "siglip-so400m", "--manifest", m, "--out", tmp_path / "c.zarr", code=2)
-    line = r.output.strip().splitlines()[-1]
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1, r.output  # no library warnings before the error
+    line = lines[0]
     assert line.startswith("error: cannot load pretrained weights for siglip-so400m")
     assert "ViT-SO400M-14-SigLIP-384@webli" in line and "--weights FILE" in line
+    assert "(hub id timm/ViT-SO400M-14-SigLIP-384)" in line and "no copy is in the local cache" in line
     assert not (tmp_path / "c.zarr").exists()
     r = cli("extract", "-m", "no-such-model", "--manifest", m, code=2)
     assert "unknown model 'no-such-model'" in r.output and "siglip-so400m" in r.output
 
 
+def test_a_failed_download_is_one_line_with_its_root_cause(capfd):
+    """What the hub client raises when the network is down: its own error, caused by a DNS failure. The
+    message names the model, the hub id and the root cause, not the client's generic sentence; the
+    client's retry warnings, logged while the model loads, are not printed."""
+    import logging
+    import socket
+
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from featcache.extract.backbones import resolve_spec
+    from featcache.extract.backbones.base import missing_weights, quiet_library_logs
+
+    logging.basicConfig()  # as open_clip's users often have it: a handler on the root logger
+    try:
+        with quiet_library_logs():
+            logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 8s [Retry 5/5].")
+            logging.getLogger().error("Failed to download weights for tag 'webli'")
+            try:
+                raise socket.gaierror(-2, "Name or service not known")
+            except OSError as dns:
+                try:
+                    raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub and we "
+                                                  "cannot find the requested files in the local cache.") from dns
+                except LocalEntryNotFoundError as hub:
+                    try:
+                        raise RuntimeError("Failed to download weights for tag 'webli': Failed to download file") from hub
+                    except RuntimeError as e:
+                        err = missing_weights(resolve_spec("siglip-so400m"), "timm/ViT-SO400M-14-SigLIP-384/", e)
+    finally:
+        logging.getLogger().handlers.clear()
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""
+    assert str(err) == ("cannot load pretrained weights for siglip-so400m = open_clip:ViT-SO400M-14-SigLIP-384@webli "
+                        "(hub id timm/ViT-SO400M-14-SigLIP-384): the hub cannot be reached ([Errno -2] Name or service "
+                        "not known) and no copy is in the local cache. Download the checkpoint on a machine with network "
+                        "and pass it with --weights FILE.")
+    logging.getLogger("featcache.test").warning("logging works again")
+    assert "logging works again" in capfd.readouterr().err or logging.root.manager.disable == 0
+
+
 def test_registry_pins_preprocessing_from_the_pretrained_tag():
-    from featcache.models import resolve_preprocess, resolve_spec
+    from featcache.extract.backbones import resolve_spec
+    from featcache.extract.backbones.open_clip_models import resolve_preprocess
 
     # REFERENCES.md: SigLIP at 384, bicubic, mean/std 0.5, resize shorter side + center crop
     pp = resolve_preprocess(resolve_spec("siglip-so400m"))

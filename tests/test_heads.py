@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from featcache.heads import Dropout, ProjectionHead
+from featcache.train.heads import Dropout, ProjectionHead
 
 
 def test_dropout_zeroes_a_fraction_p_and_scales_the_rest():

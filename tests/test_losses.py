@@ -1,4 +1,4 @@
-"""Tests for featcache.losses.
+"""Tests for featcache.train.losses.
 
 Reference values are computed independently, per sample, in float64 Python with math.acos / math.cos,
 and compared to the modules (which work in float32 through the angle-sum identity).
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from featcache.losses import LOSSES, build_loss, loss_names
+from featcache.train.losses import LOSSES, MarginSoftmaxLoss, build_loss, loss_names
 
 NAMES = [
     "softmax",
@@ -500,7 +500,7 @@ def test_adaface_stats_move_only_in_training():
 @pytest.mark.parametrize("block_rows", [None, 1])
 @pytest.mark.parametrize(("labels", "median_past_quarter_pi"), [(LABELS, False), ([3, 0, 4, 1], True)])
 def test_adacos_scale_moves_only_in_training(labels, median_past_quarter_pi, block_rows, monkeypatch):
-    import featcache.losses as losses
+    import featcache.train.losses.fused as losses
 
     if block_rows:  # the batch's sum of exps gathered over several blocks
         monkeypatch.setattr(losses, "_MIN_BLOCK_ROWS", block_rows)
@@ -739,7 +739,7 @@ def _fused_step(loss, emb, labels):
 def test_fused_pass_equals_full_matrix_autograd(name, fraction, monkeypatch):
     """Loss, both gradients and top-1 hits of the block-wise fused pass against the plain computation,
     with blocks of 5 rows (8 blocks for 37 rows), sub-centers and Partial FC."""
-    import featcache.losses as losses
+    import featcache.train.losses.fused as losses
 
     monkeypatch.setitem(losses._BLOCK_ELEMENTS, "cpu", 5 * 60 * 3)
     monkeypatch.setattr(losses, "_MIN_BLOCK_ROWS", 1)
@@ -772,7 +772,7 @@ def test_fused_adaface_clamps_other_cosines_like_the_full_matrix(monkeypatch):
     """AdaFace clamps every non-target cosine to ±(1 − 1e-3): value capped, gradient 0 past it. The fused
     pass only clamps blocks that need it; here rows 1 and 7 (blocks 0 and 1 of 5 rows) lie within 1e-4
     of another class's weight and of its opposite."""
-    import featcache.losses as losses
+    import featcache.train.losses.fused as losses
 
     monkeypatch.setattr(losses, "_MIN_BLOCK_ROWS", 5)
     monkeypatch.setitem(losses._BLOCK_ELEMENTS, "cpu", 1)
@@ -821,12 +821,12 @@ def test_fused_airface_derivative_is_zero_past_its_acos_clamp():
 def test_fused_autograd_path_for_losses_without_elementwise_others(name, monkeypatch):
     """A loss that only overrides _scaled_logits (no _others_) is differentiated by autograd a block at
     a time: the built-in ones all have _others_, so it is taken away here."""
-    import featcache.losses as losses
+    import featcache.train.losses.fused as losses
 
     monkeypatch.setattr(losses, "_MIN_BLOCK_ROWS", 4)
     monkeypatch.setitem(losses._BLOCK_ELEMENTS, "cpu", 1)
     cls = LOSSES[name].cls
-    monkeypatch.setattr(cls, "_others_", losses.MarginSoftmaxLoss._others_)
+    monkeypatch.setattr(cls, "_others_", MarginSoftmaxLoss._others_)
     gen = torch.Generator().manual_seed(31)
     loss = make(name, torch.randn(20, 16, generator=gen)).train()
     assert not loss.target_only and not loss.elementwise_others
@@ -859,7 +859,7 @@ def test_fused_sub_center_ties_go_to_the_first_like_torch_max():
 def test_fused_sub_center_routing_any_k_with_ties(k, monkeypatch):
     """Gradients against the full-matrix autograd computation for every k, in blocks of 5 rows, with
     tied sub-centers in every position: each tie goes to the first of the tied sub-centers."""
-    import featcache.losses as losses
+    import featcache.train.losses.fused as losses
 
     monkeypatch.setattr(losses, "_MIN_BLOCK_ROWS", 5)
     monkeypatch.setitem(losses._BLOCK_ELEMENTS, "cpu", 1)
@@ -883,7 +883,7 @@ def test_fused_sub_center_routing_any_k_with_ties(k, monkeypatch):
 
 @pytest.mark.parametrize("name", ["subcenter-arcface", "curricularface"])
 def test_fused_bf16_close_to_fp32_gradients(name, monkeypatch):
-    import featcache.losses as losses
+    import featcache.train.losses.fused as losses
 
     monkeypatch.setattr(losses, "_MIN_BLOCK_ROWS", 7)  # 6 blocks for 40 rows
     monkeypatch.setitem(losses._BLOCK_ELEMENTS, "cpu", 1)

@@ -1,4 +1,4 @@
-"""Tests for featcache.retrieval.
+"""Tests for featcache.evaluate.search and featcache.evaluate.metrics.
 
 Search results are compared with an independent brute force (full float64 matmul, then a stable
 sort on (-score, id)); metric values are worked out by hand and written as literal fractions.
@@ -11,15 +11,8 @@ import math
 import numpy as np
 import pytest
 
-from featcache.retrieval import (
-    _plan,
-    count_relevant,
-    evaluate,
-    l2_normalize,
-    query_metrics,
-    relevance,
-    search,
-)
+from featcache.evaluate.metrics import count_relevant, evaluate, query_metrics, relevance
+from featcache.evaluate.search import _plan, l2_normalize, search
 
 # ---------------------------------------------------------------------------------------------
 # independent reference

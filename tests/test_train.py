@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from featcache.runs import Run
-from featcache.train import TrainOptions, load_train_data, lr_at, train
+from featcache.train.loop import TrainOptions, load_train_data, lr_at, train
+from featcache.train.runs import Run
 from tests.conftest import blobs, make_cache
 
 

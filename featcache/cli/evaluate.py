@@ -1,0 +1,112 @@
+"""``featcache eval`` and ``runs``: stage three on the command line."""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from featcache.cli.console import UserError, err, flag, friendly_errors, out, print_json, table
+
+app = typer.Typer()
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)B?\s*", text.upper())
+    if not m:
+        raise UserError(f"--max-memory {text!r}: expected a size like 2GB, 512MB or a number of bytes")
+    return int(float(m.group(1)) * 1024 ** "BKMGT".index(m.group(2) or "B"))
+
+
+class Protocol(str, Enum):
+    guiec = "guiec"
+    uned = "uned"
+
+
+class ZeroShot(str, Enum):
+    pooled = "pooled"
+    raw = "raw"
+
+
+def scores_table(title: str, results: dict[str, dict], k: int):
+    names = list(results)
+    first = results[names[0]]
+    metrics = [f"mMP@{k}", f"mAP@{k}", "R@1"]
+    cols = ["domain", "queries", *[f"{m} {n}" if len(names) > 1 else m for m in metrics for n in names]]
+    rows = []
+    for dom in ["overall", *first["domains"]]:
+        pick = (lambda r: r["overall"]) if dom == "overall" else (lambda r, d=dom: r["domains"].get(d, {}))
+        rows.append([dom, pick(first).get("queries"), *[pick(results[n]).get(m) for m in metrics for n in names]])
+    return table(title, cols, rows)
+
+
+@app.command(name="eval", epilog="Example: featcache eval --cache cache/demo/tiny-vit.zarr --run runs/demo --plot runs/demo/plots")
+@friendly_errors
+def eval_(
+    cache: Optional[Path] = typer.Option(None, "--cache", "-c", help="Cache whose query/index rows (or all rows) are scored."),
+    run: Optional[Path] = typer.Option(None, "--run", "-r", help="A train-head run directory: its head makes the embeddings."),
+    zero_shot: Optional[ZeroShot] = typer.Option(None, help="No head: 'pooled' (feature averaged to 64 dims, the paper's baseline) or 'raw'. [default when no --run: pooled]"),
+    protocol: Protocol = typer.Option(Protocol.guiec, help="guiec: same label is relevant, mean over queries. uned: same label and domain, mean over domains."),
+    query_cache: Optional[Path] = typer.Option(None, help="Queries from this cache (all valid rows) instead of --cache's query split."),
+    index_cache: Optional[Path] = typer.Option(None, help="Index from this cache (all valid rows)."),
+    k: int = typer.Option(5, min=1, help="Neighbours scored per query (the @5)."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the scores to this JSON file."),
+    plot: Optional[Path] = typer.Option(None, help="Write neighbours.png and domains.png into this folder."),
+    max_memory: str = typer.Option("2GB", help="Bound on the search's temporary memory."),
+) -> None:
+    """Score retrieval: mMP@k (GUIEC), mAP@k (UnED) and R@1, overall and per domain, by exact search.
+
+    Without query/index splits every valid row is a query against all the others (itself excluded).
+    A domain with query rows but no index rows is its own index: its queries search each other, each
+    skipping itself (UnED's cars, SOP, iNat, Food2k, RP2K). A run's scores are also stored in its
+    directory, where `featcache runs` shows them.
+    """
+    from featcache.evaluate.protocols import EvalSet, run_eval
+
+    mem = parse_bytes(max_memory)
+    es = EvalSet.load(cache, query_cache, index_cache)
+    ev = run_eval(run=run, zero_shot=zero_shot.value if zero_shot else None, protocol=protocol.value, k=k,
+                  max_memory=mem, show=8 if plot else 0, eval_set=es)
+    results = {("run" if run else (zero_shot.value if zero_shot else "pooled")): ev.result}
+    if plot and run is not None:
+        results["zero-shot"] = run_eval(zero_shot="pooled", protocol=protocol.value, k=k, max_memory=mem, eval_set=es).result
+    out.print(scores_table(f"featcache eval ({protocol.value}, {ev.result['embeddings']})", results, k))
+    excluded = ev.result["overall"]["excluded"]
+    if excluded:
+        err.print(f"{excluded} queries have no relevant index row and are not scored.")
+    if json_file:
+        from featcache.train.runs import write_json
+
+        json_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json(json_file, ev.result)
+    if plot:
+        from featcache.evaluate.plots import write_plots
+
+        files = write_plots(ev, results, plot, f"mMP@{k}")
+        err.print("plots: " + ", ".join(str(f) for f in files))
+
+
+@app.command()
+@friendly_errors
+def runs(
+    folder: Path = typer.Argument(Path("runs"), help="Where to look for run directories (searched recursively)."),
+    json_out: bool = flag("--json", help="Print JSON instead of a table."),
+) -> None:
+    """List trained runs: loss, key options, epochs, training time and the latest mMP@5, to compare at a glance."""
+    from featcache.train.runs import list_runs
+
+    rows = list_runs(folder)
+    if json_out:
+        print_json(rows)
+        return
+    if not rows:
+        err.print(f"no runs under {folder}; train one with `featcache train-head`")
+        return
+    out.print(table(f"runs under {folder}", ["run", "loss", "options", "epochs", "train s", "mMP@5", "status"],
+                    [[r["run"], r["loss"], r["options"], r["epochs"], r["train_seconds"], r["mMP@5"], r["status"]] for r in rows],
+                    justify_numbers=False))
+
+

@@ -1,0 +1,248 @@
+"""``featcache models``, ``extract``, ``info`` and ``import``: stage one on the command line."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from featcache.cli.console import (
+    UserError,
+    err,
+    flag,
+    friendly_errors,
+    human_bytes,
+    out,
+    print_json,
+    progress_bar,
+    table,
+)
+
+app = typer.Typer()
+
+DEFAULT_CACHE_ROOT = Path("cache")
+
+
+class DType(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+def default_cache_path(manifest: Path, model: str) -> Path:
+    from featcache.cache import safe_name
+
+    return DEFAULT_CACHE_ROOT / manifest.stem / f"{safe_name(model)}.zarr"
+
+
+@app.command()
+@friendly_errors
+def models(json_out: bool = flag("--json", help="Print JSON instead of a table.")) -> None:
+    """List the backbone registry: short name, source, output dim, image size, vision parameters.
+
+    Any other open_clip or timm model works too, as [bold]open_clip:ARCH\\[@TAG][/] or [bold]timm:NAME[/].
+    """
+    from featcache.extract.backbones import describe_registry
+
+    rows = describe_registry()
+    if json_out:
+        print_json(rows)
+        return
+    out.print(table("Backbones (featcache extract --model NAME)", ["name", "source", "dim", "image size", "params (M)", "what"],
+                    [[r["name"], r["source"], r["dim"], r["image_size"], r["params_m"], r["summary"]] for r in rows]))
+    out.print("Also: open_clip:ARCH\\[@TAG] (see open_clip.list_models()) and timm:NAME. "
+              "Give --weights FILE to use a local checkpoint instead of a download.")
+
+
+@app.command(epilog="Example: featcache extract --model siglip-so400m --manifest manifests/m4d-35k.csv --root /data")
+@friendly_errors
+def extract(
+    model: str = typer.Option(..., "--model", "-m", help="Backbone: a name from `featcache models`, open_clip:ARCH\\[@TAG] or timm:NAME."),
+    manifest: Path = typer.Option(..., "--manifest", help="CSV with columns path,label[,domain,split,x1,y1,x2,y2]."),
+    root: Optional[Path] = typer.Option(None, help="Folder the manifest's relative paths start from. \\[default: the manifest's folder]"),
+    weights: Optional[Path] = typer.Option(None, help="Local checkpoint file to load instead of downloading the pretrained weights."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Cache to write. \\[default: cache/<manifest stem>/<model>.zarr]"),
+    dtype: DType = typer.Option(DType.float16, help="Storage type of the features."),
+    batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
+    workers: Optional[int] = typer.Option(None, min=0, help="DataLoader processes that decode images. \\[default: all cores on GPU, half on CPU]"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda[:N]. \\[default: cuda when available]"),
+    precision: Optional[Precision] = typer.Option(None, help="Autocast precision of the model. \\[default: bf16 on GPU, fp32 on CPU]"),
+    chunk_rows: Optional[int] = typer.Option(None, min=1, help="Rows per Zarr chunk, the unit of resume. \\[default: about 4 MB per chunk]"),
+    overwrite: bool = flag(help="Replace an existing cache at --out, even a different one."),
+    quiet: bool = flag("--quiet", "-q", help="No progress bar."),
+    json_out: bool = flag("--json", help="Print the summary as JSON."),
+) -> None:
+    """Run a frozen backbone once over a manifest's images and store the embeddings in a Zarr cache.
+
+    Interrupted runs (Ctrl-C, a kill, a crash) continue where they stopped: run the same command again.
+    Images that are missing or cannot be decoded do not stop the run; they become failure rows
+    (see [bold]featcache info[/]). Under [bold]torchrun --nproc-per-node N -m featcache extract ...[/]
+    every rank writes its own chunks of the same store.
+    """
+    from featcache.devices import default_precision, default_workers, resolve_device
+    from featcache.extract.backbones import create_backbone
+    from featcache.extract.pipeline import Dist, Progress, run_extract
+    from featcache.manifest import read_manifest
+
+    dist = Dist.from_env()
+    dev = dist.local_device(resolve_device(device))
+    prec = precision.value if precision else default_precision(dev)
+    workers = default_workers(dev) if workers is None else workers
+    m = read_manifest(manifest, root)
+    target = out_path or default_cache_path(manifest, model)
+    dist.init(dev)
+    show = dist.coordinator and not quiet and not json_out
+    try:
+        backbone = create_backbone(model, weights, dev)
+        bar = progress_bar("img", field="failed", disable=not show)
+        with bar:
+            task = bar.add_task(f"extract {model}", total=None, failed=0)
+
+            def update(p: Progress) -> None:
+                bar.update(task, total=p.total, completed=p.done, failed=p.failed)
+
+            try:
+                result = run_extract(m, backbone, target, dtype=dtype.value, batch_size=batch_size, workers=workers,
+                                     device=dev, precision=prec, chunk_rows=chunk_rows, overwrite=overwrite,
+                                     progress=Progress(update=update), dist=dist)
+            except KeyboardInterrupt:
+                _report_interrupted(target)
+                raise typer.Exit(130) from None
+    finally:
+        dist.close()
+    if not dist.coordinator:
+        return
+    from featcache.cache import FeatureCache
+
+    summary = FeatureCache.open(target).summary()
+    report = {
+        "cache": str(target),
+        "skipped": result.skipped,
+        "rows": summary["rows"],
+        "valid": summary["valid"],
+        "failed": summary["failed"],
+        "failure_reasons": summary["failure_reasons"],
+        "rows_this_run": result.rows_this_run,
+        "seconds": round(result.seconds, 3),
+        "images_per_second": round(result.rows_this_run / result.seconds, 1) if result.seconds and result.rows_this_run else None,
+        "write_seconds": round(result.write_seconds, 3),
+        "dim": summary["dim"],
+        "dtype": summary["dtype"],
+        "key": summary["key"],
+        "bytes_on_disk": summary["bytes_on_disk"],
+    }
+    if json_out:
+        print_json(report)
+        return
+    if result.skipped:
+        err.print(f"{target} is already complete for this manifest and model: nothing to do.")
+    rows = [
+        ["cache", str(target)],
+        ["rows", report["rows"]],
+        ["valid", report["valid"]],
+        ["failed", report["failed"]],
+        *[[f"  {reason}", count] for reason, count in report["failure_reasons"].items()],
+        ["extracted this run", report["rows_this_run"]],
+        ["seconds", report["seconds"]],
+        ["images/s", report["images_per_second"]],
+        ["features", f"{report['rows']:,} x {report['dim']} {report['dtype']}"],
+        ["size on disk", human_bytes(report["bytes_on_disk"])],
+    ]
+    out.print(table("featcache extract", ["", "value"], rows))
+    if report["failed"]:
+        err.print(f"{report['failed']} images failed; `featcache info {target}` lists them.")
+
+
+def _report_interrupted(target: Path) -> None:
+    try:
+        from featcache.cache import FeatureCache
+
+        done = FeatureCache.open(target).chunk_done()
+        err.print(f"[yellow]interrupted:[/] {int(done.sum())} of {done.size} chunks are done in {target}; "
+                  "run the same command again to continue.")
+    except Exception:
+        err.print("[yellow]interrupted[/] before the cache was created.")
+
+
+@app.command()
+@friendly_errors
+def info(
+    cache: Path = typer.Argument(..., help="A cache written by `featcache extract` or `featcache import`."),
+    json_out: bool = flag("--json", help="Print JSON instead of tables."),
+) -> None:
+    """Show a cache's provenance, rows per split and domain, failures, and size on disk."""
+    from featcache.cache import FeatureCache
+
+    s = FeatureCache.open(cache).summary()
+    if json_out:
+        print_json(s)
+        return
+    b = s["backbone"]
+    status = "complete" if s["complete"] else f"INCOMPLETE ({s['chunks_done']} of {s['chunks']} chunks done)"
+    out.print(table(f"{cache}", ["", "value"], [
+        ["status", status],
+        ["key", s["key"]],
+        ["backbone", f"{b['name']} ({b['library']}:{b['arch']}{'@' + b['pretrained'] if b.get('pretrained') and b['library'] == 'open_clip' else ''})"],
+        ["weights", b["weights"]],
+        ["preprocessing", ", ".join(f"{k}={v}" for k, v in s["preprocessing"].items() if k != "library")],
+        ["precision", s["precision"]],
+        ["features", f"{s['rows']:,} x {s['dim']} {s['dtype']}"],
+        ["classes", s["classes"]],
+        ["valid / failed", f"{s['valid']:,} / {s['failed']:,}"],
+        ["manifest", s["manifest"]],
+        ["created", s["created"]],
+        ["featcache", s["featcache_version"]],
+        ["size on disk", human_bytes(s["bytes_on_disk"])],
+    ]))
+    for what in ("splits", "domains"):
+        out.print(table(None, [what[:-1], "rows", "valid"], [[k, v["rows"], v["valid"]] for k, v in s[what].items()]))
+    if s["failed"]:
+        out.print(table(f"failures ({s['failed']})", ["row", "path", "reason"],
+                        [[f["row"], f["path"], f["reason"]] for f in s["failed_rows"]], justify_numbers=False))
+        if s["failed"] > len(s["failed_rows"]):
+            out.print(f"... and {s['failed'] - len(s['failed_rows'])} more (--json lists the first 20 too; "
+                      "read the `failures` array for all).")
+
+
+@app.command("import")
+@friendly_errors
+def import_(
+    features: Path = typer.Option(..., "--features", help="A .npy array (rows, dim): row i belongs to manifest row i."),
+    manifest: Path = typer.Option(..., "--manifest", help="The manifest the rows come from."),
+    out_path: Path = typer.Option(..., "--out", help="Cache to write."),
+    dtype: DType = typer.Option(DType.float16, help="Storage type of the features."),
+    chunk_rows: Optional[int] = typer.Option(None, min=1, help="Rows per Zarr chunk. \\[default: about 4 MB per chunk]"),
+    overwrite: bool = flag(help="Replace an existing cache at --out."),
+    json_out: bool = flag("--json", help="Print the cache's attributes as JSON."),
+) -> None:
+    """Build a cache from embeddings computed elsewhere, so the rest of featcache can use them.
+
+    Example: featcache import --features feats.npy --manifest train.csv --out cache/train/mine.zarr
+    """
+    import numpy as np
+
+    from featcache.cache import import_features
+    from featcache.extract.backbones import file_sha256
+    from featcache.manifest import read_manifest
+
+    if not features.is_file():
+        raise UserError(f"--features {features}: file not found")
+    try:
+        arr = np.load(features, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise UserError(f"--features {features}: not a .npy array ({e})") from None
+    meta = import_features(arr, read_manifest(manifest), out_path, source=str(features), source_sha256=file_sha256(features),
+                           dtype=dtype.value, chunk_rows=chunk_rows, overwrite=overwrite)
+    if json_out:
+        print_json(meta)
+    else:
+        out.print(f"wrote {out_path}: {meta['rows']:,} x {meta['dim']} {meta['dtype']} (key {meta['key']})")
+
+

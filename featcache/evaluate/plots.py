@@ -1,0 +1,82 @@
+"""Pictures of an evaluation: neighbours framed by relevance, and per-domain scores against a baseline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+
+from featcache.evaluate.protocols import EvalOutput
+from featcache.images import ImageFailure, load_image
+from featcache.manifest import resolve
+
+THUMB = 112
+BORDER = 6
+GREEN, RED, BLUE, GREY = (40, 170, 60), (210, 40, 40), (40, 90, 200), (200, 200, 200)
+
+
+def _thumb(root: Path, path: str, colour: tuple[int, int, int]) -> Image.Image:
+    try:
+        im = ImageOps.pad(load_image(resolve(root, path)), (THUMB - 2 * BORDER, THUMB - 2 * BORDER), color=(255, 255, 255))
+    except ImageFailure:
+        im = Image.new("RGB", (THUMB - 2 * BORDER, THUMB - 2 * BORDER), GREY)
+    return ImageOps.expand(im, border=BORDER, fill=colour)
+
+
+def neighbours_grid(ev: EvalOutput, dest: Path) -> Path:
+    """One row per shown query: the query (blue frame), then its top-k neighbours, green if relevant, red if not."""
+    q_root, i_root = Path(ev.queries.cache.meta["root"]), Path(ev.index.cache.meta["root"])
+    q_paths, i_paths = ev.queries.cache.strings("paths"), ev.index.cache.strings("paths")
+    rows, k = ev.neighbours.shape
+    gap, label_h = 12, 18
+    sheet = Image.new("RGB", ((k + 1) * THUMB + gap, rows * (THUMB + label_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r in range(rows):
+        y = r * (THUMB + label_h)
+        sheet.paste(_thumb(q_root, q_paths[ev.queries.rows[r]], BLUE), (0, y))
+        draw.text((2, y + THUMB + 2), f"query: {ev.queries.labels[r]}"[:18], fill="black")
+        for j in range(k):
+            pos = ev.neighbours[r, j]
+            x = gap + (j + 1) * THUMB
+            sheet.paste(_thumb(i_root, i_paths[ev.index.rows[pos]], GREEN if ev.relevant[r, j] else RED), (x, y))
+            draw.text((x + 2, y + THUMB + 2), str(ev.index.labels[pos])[:18], fill="black")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(dest)
+    return dest
+
+
+def domain_scores(results: dict[str, dict], dest: Path, metric: str = "mMP@5") -> Path:
+    """Grouped bars: ``metric`` per domain (and overall) for each named result, e.g. run vs zero-shot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    domains = sorted({d for r in results.values() for d in r["domains"]})
+    groups = ["overall", *domains] if len(domains) > 1 else domains
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(groups) * len(names) + 1.5), 3.6), dpi=120)
+    for i, name in enumerate(names):
+        r = results[name]
+        values = [r["overall"][metric] if g == "overall" else r["domains"].get(g, {}).get(metric, np.nan) for g in groups]
+        x = np.arange(len(groups)) + (i - (len(names) - 1) / 2) * width
+        bars = ax.bar(x, values, width, label=name)
+        ax.bar_label(bars, fmt="%.3f", fontsize=8, padding=2)
+    ax.set_xticks(np.arange(len(groups)), groups)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per domain ({results[names[0]]['protocol']} protocol)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(names), fontsize=8, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(dest)
+    plt.close(fig)
+    return dest
+
+
+def write_plots(ev: EvalOutput, results: dict[str, dict], folder: Path, metric: str = "mMP@5") -> list[Path]:
+    """``neighbours.png`` (``ev``'s shown queries) and ``domains.png`` (``results`` side by side) in ``folder``."""
+    return [neighbours_grid(ev, folder / "neighbours.png"), domain_scores(results, folder / "domains.png", metric)]

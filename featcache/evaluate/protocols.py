@@ -1,0 +1,314 @@
+"""Stage three: score embeddings made from a cache (a trained head, or a zero-shot baseline).
+
+Queries and index come from the cache's ``splits`` (``query``/``index``), or from two caches. With
+neither, every valid row is a query against all other valid rows, itself excluded by row identity.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featcache.cache import FeatureCache, feature_space
+from featcache.evaluate.metrics import evaluate, query_metrics, summarize
+from featcache.evaluate.search import l2_normalize, search
+from featcache.train.runs import EVAL, Run, RunError, write_json
+
+ZERO_SHOT = ("pooled", "raw")
+POOLED_DIM = 64
+
+
+class EvalError(ValueError):
+    """Inputs that cannot be evaluated; the message says which and why."""
+
+
+def pooled(features: np.ndarray, dim: int = POOLED_DIM) -> np.ndarray:
+    """The paper's zero-shot baseline: the feature averaged in consecutive groups down to ``dim`` values
+    (1152 -> 64 averages 18 dims each; sizes that do not divide evenly get groups differing by one)."""
+    d = features.shape[1]
+    if d <= dim:
+        return features.astype(np.float32)
+    edges = np.linspace(0, d, dim + 1).round().astype(int)
+    sums = np.add.reduceat(features.astype(np.float32), edges[:-1], axis=1)
+    return sums / np.diff(edges)[None, :]
+
+
+@dataclass
+class Side:
+    """One side of the search: the rows of a cache that are queries (or index)."""
+
+    cache: FeatureCache
+    rows: np.ndarray  # int row numbers into the cache
+    labels: np.ndarray  # class names (str), comparable across caches
+    domains: np.ndarray
+
+    @classmethod
+    def of(cls, cache: FeatureCache, mask: np.ndarray) -> "Side":
+        rows = np.flatnonzero(mask)
+        classes = cache.classes()
+        return cls(cache, rows, classes[cache.labels()[rows]], cache.strings("domains")[rows])
+
+
+def select(cache: FeatureCache, query_cache: FeatureCache | None, index_cache: FeatureCache | None):
+    """(queries, index, self_ids): the two sides and, where a query is itself an index row, that row.
+
+    ``self_ids`` is None when no query is in the index, else an int array with -1 for queries that
+    are not. Within one cache, a domain that has query rows but no index rows is its own index: its
+    queries search each other (each skipping itself) as well as the other domains' index rows. That
+    is how UnED scores cars, SOP, iNat, Food2k and RP2K, whose test images are query and index at once.
+    """
+    if (query_cache is None) != (index_cache is None):
+        raise EvalError("give both --query-cache and --index-cache, or neither")
+    if query_cache is not None:
+        return Side.of(query_cache, query_cache.valid()), Side.of(index_cache, index_cache.valid()), None
+    valid, splits, domains = cache.valid(), cache.strings("splits"), cache.strings("domains")
+    has_q, has_i = (splits == "query").any(), (splits == "index").any()
+    if has_q and has_i:
+        q = valid & (splits == "query")
+        self_index = q & ~np.isin(domains, np.unique(domains[splits == "index"]))
+        queries = Side.of(cache, q)
+        index = Side.of(cache, valid & ((splits == "index") | self_index))
+        if not self_index.any():
+            return queries, index, None
+        # positions of the self-indexed queries in the index (both sides are in row order)
+        self_ids = np.full(len(queries.rows), -1, dtype=np.int64)
+        in_index = np.isin(queries.rows, index.rows)
+        self_ids[in_index] = np.searchsorted(index.rows, queries.rows[in_index])
+        return queries, index, self_ids
+    if has_q or has_i:
+        raise EvalError(f"{cache.path}: has {'query' if has_q else 'index'} rows but no {'index' if has_q else 'query'} rows")
+    both = Side.of(cache, valid)
+    return both, both, np.arange(len(both.rows), dtype=np.int64)
+
+
+MULTI_LABEL_SEP = "|"  # a query label "a|b" is relevant to index rows labelled a or b (UnED's GLDv2 queries)
+
+
+def scores(xq, queries: Side, xb, index: Side, self_ids, protocol: str, k: int, max_memory: int) -> dict[str, Any]:
+    """``retrieval.evaluate``, extended to queries that are only partly index rows (``self_ids`` -1 for the
+    others) and to multi-label queries: each kind is scored on its own against the same index, then merged."""
+    multi = np.fromiter((MULTI_LABEL_SEP in str(x) for x in queries.labels), dtype=bool, count=len(queries.labels))
+    ids = np.full(len(queries.rows), -1, dtype=np.int64) if self_ids is None else self_ids
+    parts = []
+    for group in (~multi & (ids < 0), ~multi & (ids >= 0)):
+        if group.any():
+            xg = xq if group.all() else xq[group]  # the same array object lets evaluate() normalise it once
+            parts.append(evaluate(xg, queries.labels[group], xb, index.labels, query_domains=queries.domains[group],
+                                  index_domains=index.domains, self_ids=ids[group] if (ids[group] >= 0).all() else None,
+                                  protocol=protocol, k=k, max_memory=max_memory))
+    if multi.any():
+        parts.append(multi_label_scores(xq[multi], queries.labels[multi], queries.domains[multi], xb, index,
+                                        ids[multi], protocol, k, max_memory))
+    return merge_scores(parts, protocol, k) if multi.any() or len(parts) > 1 else parts[0]
+
+
+def multi_label_scores(xq, labels, domains, xb, index: Side, self_ids, protocol: str, k: int, max_memory: int) -> dict[str, Any]:
+    """Per-domain scores of queries with several labels ("a|b"): a neighbour is relevant when its label is
+    one of them (and, under uned, its domain is the query's). Index rows carry one label each."""
+    neighbours = neighbours_of(xq, xb, k, self_ids, max_memory)
+    same_domain = protocol == "uned"
+    counts = Counter(zip(index.domains, index.labels)) if same_domain else Counter(index.labels)
+    rel = np.zeros(neighbours.shape, dtype=bool)
+    n_rel = np.zeros(len(labels), dtype=np.int64)
+    for i, (label, dom) in enumerate(zip(labels, domains)):
+        wanted = set(str(label).split(MULTI_LABEL_SEP))
+
+        def relevant(j: int) -> bool:
+            return index.labels[j] in wanted and (not same_domain or index.domains[j] == dom)
+
+        rel[i] = [relevant(j) for j in neighbours[i]]
+        n_rel[i] = sum(counts[(dom, lab) if same_domain else lab] for lab in wanted)
+        if self_ids[i] >= 0 and relevant(self_ids[i]):
+            n_rel[i] -= 1
+    m = query_metrics(rel, n_rel)
+    out = {str(dom): summarize(m, domains == dom, k) for dom in dict.fromkeys(domains)}
+    return {"protocol": protocol, "k": k, "overall": {}, "domains": out}
+
+
+def neighbours_of(xq, xb, k: int, self_ids, max_memory: int) -> np.ndarray:
+    """Top-k index positions per query; ``self_ids`` as in ``scores`` (-1: the query is not in the index)."""
+    qn, bn = l2_normalize(xq), l2_normalize(xb)
+    if self_ids is None or (self_ids >= 0).all():
+        return search(qn, bn, k, self_ids=self_ids, max_memory=max_memory)[1]
+    out = np.zeros((len(qn), k), dtype=np.int64)
+    for group, ids in ((self_ids < 0, None), (self_ids >= 0, self_ids)):
+        if group.any():
+            out[group] = search(qn[group], bn, k, self_ids=None if ids is None else ids[group], max_memory=max_memory)[1]
+    return out
+
+
+def merge_scores(parts: list[dict[str, Any]], protocol: str, k: int) -> dict[str, Any]:
+    """Scores of disjoint query sets as one. Within a domain both protocols average over queries, so
+    parts of one domain merge by query-weighted means; overall is the micro mean (guiec) or the mean
+    of the domains (uned)."""
+    names = (f"mMP@{k}", f"mAP@{k}", "R@1")
+    domains: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for d, v in part["domains"].items():
+            if d not in domains:
+                domains[d] = dict(v)
+                continue
+            a = domains[d]
+            n = a["queries"] + v["queries"]
+            for m in names:
+                a[m] = (np.nan_to_num(a[m]) * a["queries"] + np.nan_to_num(v[m]) * v["queries"]) / n if n else float("nan")
+            a["queries"], a["excluded"] = n, a["excluded"] + v["excluded"]
+    scored = [v for v in domains.values() if v["queries"] > 0]
+    total = sum(v["queries"] for v in scored)
+    if protocol == "uned":
+        overall = {m: float(np.mean([v[m] for v in scored])) if scored else float("nan") for m in names}
+    else:
+        overall = {m: float(sum(v[m] * v["queries"] for v in scored) / total) if total else float("nan") for m in names}
+    overall["queries"] = total
+    overall["excluded"] = sum(v["excluded"] for v in domains.values())
+    return {"protocol": protocol, "k": k, "overall": overall, "domains": domains}
+
+
+def check_run_fits(run: Run, cache: FeatureCache) -> None:
+    want = run.config["cache"].get("feature_space", {})
+    have = feature_space(cache.meta)
+    if run.config["head"]["in_dim"] != cache.dim:
+        raise EvalError(f"{run.path}: the head takes {run.config['head']['in_dim']}-d features but {cache.path} holds {cache.dim}-d")
+    if want and want != have:
+        diffs = [k for k in ("backbone", "preprocessing", "precision") if want.get(k) != have.get(k)]
+        wb, hb = want.get("backbone", {}), have["backbone"]
+        raise EvalError(
+            f"{run.path} was trained on features of {wb.get('library')}:{wb.get('arch')} ({wb.get('weights')}), "
+            f"but {cache.path} holds {hb.get('library')}:{hb.get('arch')} ({hb.get('weights')}); differs in {', '.join(diffs)}"
+        )
+
+
+def embed(features: np.ndarray, run: Run | None, zero_shot: str | None) -> np.ndarray:
+    if run is not None:
+        return run.embed(features)
+    if zero_shot == "pooled":
+        return pooled(features)
+    if zero_shot == "raw":
+        return features.astype(np.float32)
+    raise EvalError(f"unknown zero-shot mode {zero_shot!r}; expected one of {', '.join(ZERO_SHOT)}")
+
+
+@dataclass
+class EvalSet:
+    """Queries and index with their features read once: any number of heads can be scored against it
+    (``sweep`` does, for every head it trains)."""
+
+    queries: Side
+    index: Side
+    self_ids: np.ndarray | None
+    caches: list[FeatureCache]
+    source: Any  # what the result records as its "cache"
+    query_features: np.ndarray
+    index_features: np.ndarray | None  # None: the index is the query set itself
+
+    @classmethod
+    def load(cls, cache_path=None, query_cache=None, index_cache=None) -> "EvalSet":
+        main = FeatureCache.open(cache_path) if cache_path is not None else None
+        qc = FeatureCache.open(query_cache) if query_cache is not None else None
+        ic = FeatureCache.open(index_cache) if index_cache is not None else None
+        if main is None and qc is None:
+            raise EvalError("give --cache, or --query-cache and --index-cache")
+        caches = [c for c in (main, qc, ic) if c is not None]
+        for c in caches:
+            c.require_complete()
+        queries, index, self_ids = select(main, qc, ic)
+        if len(queries.rows) == 0:
+            raise EvalError("the query set is empty (no valid query rows)")
+        if len(index.rows) == 0:
+            raise EvalError("the index set is empty (no valid index rows)")
+        same = index.rows is queries.rows
+        source = str(cache_path) if cache_path is not None else {"query": str(query_cache), "index": str(index_cache)}
+        return cls(queries, index, self_ids, caches, source, queries.cache.features(queries.rows),
+                   None if same else index.cache.features(index.rows))
+
+
+@dataclass
+class EvalOutput:
+    result: dict[str, Any]
+    queries: Side  # with ``show``: only the shown queries
+    index: Side
+    neighbours: np.ndarray  # (S, k) positions into index.rows, for the S shown queries
+    relevant: np.ndarray  # (S, k) bool
+
+
+def run_eval(
+    cache_path: str | Path | None = None,
+    *,
+    run: Run | str | Path | None = None,
+    zero_shot: str | None = None,
+    protocol: str = "guiec",
+    query_cache: str | Path | None = None,
+    index_cache: str | Path | None = None,
+    k: int = 5,
+    max_memory: int = 2 << 30,
+    show: int = 0,
+    eval_set: EvalSet | None = None,
+) -> EvalOutput:
+    """Score a run's head (or a zero-shot baseline) on a cache's queries and index; ``eval_set`` reuses
+    features already loaded. With ``show`` > 0, also keep the top-k neighbours of ``show`` queries (for plots)."""
+    if run is not None and zero_shot is not None:
+        raise EvalError("give --run or --zero-shot, not both")
+    if run is None and zero_shot is None:
+        zero_shot = "pooled"
+    run = Run.load(run) if run is not None and not isinstance(run, Run) else run
+    es = eval_set or EvalSet.load(cache_path, query_cache, index_cache)
+    if run is not None:
+        for c in es.caches:
+            check_run_fits(run, c)
+    queries, index, self_ids = es.queries, es.index, es.self_ids
+    available = len(index.rows) - (1 if self_ids is not None else 0)
+    if k > available:
+        raise EvalError(f"--k {k} is larger than the index ({available} rows{' besides the query itself' if self_ids is not None else ''})")
+    xq = embed(es.query_features, run, zero_shot)
+    xb = xq if es.index_features is None else embed(es.index_features, run, zero_shot)
+    bad = int((~np.isfinite(xq)).any(axis=1).sum() + (0 if xb is xq else (~np.isfinite(xb)).any(axis=1).sum()))
+    if bad:
+        raise EvalError(f"{bad} embeddings are NaN or infinite; the head or the cache is broken")
+    result = scores(xq, queries, xb, index, self_ids, protocol, k, max_memory)
+    result["embeddings"] = f"run {run.path}" if run is not None else f"zero-shot {zero_shot}"
+    result["cache"] = es.source
+    neighbours = np.zeros((0, k), dtype=np.int64)
+    relevant = np.zeros((0, k), dtype=bool)
+    if show:
+        picked = np.linspace(0, len(queries.rows) - 1, min(show, len(queries.rows))).round().astype(np.int64)
+        ids = self_ids[picked] if self_ids is not None else None
+        neighbours = neighbours_of(xq[picked], xb, k, ids, max_memory)
+        queries = Side(queries.cache, queries.rows[picked], queries.labels[picked], queries.domains[picked])
+        relevant = np.array([[index.labels[j] in set(str(lab).split(MULTI_LABEL_SEP))
+                              and (protocol != "uned" or index.domains[j] == dom) for j in row]
+                             for row, lab, dom in zip(neighbours, queries.labels, queries.domains)], dtype=bool).reshape(neighbours.shape)
+    if run is not None:
+        write_json(run.path / EVAL, result)
+    return EvalOutput(result, queries, index, neighbours, relevant)
+
+
+
+@dataclass
+class RunScorer:
+    """Scores run directories on one evaluation set, read once: what a sweep calls after every head."""
+
+    eval_set: EvalSet
+    source: str
+    metric: str = "mMP@5"
+
+    def __call__(self, run: str | Path) -> dict[str, Any]:
+        return run_eval(run=run, eval_set=self.eval_set).result
+
+
+def sweep_scorer(cache: str | Path, eval_cache: str | Path | None = None) -> RunScorer | None:
+    """A scorer on ``eval_cache`` (or ``cache``) when it has query and index rows; None when ``cache``
+    has none (nothing to score on); an error when the ``eval_cache`` given has none."""
+    target = eval_cache or cache
+    splits = FeatureCache.open(target).strings("splits")
+    if not ((splits == "query").any() and (splits == "index").any()):
+        if eval_cache is not None:
+            raise EvalError(f"--eval-cache {eval_cache}: has no query/index split to score on")
+        return None
+    return RunScorer(EvalSet.load(target), str(target))
+
+
+__all__ = ["run_eval", "EvalSet", "RunScorer", "sweep_scorer", "pooled", "EvalError", "RunError", "ZERO_SHOT"]

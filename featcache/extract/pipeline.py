@@ -1,0 +1,338 @@
+"""Stage one: run a frozen backbone once over a manifest and write its features into a cache.
+
+Work is split by whole chunks: chunk k (rows k*C .. (k+1)*C) belongs to rank k mod W. A rank decodes
+its rows in DataLoader workers, runs the model, fills a chunk buffer, and hands each finished chunk to
+a writer thread that writes ``features``/``valid``/``failures`` for exactly that chunk, fsyncs it, and
+only then sets ``chunk_done[k]``. Running the same command again redoes every chunk not flagged done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import zarr
+from torch.utils.data import DataLoader, Dataset
+
+from featcache.cache import (
+    ATTRS,
+    CacheError,
+    FeatureCache,
+    build_meta,
+    create_store,
+    default_rows_per_chunk,
+    fsync_chunk_files,
+    key_differences,
+    mark_complete,
+    remove_partial_files,
+)
+from featcache.extract.backbones import Backbone
+from featcache.images import ImageFailure, load_image
+from featcache.manifest import Manifest
+
+MAX_PENDING_WRITES = 4
+
+
+class ImageRows(Dataset):
+    """Manifest rows to (row, image tensor or None, failure reason)."""
+
+    def __init__(self, manifest: Manifest, rows: np.ndarray, transform: Callable):
+        self.files = [str(manifest.resolve(i)) for i in rows]
+        self.boxes = [manifest.box(i) for i in rows]
+        self.rows = rows
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, j: int):
+        try:
+            image = self.transform(load_image(self.files[j], self.boxes[j]))
+            return int(self.rows[j]), image, ""
+        except ImageFailure as e:
+            return int(self.rows[j]), None, str(e)
+        except Exception as e:  # a transform that chokes on an odd image must not stop the run
+            return int(self.rows[j]), None, f"preprocessing error: {type(e).__name__}: {e}"
+
+
+def collate_rows(items):
+    rows = torch.tensor([r for r, _, _ in items], dtype=torch.int64)
+    ok = [i for i, (_, img, _) in enumerate(items) if img is not None]
+    images = torch.stack([items[i][1] for i in ok]) if ok else None
+    reasons = [reason for _, _, reason in items]
+    return rows, images, torch.tensor(ok, dtype=torch.int64), reasons
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def coordinator(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "Dist":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def local_device(self, device: str) -> str:
+        """The device this rank runs on: under torchrun with GPUs, its own (cuda:LOCAL_RANK)."""
+        if self.world > 1 and device.startswith("cuda"):
+            device = f"cuda:{self.local_rank}"
+            torch.cuda.set_device(device)
+        return device
+
+    def init(self, device: str) -> None:
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if device.startswith("cuda") else "gloo"
+            # Ranks can finish hours apart on uneven shares; the final barrier must wait for them.
+            torch.distributed.init_process_group(backend, timeout=_dt.timedelta(days=7))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def share(self, obj: Any) -> Any:
+        """The coordinator's value of ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+@dataclass
+class Progress:
+    """What the caller's progress display needs; ``update`` is called after every batch."""
+
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    update: Callable[["Progress"], None] = field(default=lambda p: None)
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    meta: dict[str, Any]
+    rows: int
+    rows_this_run: int
+    seconds: float
+    write_seconds: float
+    skipped: bool  # the store was already complete
+
+
+def prepare_store(out: Path, manifest: Manifest, meta: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    """Coordinator: create the store, or check that the one there is the same cache and clean it up."""
+    if out.exists() and not overwrite:
+        try:
+            existing = FeatureCache.open(out, mode="r")
+        except CacheError as e:
+            raise CacheError(f"{e}; pass --overwrite to replace it") from None
+        if existing.key != meta["key"]:
+            diffs = "; ".join(key_differences(existing.meta, meta))
+            raise CacheError(
+                f"{out} holds a different cache ({diffs}); pass --overwrite to replace it, or --out to write elsewhere"
+            )
+        remove_partial_files(out)  # the store's own chunking wins over --chunk-rows on resume
+        return dict(existing.meta)
+    create_store(out, manifest, meta)
+    return meta
+
+
+def run_extract(
+    manifest: Manifest,
+    backbone: Backbone,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "float16",
+    batch_size: int = 64,
+    workers: int = 0,
+    device: str = "cpu",
+    precision: str = "fp32",
+    chunk_rows: int | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    dist: Dist | None = None,
+) -> ExtractResult:
+    """Extract features for every row of ``manifest`` not yet done in the store at ``out``."""
+    out = Path(out)
+    dist = dist or Dist()
+    progress = progress or Progress()
+    start = time.perf_counter()
+    rows_per_chunk = chunk_rows or default_rows_per_chunk(backbone.dim, dtype)
+    meta = build_meta(manifest, backbone.describe(), backbone.preprocessing, dtype, precision, rows_per_chunk)
+
+    status: Any = None
+    if dist.coordinator:
+        try:
+            meta = prepare_store(out, manifest, meta, overwrite)
+        except CacheError as e:
+            status = e
+    status = dist.share(status)
+    if isinstance(status, Exception):
+        raise status
+    dist.barrier()
+
+    group = zarr.open_group(store=str(out), mode="r+", zarr_format=3)
+    meta = dict(group.attrs[ATTRS])
+    rows_per_chunk = meta["rows_per_chunk"]
+    if meta.get("complete"):
+        return ExtractResult(out, meta, len(manifest), 0, time.perf_counter() - start, 0.0, True)
+
+    n = len(manifest)
+    done = group["chunk_done"][:]
+    mine = [k for k in range(done.size) if k % dist.world == dist.rank and not done[k]]
+    rows = np.concatenate([np.arange(k * rows_per_chunk, min(n, (k + 1) * rows_per_chunk)) for k in mine]) if mine \
+        else np.zeros(0, dtype=np.int64)
+    progress.total = len(rows)
+    progress.update(progress)
+
+    writer = ChunkWriter(group, out, rows_per_chunk, n, backbone.dim, dtype)
+    try:
+        if len(rows):
+            _extract_rows(manifest, backbone, rows, writer, batch_size, workers, device, precision, progress)
+    finally:
+        writer.close()
+
+    dist.barrier()
+    final = {}
+    if dist.coordinator:
+        final = mark_complete(out)
+    final = dist.share(final)
+    elapsed = time.perf_counter() - start
+    return ExtractResult(out, final, n, int(progress.done), elapsed, writer.seconds, False)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def image_loader(manifest: Manifest, rows: np.ndarray, transform: Callable, batch_size: int, workers: int,
+                 device: torch.device) -> DataLoader:
+    """Decoding and preprocessing in ``workers`` processes, in row order, while the model runs."""
+    return DataLoader(
+        ImageRows(manifest, rows, transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_rows,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+
+
+def _extract_rows(manifest, backbone, rows, writer, batch_size, workers, device, precision, progress) -> None:
+    dev = torch.device(device)
+    loader = image_loader(manifest, rows, backbone.transform, batch_size, workers, dev)
+
+    def collect(batch_rows, feats, ok, reasons) -> None:
+        writer.add(batch_rows.numpy(), None if feats is None else feats.float().cpu().numpy(), ok.numpy(), reasons)
+        progress.done += len(batch_rows)
+        progress.failed += sum(1 for r in reasons if r)
+        progress.update(progress)
+
+    # One batch stays in flight: batch i is launched before batch i-1 is copied back, so a GPU never
+    # waits for the host's copy and bookkeeping.
+    in_flight = None
+    for batch_rows, images, ok, reasons in loader:
+        feats = None
+        if images is not None:
+            with torch.inference_mode(), _autocast(dev, precision):
+                feats = backbone(images.to(dev, non_blocking=True))
+        if in_flight is not None:
+            collect(*in_flight)
+        in_flight = (batch_rows, feats, ok, reasons)
+    if in_flight is not None:
+        collect(*in_flight)
+
+
+class ChunkWriter:
+    """Fills per-chunk buffers and writes each finished chunk from a background thread."""
+
+    def __init__(self, group: zarr.Group, path: Path, rows_per_chunk: int, n: int, dim: int, dtype: str):
+        self.group, self.path = group, path
+        self.rows_per_chunk, self.n, self.dim, self.dtype = rows_per_chunk, n, dim, np.dtype(dtype)
+        self.buffers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]] = {}
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featcache-writer")
+        self.pending: deque[Future] = deque()
+        self.seconds = 0.0
+
+    def _buffer(self, k: int):
+        if k not in self.buffers:
+            lo, hi = k * self.rows_per_chunk, min(self.n, (k + 1) * self.rows_per_chunk)
+            self.buffers[k] = (
+                np.zeros((hi - lo, self.dim), dtype=self.dtype),
+                np.zeros(hi - lo, dtype=bool),
+                np.full(hi - lo, "", dtype=object),
+                [hi - lo],
+            )
+        return self.buffers[k]
+
+    def add(self, rows: np.ndarray, feats: np.ndarray | None, ok: np.ndarray, reasons: list[str]) -> None:
+        ok_set = np.zeros(len(rows), dtype=bool)
+        ok_set[ok] = True
+        if feats is not None:
+            finite = np.isfinite(feats.astype(self.dtype)).all(axis=1)
+        j = 0
+        for i, row in enumerate(rows):
+            k = int(row) // self.rows_per_chunk
+            f, v, why, left = self._buffer(k)
+            local = int(row) - k * self.rows_per_chunk
+            if ok_set[i]:
+                if finite[j]:
+                    f[local] = feats[j]
+                    v[local] = True
+                else:
+                    why[local] = f"non-finite embedding (overflows {self.dtype.name}? try --dtype float32)"
+                j += 1
+            else:
+                why[local] = reasons[i]
+            left[0] -= 1
+            if left[0] == 0:
+                self._submit(k)
+
+    def _submit(self, k: int) -> None:
+        f, v, why, _ = self.buffers.pop(k)
+        while len(self.pending) >= MAX_PENDING_WRITES:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(self._write, k, f, v, why))
+
+    def _write(self, k: int, f: np.ndarray, v: np.ndarray, why: np.ndarray) -> None:
+        t = time.perf_counter()
+        lo = k * self.rows_per_chunk
+        sl = slice(lo, lo + len(v))
+        self.group["features"][sl] = f
+        self.group["valid"][sl] = v
+        self.group["failures"][sl] = why
+        fsync_chunk_files(self.path, k)
+        self.group["chunk_done"][k] = True
+        self.seconds += time.perf_counter() - t
+
+    def close(self) -> None:
+        """Wait for every submitted write (also on Ctrl-C, so finished chunks are kept)."""
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True)

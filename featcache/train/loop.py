@@ -1,0 +1,331 @@
+"""Stage two: train a projection head and its margin loss from a feature cache.
+
+The features are read from the cache once, into memory (RAM or GPU, in the cache's dtype) and cast
+per batch; the loop below is the whole training procedure: Adam with coupled weight decay, linear
+warm-up then cosine decay per iteration, the paper's defaults throughout.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from featcache import __version__
+from featcache.cache import CacheError, FeatureCache, feature_space
+from featcache.train.heads import ProjectionHead
+from featcache.train.losses import LOSSES, build_loss, canonical_name
+from featcache.train.runs import (
+    CLASS_WEIGHTS,
+    CONFIG,
+    HEAD,
+    METRICS,
+    STATE,
+    RunError,
+    save_tensors,
+    write_json,
+    write_text,
+)
+
+
+@dataclass
+class TrainOptions:
+    """Everything that decides the trained head. Defaults are the paper's recipe."""
+
+    loss: str = "subcenter-arcface"
+    loss_opts: dict[str, float] = field(default_factory=dict)  # scale, margin, sub_centers, ...; absent = loss default
+    embed_dim: int = 64
+    dropout: float = 0.2
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 2e-2
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    min_lr: float = 1e-3
+    seed: int = 42
+    device: str = "cpu"
+    precision: str = "fp32"  # of the class-logit matmul: fp32 or bf16
+    sample_classes: float = 1.0  # Partial FC: fraction of the non-batch classes used per step
+
+    def __post_init__(self) -> None:
+        """The training options, checked here once; the loss checks its own (``sample_classes`` is its
+        ``sample_fraction``, ``precision`` its matmul precision) when it is built (``check_options``)."""
+        for name, value, ok in [
+            ("--embed-dim", self.embed_dim, self.embed_dim >= 1),
+            ("--dropout", self.dropout, 0 <= self.dropout < 1),
+            ("--epochs", self.epochs, self.epochs >= 1),
+            ("--batch-size", self.batch_size, self.batch_size >= 1),
+            ("--lr", self.lr, self.lr > 0),
+            ("--min-lr", self.min_lr, 0 <= self.min_lr <= self.lr),
+            ("--weight-decay", self.weight_decay, self.weight_decay >= 0),
+            ("--warmup-epochs", self.warmup_epochs, 0 <= self.warmup_epochs <= self.epochs),
+        ]:
+            if not ok:
+                raise ValueError(f"{name} {value}: out of range")
+
+
+@dataclass
+class TrainData:
+    """The training rows of a cache, in memory: split == train and valid."""
+
+    features: torch.Tensor  # (N, D), the cache's dtype
+    labels: torch.Tensor  # (N,) int64, contiguous over the training classes
+    classes: list[str]  # training class names, indexed by label
+    cache_path: Path
+    cache_key: str
+    backbone: str
+    skipped_invalid: int
+    feature_space: dict[str, Any] = field(default_factory=dict)  # backbone + preprocessing: what the head fits
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels.cpu().numpy(), minlength=self.num_classes)
+
+
+def load_train_data(cache_path: str | Path, device: str = "cpu") -> TrainData:
+    """Read the cache's training rows once; refuse data that cannot train a head, with one line."""
+    cache = FeatureCache.open(cache_path)
+    cache.require_complete()
+    splits = cache.strings("splits")
+    valid = cache.valid()
+    train = splits == "train"
+    rows = train & valid
+    if not rows.any():
+        raise CacheError(f"{cache.path}: no valid training rows (split == train): nothing to train on")
+    feats = cache.features(rows)
+    bad = _non_finite_rows(feats)
+    if bad:
+        raise CacheError(f"{cache.path}: {bad} training rows have NaN or infinite features; re-extract with --dtype float32 or drop them")
+    labels = cache.labels()[rows]
+    classes, contiguous = np.unique(labels, return_inverse=True)
+    if len(classes) < 2:
+        raise CacheError(f"{cache.path}: the training rows hold a single class; a classification loss needs at least 2")
+    names = cache.classes()[classes]
+    return TrainData(
+        features=torch.from_numpy(np.ascontiguousarray(feats)).to(device),
+        labels=torch.from_numpy(contiguous.astype(np.int64)).to(device),
+        classes=[str(c) for c in names],
+        cache_path=cache.path,
+        cache_key=cache.key,
+        backbone=cache.meta["backbone"]["name"],
+        skipped_invalid=int((train & ~valid).sum()),
+        feature_space=feature_space(cache.meta),
+    )
+
+
+def _non_finite_rows(feats: np.ndarray, block: int = 1 << 16) -> int:
+    return int(sum((~np.isfinite(feats[i:i + block])).any(axis=1).sum() for i in range(0, len(feats), block)))
+
+
+def loss_hparams(options: TrainOptions, data: TrainData) -> dict[str, Any]:
+    """The options handed to ``build_loss``: the user's, plus Partial FC, precision and class counts."""
+    hp = {k: v for k, v in options.loss_opts.items() if v is not None}
+    hp["sample_fraction"] = options.sample_classes
+    hp["precision"] = options.precision
+    if "class_counts" in LOSSES[canonical_name(options.loss)].defaults:
+        hp["class_counts"] = data.class_counts()
+    return hp
+
+
+def check_options(options: TrainOptions, data: TrainData) -> None:
+    """The loss's options, checked without allocating anything (the loss is built on the meta device):
+    bad input stops here, before a run directory or a progress bar exists."""
+    with torch.device("meta"):
+        build_loss(options.loss, data.num_classes, options.embed_dim, **loss_hparams(options, data))
+
+
+def build_model(options: TrainOptions, data: TrainData) -> tuple[ProjectionHead, torch.nn.Module]:
+    """Head and loss, seeded; raises ValueError for impossible options before anything is written."""
+    torch.manual_seed(options.seed)
+    head = ProjectionHead(data.dim, options.embed_dim, options.dropout)
+    loss = build_loss(options.loss, data.num_classes, options.embed_dim, **loss_hparams(options, data))
+    return head.to(options.device), loss.to(options.device)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], options: TrainOptions) -> torch.optim.Adam:
+    """Adam with coupled weight decay; the fused kernel (one pass, no temporaries the size of the class
+    weights; 4x faster than the default on a CPU at M4D-35k size) on CPU and CUDA."""
+    return torch.optim.Adam(params, lr=options.lr, weight_decay=options.weight_decay, fused=True)
+
+
+def lr_at(it: int, total: int, steps_per_epoch: int, o: TrainOptions) -> float:
+    """Linear warm-up over ``warmup_epochs``, then cosine down to ``min_lr``, per iteration."""
+    warm = int(round(o.warmup_epochs * steps_per_epoch))
+    if it < warm:
+        return o.lr * (it + 1) / warm
+    progress = (it - warm) / max(1, total - warm)
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class StepInfo:
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    loss: torch.Tensor  # detached; reading it waits for the GPU, so read it only now and then
+
+
+@dataclass
+class TrainResult:
+    head: ProjectionHead
+    loss: torch.nn.Module
+    metrics: list[dict[str, Any]]
+    seconds: float
+    complete: bool
+    out: Path | None
+
+
+def train(
+    data: TrainData,
+    options: TrainOptions,
+    out: str | Path | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> TrainResult:
+    """Train a head; with ``out``, write the run directory as it goes (each finished epoch is kept)."""
+    head, loss_fn = build_model(options, data)
+    opt = make_optimizer([*head.parameters(), *loss_fn.parameters()], options)
+    order = torch.Generator().manual_seed(options.seed)
+    n = len(data.labels)
+    steps_per_epoch = math.ceil(n / options.batch_size)
+    total = options.epochs * steps_per_epoch
+    out = Path(out) if out is not None else None
+    config = _config(data, options, head)
+    metrics: list[dict[str, Any]] = []
+    start_epoch, seconds = 0, 0.0
+    if out is not None:
+        start_epoch, seconds, metrics = _open_run_dir(out, config, resume, overwrite, head, loss_fn, opt, order)
+
+    complete = start_epoch >= options.epochs
+    try:
+        for epoch in range(start_epoch, options.epochs):
+            t0 = time.perf_counter()
+            head.train()
+            loss_fn.train()
+            perm = torch.randperm(n, generator=order).to(options.device)
+            loss_sum = torch.zeros((), device=options.device)
+            correct = torch.zeros((), dtype=torch.int64, device=options.device)
+            for step in range(steps_per_epoch):
+                lr = lr_at(epoch * steps_per_epoch + step, total, steps_per_epoch, options)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                idx = perm[step * options.batch_size:(step + 1) * options.batch_size]
+                y = data.labels.index_select(0, idx)
+                opt.zero_grad(set_to_none=True)  # before the forward: last step's gradients are freed first
+                # index_select, not features[idx]: several times faster on a CPU
+                loss, hits = loss_fn.forward_with_hits(head(data.features.index_select(0, idx).float()), y)
+                loss.backward()
+                opt.step()
+                loss_sum += loss.detach() * len(idx)
+                correct += hits.sum()
+                if on_step is not None:
+                    on_step(StepInfo(epoch, step, steps_per_epoch, loss.detach()))
+            epoch_loss, epoch_correct = float(loss_sum), int(correct)  # waits for the GPU's queued work
+            epoch_seconds = time.perf_counter() - t0
+            seconds += epoch_seconds
+            metrics.append({
+                "epoch": epoch + 1,
+                "loss": round(epoch_loss / n, 6),
+                "train_acc": round(epoch_correct / n, 6),
+                "lr": lr,
+                "seconds": round(epoch_seconds, 4),
+            })
+            if out is not None:
+                _save_epoch(out, config, metrics, seconds, head, loss_fn, opt, order, done=epoch + 1 == options.epochs)
+        complete = True
+    except KeyboardInterrupt:
+        if out is None:
+            raise
+    head.eval()
+    loss_fn.eval()
+    return TrainResult(head, loss_fn, metrics, seconds, complete, out)
+
+
+def _config(data: TrainData, options: TrainOptions, head: ProjectionHead) -> dict[str, Any]:
+    spec = LOSSES[canonical_name(options.loss)]
+    resolved = {k: v for k, v in spec.defaults.items() if k != "class_counts"}
+    resolved.update({k: v for k, v in options.loss_opts.items() if v is not None})
+    resolved.update(sample_fraction=options.sample_classes, precision=options.precision)
+    return {
+        "featcache_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "complete": False,
+        "epochs_done": 0,
+        "cache": {"path": str(data.cache_path), "key": data.cache_key, "backbone": data.backbone, "dim": data.dim,
+                  "feature_space": data.feature_space},
+        "options": {**asdict(options), "loss": spec.name, "loss_opts": resolved},
+        "head": head.config(),
+        "data": {"train_rows": len(data.labels), "classes": data.num_classes, "skipped_invalid": data.skipped_invalid},
+        "train_seconds": 0.0,
+    }
+
+
+def _open_run_dir(out, config, resume, overwrite, head, loss_fn, opt, order):
+    """Create the run directory, or pick up its last finished epoch with ``resume``."""
+    if resume and (out / STATE).is_file():
+        old = json.loads((out / CONFIG).read_text())
+        if old["options"] != config["options"] or old["cache"]["key"] != config["cache"]["key"]:
+            raise RunError(f"{out}: was trained with other options or another cache; --resume needs the same command")
+        state = torch.load(out / STATE, weights_only=False)
+        head.load_state_dict(state["head"])
+        loss_fn.load_state_dict(state["loss"])
+        opt.load_state_dict(state["optimizer"])
+        order.set_state(state["order_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        metrics = [json.loads(x) for x in (out / METRICS).read_text().splitlines() if x.strip()]
+        config["created"] = old["created"]
+        return state["epoch"], old["train_seconds"], metrics[: state["epoch"]]
+    if resume and (out / CONFIG).is_file():
+        if json.loads((out / CONFIG).read_text()).get("complete"):
+            raise RunError(f"{out}: already complete; nothing to resume")
+        shutil.rmtree(out)  # stopped before its first epoch finished: nothing to keep, start over
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise RunError(f"{out} already exists; pass --overwrite to replace it, or --resume to continue it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / CONFIG, config)
+    (out / METRICS).write_text("")
+    return 0, 0.0, []
+
+
+def _save_epoch(out, config, metrics, seconds, head, loss_fn, opt, order, done: bool) -> None:
+    """Everything of a finished epoch, each file atomically; the head is usable after every epoch."""
+    save_tensors(out / HEAD, head.state_dict(), {"featcache": json.dumps(head.config())})
+    save_tensors(out / CLASS_WEIGHTS, loss_fn.state_dict())
+    write_text(out / METRICS, "".join(json.dumps(m) + "\n" for m in metrics))
+    if not done:
+        state = {
+            "epoch": len(metrics),
+            "head": head.state_dict(),
+            "loss": loss_fn.state_dict(),
+            "optimizer": opt.state_dict(),
+            "order_rng": order.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        torch.save(state, out / (STATE + ".tmp"))
+        (out / (STATE + ".tmp")).replace(out / STATE)
+    config.update(complete=done, epochs_done=len(metrics), train_seconds=round(seconds, 4))
+    write_json(out / CONFIG, config)
+    if done:  # only once config.json says complete: a crash in between leaves a resumable run
+        (out / STATE).unlink(missing_ok=True)

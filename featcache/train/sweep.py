@@ -1,0 +1,124 @@
+"""``featcache sweep``: many heads from one load of the features, scored as mean ± std over seeds.
+
+Scoring is given from outside (``evaluate.protocols.RunScorer``): training knows nothing of evaluation."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from featcache.train.loop import TrainOptions, check_options, load_train_data, train
+from featcache.train.losses import LOSSES, canonical_name
+from featcache.train.runs import write_json, write_text
+
+
+def grid(losses: list[str], loss_opts: dict[str, list], varied: dict[str, list], fixed: dict[str, Any]) -> list[TrainOptions]:
+    """Every combination; loss options a loss does not take are left out for it (no duplicates)."""
+    combos: list[TrainOptions] = []
+    seen = set()
+    for name in losses:
+        accepts = LOSSES[canonical_name(name)].defaults
+        opt_lists = {k: v for k, v in loss_opts.items() if v and k in accepts}
+        for opt_values in itertools.product(*opt_lists.values()):
+            for values in itertools.product(*varied.values()):
+                o = TrainOptions(loss=name, loss_opts=dict(zip(opt_lists, opt_values)), **dict(zip(varied, values)), **fixed)
+                ident = json.dumps([o.loss, o.loss_opts, *values], sort_keys=True)
+                if ident not in seen:
+                    seen.add(ident)
+                    combos.append(o)
+    return combos
+
+
+def label(o: TrainOptions, varied_keys: list[str]) -> str:
+    parts = [f"{k}={v}" for k, v in sorted(o.loss_opts.items())]
+    parts += [f"{k}={getattr(o, k)}" for k in varied_keys]
+    return " ".join(parts) or "defaults"
+
+
+def _mean_std(values: list[float]) -> str:
+    a = np.asarray(values, dtype=float)
+    return f"{a.mean():.4f}" if len(a) == 1 else f"{a.mean():.4f} ± {a.std(ddof=1):.4f}"
+
+
+class Scorer(Protocol):
+    """Scores a finished run directory: what a sweep calls after every head it trains. ``metric`` names
+    the score taken from ``result["overall"]``; ``source`` says what was scored (the eval cache)."""
+
+    metric: str
+    source: str
+
+    def __call__(self, run: Path) -> dict[str, Any]: ...
+
+
+def run_sweep(cache: Path, combos: list[TrainOptions], seeds: int, out: Path, score: Scorer | None = None,
+              on_run: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train every combination ``seeds`` times from one load of the features, scoring each run with
+    ``score`` when given; ``sweep.json`` and ``sweep.md`` in ``out`` hold the finished rows, also after Ctrl-C."""
+    if seeds < 1:
+        raise ValueError(f"--seeds {seeds}: need at least 1")
+    data = load_train_data(cache, combos[0].device if combos else "cpu")
+    for o in combos:
+        check_options(o, data)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} already exists and is not empty; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    varied_keys = [k for k in ("embed_dim", "dropout", "lr", "epochs", "batch_size") if len({getattr(o, k) for o in combos}) > 1]
+    metric = score.metric if score is not None else None
+    results: list[dict[str, Any]] = []
+    summary = {"cache": str(cache), "eval_cache": score.source if score is not None else None, "seeds": seeds,
+               "metric": metric, "complete": False, "results": results}
+    try:
+        _train_all(data, combos, seeds, out, score, varied_keys, results, on_run)
+        summary["complete"] = True
+    finally:  # also on Ctrl-C: the finished combinations are kept
+        write_json(out / "sweep.json", summary)
+        write_text(out / "sweep.md", markdown(summary))
+    return summary
+
+
+def _train_all(data, combos, seeds, out, score, varied_keys, results, on_run) -> None:
+    for i, base in enumerate(combos):
+        per_seed = []
+        for s in range(seeds):
+            o = replace(base, seed=42 + s)
+            name = f"{i:03d}-{o.loss}-seed{o.seed}"
+            if on_run:
+                on_run(name)
+            r = train(data, o, out / name)
+            if not r.complete:  # train() keeps an interrupted head; a sweep stops there
+                raise KeyboardInterrupt
+            entry = {"run": name, "seed": o.seed, "final_loss": r.metrics[-1]["loss"], "train_acc": r.metrics[-1]["train_acc"],
+                     "seconds": round(r.seconds, 3)}
+            if score is not None:
+                entry["eval"] = score(out / name)
+                entry[score.metric] = entry["eval"]["overall"][score.metric]
+            per_seed.append(entry)
+        row = {
+            "loss": base.loss,
+            "label": label(base, varied_keys),
+            "options": {"loss_opts": base.loss_opts, **{k: getattr(base, k) for k in varied_keys}},
+            "final_loss": _mean_std([e["final_loss"] for e in per_seed]),
+            "train_acc": _mean_std([e["train_acc"] for e in per_seed]),
+            "seconds": round(float(np.mean([e["seconds"] for e in per_seed])), 3),
+            "runs": per_seed,
+        }
+        if score is not None:
+            row[score.metric] = _mean_std([e[score.metric] for e in per_seed])
+        results.append(row)
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    metric = summary["metric"]
+    head = ["loss", "options", "final loss", "train acc", *([metric] if metric else []), "seconds"]
+    lines = [f"# featcache sweep on `{summary['cache']}`", "",
+             f"{summary['seeds']} seed(s) per row; values are mean ± std over seeds.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary["results"]:
+        cells = [r["loss"], r["label"], r["final_loss"], r["train_acc"], *([r[metric]] if metric else []), str(r["seconds"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
