@@ -53,6 +53,15 @@ def default_rows_per_chunk(dim: int, dtype: str) -> int:
     return max(1, 2 ** round(math.log2(max(1, TARGET_CHUNK_BYTES / row_bytes))))
 
 
+def file_sha256(path: str | os.PathLike, block: int = 1 << 24) -> str:
+    """The sha256 of a file's bytes (weights and imported arrays are recorded by it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def cache_key(meta: dict[str, Any]) -> str:
     payload = {k: meta[k] for k in KEY_FIELDS}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
@@ -359,3 +368,17 @@ def import_features(features: np.ndarray, manifest: Manifest, out: str | os.Path
     mark_complete(tmp)
     install(tmp, out)
     return FeatureCache.open(out).meta
+
+
+def import_npy(path: str | os.PathLike, manifest: Manifest, out: str | os.PathLike, *, dtype: str = "float16",
+               chunk_rows: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """:func:`import_features` from a ``.npy`` file (memory-mapped, never unpickled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CacheError(f"--features {path}: file not found")
+    try:
+        features = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise CacheError(f"--features {path}: not a .npy array ({e})") from None
+    return import_features(features, manifest, out, source=str(path), source_sha256=file_sha256(path), dtype=dtype,
+                           chunk_rows=chunk_rows, overwrite=overwrite)

@@ -108,5 +108,3 @@ def runs(
     out.print(table(f"runs under {folder}", ["run", "loss", "options", "epochs", "train s", "mMP@5", "status"],
                     [[r["run"], r["loss"], r["options"], r["epochs"], r["train_seconds"], r["mMP@5"], r["status"]] for r in rows],
                     justify_numbers=False))
-
-

@@ -9,7 +9,6 @@ from typing import Optional
 import typer
 
 from featcache.cli.console import (
-    UserError,
     err,
     flag,
     friendly_errors,
@@ -226,23 +225,11 @@ def import_(
 
     Example: featcache import --features feats.npy --manifest train.csv --out cache/train/mine.zarr
     """
-    import numpy as np
-
-    from featcache.cache import import_features
-    from featcache.extract.backbones import file_sha256
+    from featcache.cache import import_npy
     from featcache.manifest import read_manifest
 
-    if not features.is_file():
-        raise UserError(f"--features {features}: file not found")
-    try:
-        arr = np.load(features, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:
-        raise UserError(f"--features {features}: not a .npy array ({e})") from None
-    meta = import_features(arr, read_manifest(manifest), out_path, source=str(features), source_sha256=file_sha256(features),
-                           dtype=dtype.value, chunk_rows=chunk_rows, overwrite=overwrite)
+    meta = import_npy(features, read_manifest(manifest), out_path, dtype=dtype.value, chunk_rows=chunk_rows, overwrite=overwrite)
     if json_out:
         print_json(meta)
     else:
         out.print(f"wrote {out_path}: {meta['rows']:,} x {meta['dim']} {meta['dtype']} (key {meta['key']})")
-
-

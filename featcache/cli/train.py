@@ -194,5 +194,3 @@ def summary_table(summary: dict):
     for r in summary["results"]:
         rows.append([r["loss"], r["label"], r["final_loss"], r["train_acc"], *([r.get(metric, "-")] if metric else []), r["seconds"]])
     return table(f"featcache sweep ({summary['seeds']} seed{'s' if summary['seeds'] > 1 else ''} each)", cols, rows, justify_numbers=False)
-
-

@@ -286,7 +286,6 @@ def run_eval(
     return EvalOutput(result, queries, index, neighbours, relevant)
 
 
-
 @dataclass
 class RunScorer:
     """Scores run directories on one evaluation set, read once: what a sweep calls after every head."""

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from contextlib import contextmanager
 from typing import Any, Callable
 
@@ -14,14 +12,6 @@ from torch import nn
 from featcache.extract.backbones.registry import BackboneError, BackboneSpec
 
 RANDOM_INIT_SEED = 0
-
-
-def file_sha256(path: str | os.PathLike, block: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Backbone(nn.Module):

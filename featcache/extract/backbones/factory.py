@@ -25,6 +25,7 @@ def create_backbone(name: str, weights: str | os.PathLike | None = None, device:
             raise BackboneError(f"weights file not found: {weights}")
     return FAMILIES[spec.library].build(spec, weights, torch.device(device))
 
+
 def describe_registry() -> list[dict[str, Any]]:
     """One row per registry entry with output dim, image size and vision parameter count, computed
     from the architecture on the meta device (no weights are loaded or downloaded)."""

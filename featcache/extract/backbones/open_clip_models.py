@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
+from featcache.cache import file_sha256
 from featcache.extract.backbones.base import (
     RANDOM_INIT_SEED,
     Backbone,
-    file_sha256,
     missing_weights,
     quiet_library_logs,
 )
@@ -24,7 +24,6 @@ def register_local_configs() -> None:
 
     if "featcache-tiny-vit" not in open_clip.list_models():
         open_clip.add_model_config(_CONFIG_DIR)
-
 
 
 def resolve_preprocess(spec: BackboneSpec) -> dict[str, Any]:
@@ -109,8 +108,6 @@ def build(spec: BackboneSpec, weights: Path | None, device: torch.device) -> Bac
         return model(images) if visual_only else model.encode_image(images, normalize=False)
 
     return Backbone(spec, model, encode, transform, preprocessing, weights_id, tuple(size))
-
-
 
 
 def meta_facts(spec: BackboneSpec) -> tuple[int, tuple[int, int], torch.nn.Module]:

@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
+from featcache.cache import file_sha256
 from featcache.extract.backbones.base import (
     RANDOM_INIT_SEED,
     Backbone,
-    file_sha256,
     missing_weights,
     quiet_library_logs,
 )
@@ -56,8 +56,6 @@ def build(spec: BackboneSpec, weights: Path | None, device: torch.device) -> Bac
         "std": list(data_cfg["std"]),
     }
     return Backbone(spec, model, lambda images: model(images), transform, preprocessing, weights_id, size)
-
-
 
 
 def meta_facts(spec: BackboneSpec) -> tuple[int, tuple[int, int], torch.nn.Module]:

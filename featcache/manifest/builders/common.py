@@ -175,5 +175,3 @@ def check_unique(table: CsvTable, name: str, values: list[str]) -> None:
 def single_split(paths: list[str], labels: list[str], domain: str, boxes: np.ndarray | None = None) -> Rows:
     n = len(paths)
     return Rows(paths, labels, [domain] * n, [DEFAULT_SPLIT] * n, boxes)
-
-

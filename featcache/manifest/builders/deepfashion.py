@@ -68,6 +68,5 @@ def deepfashion_c2s(root: str | os.PathLike, *, domain: str = "apparel", partiti
     return Rows(paths, labels, [domain] * len(paths), [where[p][2] for p in paths])
 
 
-
 SOURCE = Builder("deepfashion-c2s", deepfashion_c2s, "DeepFashion consumer-to-shop (domain apparel)",
                  "Eval/list_eval_partition.txt, img/")

@@ -23,6 +23,7 @@ from featcache.manifest.schema import Rows
 HEX_DIGITS = b"0123456789abcdefABCDEF"
 DIGITS = b"0123456789"
 
+
 def gldv2(root: str | os.PathLike, *, domain: str = "landmarks", annotations: str | None = None) -> Rows:
     """GLDv2: ``train.csv`` (``id,url,landmark_id``; the 2021 Kaggle copy has ``id,landmark_id``) or
     ``train_clean.csv`` (``landmark_id,images`` with space-separated ids); label = landmark id.
@@ -65,7 +66,6 @@ def gldv2(root: str | os.PathLike, *, domain: str = "landmarks", annotations: st
     return single_split(paths, prefix_labels(domain, landmarks), domain)
 
 
-
 def gldv2_image_paths(image_ids: Iterable[str], folder: str = "train") -> list[str]:
     """GLDv2 keeps image ``abc123...`` at ``train/a/b/c/abc123....jpg`` (its id's first three characters)."""
     return [f"{folder}/{i[0]}/{i[1]}/{i[2]}/{i}.jpg" for i in image_ids]
@@ -94,7 +94,6 @@ def _peek_header(path: Path) -> list[str]:
     require_file(path, "GLDv2 annotations: train.csv (id,url,landmark_id) or train_clean.csv (landmark_id,images)")
     with path.open(newline="", encoding="utf-8-sig") as f:
         return [h.strip() for h in next(csv.reader(f), [])]
-
 
 
 SOURCE = Builder("gldv2", gldv2, "Google Landmarks v2 (domain landmarks)",

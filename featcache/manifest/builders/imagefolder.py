@@ -47,5 +47,4 @@ def imagefolder(root: str | os.PathLike, *, domain: str | None = None) -> Rows:
     return rows
 
 
-
 SOURCE = Builder("imagefolder", imagefolder, "a folder per class (domain = folder name)", "CLASS/*.jpg")

@@ -31,5 +31,4 @@ def products10k(root: str | os.PathLike, *, domain: str = "products") -> Rows:
     return single_split(paths, prefix_labels(domain, classes), domain)
 
 
-
 SOURCE = Builder("products10k", products10k, "Products-10k (domain products)", "train.csv (name,class,group), train/")

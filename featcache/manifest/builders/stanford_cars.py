@@ -168,6 +168,5 @@ def _numbered_rows(reader) -> Iterable[tuple[int, list[str]]]:
             yield reader.line_num, row
 
 
-
 SOURCE = Builder("stanford-cars", stanford_cars, "Stanford Cars devkit (domain cars)",
                  "[devkit/]cars_meta.mat, cars_train_annos.mat, cars_test_annos_withlabels.mat, cars_train/, cars_test/")

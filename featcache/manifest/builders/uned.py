@@ -126,5 +126,4 @@ def _rp2k_on_disk(images: Path, path: str) -> str:
     return escaped if (images / escaped).exists() else path
 
 
-
 SOURCE = Builder("uned", uned, "UnED benchmark splits (8 domains)", "info_files/<domain>/{train,val,test,index}.json, images/")

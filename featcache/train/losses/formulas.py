@@ -34,7 +34,6 @@ _ACOS_CLAMP = 1.0 - 1e-7
 _ADAFACE_EPS = 1e-3
 
 
-
 def _cos_plus(cos: Tensor, margin: float | Tensor) -> Tensor:
     """cos(θ + m) by the angle-sum identity, with sin θ = sqrt(1 − cos²θ) (no acos)."""
     margin = torch.as_tensor(margin, dtype=cos.dtype, device=cos.device)
@@ -51,7 +50,6 @@ def _arc_target(cos: Tensor, margin: float | Tensor) -> Tensor:
     margin = torch.as_tensor(margin, dtype=cos.dtype, device=cos.device)
     past_pi = cos <= torch.cos(math.pi - margin)
     return torch.where(past_pi, cos - margin * torch.sin(margin), _cos_plus(cos, margin))
-
 
 
 class SoftmaxLoss(MarginSoftmaxLoss):

@@ -37,7 +37,6 @@ def _spec(cls: type[MarginSoftmaxLoss]) -> LossSpec:
     return LossSpec(cls.name, cls, {**own, **_COMMON_DEFAULTS}, cls.summary)
 
 
-
 LOSSES: dict[str, LossSpec] = {
     cls.name: _spec(cls)
     for cls in (
