@@ -334,10 +334,13 @@ def mark_complete(path: str | os.PathLike, extra: dict[str, Any] | None = None) 
 
 def import_features(features: np.ndarray, manifest: Manifest, out: str | os.PathLike, *, source: str,
                     source_sha256: str, dtype: str = "float16", chunk_rows: int | None = None,
-                    overwrite: bool = False) -> dict[str, Any]:
-    """Build a cache from embeddings computed elsewhere: row i of ``features`` is row i of ``manifest``.
+                    overwrite: bool = False, missing: np.ndarray | None = None,
+                    missing_reason: str = "no embedding") -> dict[str, Any]:
+    """Build a cache from embeddings computed elsewhere: row i of ``features`` (anything sliced by rows
+    into an (n, dim) array) is row i of ``manifest``.
 
-    Rows that are not finite (or overflow ``dtype``) are stored as failures, like undecodable images.
+    Rows that are not finite (or overflow ``dtype``) are stored as failures, like undecodable images;
+    so are the rows flagged in ``missing`` (bool, one per manifest row), with ``missing_reason``.
     """
     out = Path(out)
     if features.ndim != 2 or features.shape[1] < 1:
@@ -361,9 +364,13 @@ def import_features(features: np.ndarray, manifest: Manifest, out: str | os.Path
         sl = slice(k * rows, min(len(manifest), (k + 1) * rows))
         block = np.asarray(features[sl], dtype=np.float32).astype(dtype)
         ok = np.isfinite(block).all(axis=1)
+        reasons = np.where(ok, "", f"non-finite embedding in {Path(source).name}")
+        if missing is not None:
+            ok &= ~missing[sl]
+            reasons = np.where(missing[sl], missing_reason, reasons)
         group["features"][sl] = np.where(ok[:, None], block, 0)
         group["valid"][sl] = ok
-        group["failures"][sl] = np.where(ok, "", f"non-finite embedding in {Path(source).name}").astype(object)
+        group["failures"][sl] = reasons.astype(object)
         group["chunk_done"][k] = True
     mark_complete(tmp)
     install(tmp, out)

@@ -79,8 +79,9 @@ def test_imports_run_from_the_cli_down_to_cache_and_manifest():
         "extract": {"cache", "images", "manifest"},
         "train": {"cache", "manifest"},
         "evaluate": {"cache", "images", "manifest", "train"},
-        "demo": {"cache", "devices", "extract", "train", "evaluate", "manifest"},
-        "cli": {"cache", "devices", "extract", "train", "evaluate", "manifest", "images", "demo"},
+        "deploy": {"cache", "devices", "extract", "train", "evaluate", "manifest", "images"},
+        "demo": {"cache", "devices", "extract", "train", "evaluate", "deploy", "manifest"},
+        "cli": {"cache", "devices", "extract", "train", "evaluate", "deploy", "manifest", "images", "demo"},
     }
     wrong = []
     for m, edges in import_graph().items():

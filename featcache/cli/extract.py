@@ -213,8 +213,9 @@ def info(
 @app.command("import")
 @friendly_errors
 def import_(
-    features: Path = typer.Option(..., "--features", help="A .npy array (rows, dim): row i belongs to manifest row i."),
+    features: Path = typer.Option(..., "--features", help="A .npy array (rows, dim), row i for manifest row i; or a folder in the LAION layout (img_emb/img_emb_{i}.npy + metadata/metadata_{i}.parquet), matched by image_path."),
     manifest: Path = typer.Option(..., "--manifest", help="The manifest the rows come from."),
+    root: Optional[Path] = typer.Option(None, help="Folder the manifest's relative paths start from (to match absolute image_path values). \\[default: the manifest's folder]"),
     out_path: Path = typer.Option(..., "--out", help="Cache to write."),
     dtype: DType = typer.Option(DType.float16, help="Storage type of the features."),
     chunk_rows: Optional[int] = typer.Option(None, min=1, help="Rows per Zarr chunk. \\[default: about 4 MB per chunk]"),
@@ -223,13 +224,28 @@ def import_(
 ) -> None:
     """Build a cache from embeddings computed elsewhere, so the rest of featcache can use them.
 
+    From a .npy array, row i is manifest row i. From a folder in the LAION ecosystem's layout (what
+    clip-retrieval and `featcache export-embeddings` write), rows are matched to the manifest by
+    image_path, in any order and any number of shards; manifest rows without an embedding become
+    invalid rows, and embeddings of paths not in the manifest are counted.
+
     Example: featcache import --features feats.npy --manifest train.csv --out cache/train/mine.zarr
     """
-    from featcache.cache import import_npy
     from featcache.manifest import read_manifest
 
-    meta = import_npy(features, read_manifest(manifest), out_path, dtype=dtype.value, chunk_rows=chunk_rows, overwrite=overwrite)
+    m = read_manifest(manifest, root)
+    if features.is_dir():
+        from featcache.deploy.embeddings import import_embeddings
+
+        meta = import_embeddings(features, m, out_path, dtype=dtype.value, chunk_rows=chunk_rows, overwrite=overwrite)
+    else:
+        from featcache.cache import import_npy
+
+        meta = import_npy(features, m, out_path, dtype=dtype.value, chunk_rows=chunk_rows, overwrite=overwrite)
     if json_out:
         print_json(meta)
-    else:
-        out.print(f"wrote {out_path}: {meta['rows']:,} x {meta['dim']} {meta['dtype']} (key {meta['key']})")
+        return
+    out.print(f"wrote {out_path}: {meta['rows']:,} x {meta['dim']} {meta['dtype']} (key {meta['key']})")
+    if "matched" in meta:
+        err.print(f"matched {meta['matched']:,} manifest rows; {meta['missing']:,} have no embedding in {features} "
+                  f"(invalid rows); {meta['extra']:,} embeddings name paths that are not in {manifest}")

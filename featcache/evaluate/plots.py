@@ -46,6 +46,29 @@ def neighbours_grid(ev: EvalOutput, dest: Path) -> Path:
     return dest
 
 
+def search_grid(results: list[dict], dest: Path) -> Path:
+    """One row per query of ``featcache search``: the query (blue frame), then its neighbours, each with its
+    label and cosine score."""
+    rows = len(results)
+    k = max((len(r["neighbours"]) for r in results), default=0)
+    gap, label_h = 12, 30
+    sheet = Image.new("RGB", ((k + 1) * THUMB + gap, max(1, rows) * (THUMB + label_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    here = Path(".")
+    for r, result in enumerate(results):
+        y = r * (THUMB + label_h)
+        sheet.paste(_thumb(here, result["query"], BLUE), (0, y))
+        draw.text((2, y + THUMB + 2), Path(result["query"]).name[:18], fill="black")
+        for j, n in enumerate(result["neighbours"]):
+            x = gap + (j + 1) * THUMB
+            sheet.paste(_thumb(here, n["path"], GREY), (x, y))
+            draw.text((x + 2, y + THUMB + 2), str(n["label"])[:18], fill="black")
+            draw.text((x + 2, y + THUMB + 15), f"{n['score']:.3f}", fill="black")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(dest)
+    return dest
+
+
 def domain_scores(results: dict[str, dict], dest: Path, metric: str = "mMP@5") -> Path:
     """Grouped bars: ``metric`` per domain (and overall) for each named result, e.g. run vs zero-shot."""
     import matplotlib

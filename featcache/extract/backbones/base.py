@@ -22,7 +22,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.spec = spec
         self.model = model.eval().requires_grad_(False)
-        self._encode = encode
+        self._encode = encode  # encode(model, images): the model is passed in, so copies (.to(dtype)) use their own
         self.transform = transform
         self.preprocessing = preprocessing
         self.weights = weights  # what the weights are: "sha256:<hex>", "hub:<id>" or "random-init(seed=0)"
@@ -30,7 +30,7 @@ class Backbone(nn.Module):
         self.dim = self._probe_dim()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self._encode(images)
+        return self._encode(self.model, images)
 
     @torch.inference_mode()
     def _probe_dim(self) -> int:

@@ -104,7 +104,7 @@ def build(spec: BackboneSpec, weights: Path | None, device: torch.device) -> Bac
     if visual_only:
         model = model.visual
 
-    def encode(images: torch.Tensor) -> torch.Tensor:
+    def encode(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
         return model(images) if visual_only else model.encode_image(images, normalize=False)
 
     return Backbone(spec, model, encode, transform, preprocessing, weights_id, tuple(size))

@@ -55,7 +55,7 @@ def build(spec: BackboneSpec, weights: Path | None, device: torch.device) -> Bac
         "mean": list(data_cfg["mean"]),
         "std": list(data_cfg["std"]),
     }
-    return Backbone(spec, model, lambda images: model(images), transform, preprocessing, weights_id, size)
+    return Backbone(spec, model, lambda model, images: model(images), transform, preprocessing, weights_id, size)
 
 
 def meta_facts(spec: BackboneSpec) -> tuple[int, tuple[int, int], torch.nn.Module]:

@@ -1,0 +1,163 @@
+"""``featcache export``, ``index``, ``search`` and ``export-embeddings``: the trained model outside featcache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from featcache.cli.console import err, flag, friendly_errors, human_bytes, out, print_json, progress_bar, table
+
+app = typer.Typer()
+
+
+@app.command(epilog="Example: featcache export --run runs/paper --weights open_clip_pytorch_model.bin --out submission.zip")
+@friendly_errors
+def export(
+    run: Path = typer.Option(..., "--run", "-r", help="A finished train-head run directory."),
+    out_path: Path = typer.Option(..., "--out", help="Model file; its suffix picks the format: .pt (TorchScript), .zip (GUIEC submission), .onnx."),
+    weights: Optional[Path] = typer.Option(None, help="The backbone's weights file; its sha256 must be the one the run's cache recorded. \\[needed when the cache was extracted from a local file]"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda: where the model is traced. \\[default: cpu]"),
+    precision: str = typer.Option("fp32", help="Weights of the exported model: fp32, fp16 or bf16."),
+    json_out: bool = flag("--json", help="Print the result as JSON."),
+) -> None:
+    """Export a trained run as one model file: the backbone, rebuilt exactly as its cache recorded it, joined with the head.
+
+    [bold].pt[/]: TorchScript; takes (B, 3, H, W) RGB images, float 0..255 or uint8, any size; does the
+    backbone's own preprocessing inside and returns L2-normalised embeddings. Needs torch alone.
+    [bold].zip[/]: the GUIEC submission (saved_model.pt inside; at most 64 dims).
+    [bold].onnx[/]: the preprocessed (B, 3, S, S) input, with preprocess.json beside it.
+    Ends with a self-check on a probe image against the eager pipeline.
+    """
+    from featcache.deploy.export import export as run_export
+    from featcache.devices import resolve_device
+
+    result = run_export(run, out_path, weights=weights, device=resolve_device(device or "cpu"), precision=precision)
+    report = {"out": str(result.path), "format": result.format, "bytes": result.bytes, "dim": result.dim,
+              "self_check": result.check}
+    if result.format == ".onnx":
+        report["preprocess"] = str(result.path.with_name("preprocess.json"))
+    if json_out:
+        print_json(report)
+        return
+    check = result.check
+    agreement = f"cosine {check['cosine']:.6f}" if "cosine" in check else f"max |diff| {check['max_abs_diff']:.2e}"
+    out.print(f"wrote {result.path} ({human_bytes(result.bytes)}, {result.dim}-d embeddings)")
+    err.print(f"self-check: {agreement} against the pipeline on a {check['probe']} (needs "
+              f"{'>=' if 'cosine' in check else '<='} {check['floor']})")
+
+
+@app.command(epilog="Example: featcache index --cache cache/demo/tiny-vit.zarr --run runs/demo --out runs/demo/index")
+@friendly_errors
+def index(
+    cache: Path = typer.Option(..., "--cache", "-c", help="The collection: every valid row of this cache."),
+    run: Optional[Path] = typer.Option(None, "--run", "-r", help="Embed the rows with this run's head. \\[default: the raw features]"),
+    out_path: Path = typer.Option(..., "--out", help="Index directory to write."),
+    ivf: Optional[int] = typer.Option(None, help="An IVF index with this many lists instead of exact search."),
+    nprobe: Optional[int] = typer.Option(None, help="IVF lists searched per query. \\[default: lists / 16]"),
+    hnsw: Optional[int] = typer.Option(None, help="An HNSW graph with this many links per node instead of exact search."),
+    overwrite: bool = flag(help="Replace an index already at --out."),
+    json_out: bool = flag("--json", help="Print index.json's content as JSON."),
+) -> None:
+    """Build a faiss index of a cache's rows (L2-normalised, inner product) for `featcache search`.
+
+    Exact (flat) by default; --ivf or --hnsw build an approximate index and report its recall@10
+    against exact search on a sample of the rows.
+    """
+    from featcache.deploy.index import build_index, index_spec
+
+    spec = index_spec(ivf, hnsw, nprobe)
+    with progress_bar("row", disable=json_out) as bar:
+        task = bar.add_task(f"index ({spec.kind})", total=None)
+        meta = build_index(cache, out_path, run=run, spec=spec, overwrite=overwrite,
+                           progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if json_out:
+        print_json(meta)
+        return
+    rows = [["index", str(out_path)], ["kind", ", ".join(f"{k}={v}" for k, v in meta["index"].items())],
+            ["rows", meta["rows"]], ["dim", meta["dim"]], ["embeddings", f"run {meta['run']}" if meta["run"] else "raw features"]]
+    if meta["recall_at_10"] is not None:
+        rows.append(["recall@10 vs exact", f"{meta['recall_at_10']:.4f} ({meta['recall_sample']} sampled rows)"])
+    out.print(table("featcache index", ["", "value"], rows))
+
+
+@app.command(epilog="Example: featcache search --index runs/demo/index manifests/demo/images/digit7_0007.png --k 5")
+@friendly_errors
+def search(
+    images: Optional[List[Path]] = typer.Argument(None, help="Query images."),
+    index_dir: Path = typer.Option(..., "--index", "-i", help="An index written by `featcache index`."),
+    k: int = typer.Option(10, "--k", min=1, help="Neighbours per query."),
+    weights: Optional[Path] = typer.Option(None, help="The backbone's weights file, when the index's cache was extracted from one."),
+    model: Optional[Path] = typer.Option(None, help="Embed the queries with this `featcache export` .pt (or .zip) instead of rebuilding backbone and head."),
+    query_cache: Optional[Path] = typer.Option(None, help="Search with every valid row of this cache instead of image files."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda. \\[default: cuda when available]"),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Write {queries: [{query, neighbours: [{path, label, score}]}]} to this file."),
+    plot: Optional[Path] = typer.Option(None, help="Draw each query beside its neighbours into this PNG."),
+    quiet: bool = flag("--quiet", "-q", help="No tables (with --json or --plot)."),
+) -> None:
+    """Find an index's nearest rows to query images, embedded exactly as the index's rows were.
+
+    Prints a table per query (rank, cosine score, path, label). An image that cannot be read gives one
+    line and the others go on.
+    """
+    from featcache.deploy.index import Index, search_cache, search_images
+    from featcache.devices import resolve_device
+
+    if bool(images) == (query_cache is not None):
+        raise typer.BadParameter("give query IMAGE files or --query-cache, not both (and not neither)")
+    idx = Index.open(index_dir)
+    failures: list[str] = []
+    if query_cache is not None:
+        results = search_cache(idx, query_cache, k=k)
+    else:
+        results, failures = search_images(idx, images, k=k, weights=weights, device=resolve_device(device), model=model)
+    for f in failures:
+        err.print(f"[yellow]skipped[/] {f}", highlight=False)
+    if not quiet:
+        for r in results[:20]:
+            out.print(table(f"query {r['query']}", ["rank", "score", "path", "label"],
+                            [[i + 1, n["score"], n["path"], n["label"]] for i, n in enumerate(r["neighbours"])],
+                            justify_numbers=False))
+        if len(results) > 20:
+            err.print(f"... and {len(results) - 20:,} more queries (--json writes them all)")
+    if json_file:
+        from featcache.train.runs import write_json
+
+        json_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json(json_file, {"queries": results})
+        err.print(f"wrote {json_file}")
+    if plot:
+        from featcache.evaluate.plots import search_grid
+
+        err.print(f"wrote {search_grid(results[:16], plot)}")
+    if failures and not results:
+        raise typer.Exit(1)
+
+
+@app.command("export-embeddings", epilog="Example: featcache export-embeddings --cache cache/demo/tiny-vit.zarr --run runs/demo --out embeddings/demo")
+@friendly_errors
+def export_embeddings(
+    cache: Path = typer.Option(..., "--cache", "-c", help="The cache whose valid rows are written."),
+    run: Optional[Path] = typer.Option(None, "--run", "-r", help="Write this run's L2-normalised head embeddings. \\[default: the raw features]"),
+    out_path: Path = typer.Option(..., "--out", help="Folder to write img_emb/ and metadata/ into."),
+    shard_rows: int = typer.Option(1_000_000, min=1, help="Rows per shard."),
+    overwrite: bool = flag(help="Replace embeddings that featcache wrote at --out before."),
+    json_out: bool = flag("--json", help="Print the result as JSON."),
+) -> None:
+    """Write embeddings in the LAION ecosystem's layout (clip-retrieval's; embedding-reader and autofaiss read it).
+
+    DIR/img_emb/img_emb_{i}.npy and DIR/metadata/metadata_{i}.parquet (image_path, label, domain, split),
+    shard i of both row-aligned. `featcache import --features DIR` reads it back.
+    """
+    from featcache.deploy.embeddings import export_embeddings as write
+
+    with progress_bar("row", disable=json_out) as bar:
+        task = bar.add_task("export-embeddings", total=None)
+        record = write(cache, out_path, run=run, shard_rows=shard_rows, overwrite=overwrite,
+                       progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if json_out:
+        print_json(record)
+        return
+    out.print(f"wrote {out_path}: {record['rows']:,} x {record['dim']} {record['dtype']} ({record['embeddings']}) "
+              f"in {record['shards']} shard(s)")

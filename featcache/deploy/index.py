@@ -1,0 +1,304 @@
+"""``featcache index`` and ``featcache search``: a collection as a faiss index, searched by image.
+
+An index directory holds
+- ``index.faiss``: the rows' embeddings (the run's head, or the raw features), L2-normalised, inner product;
+- ``rows.parquet``: per index row, the cache row it came from and its ``path``, ``label``, ``domain``, ``split``;
+- ``index.json``: what a query needs to be embedded the same way (the run directory, the backbone and
+  preprocessing the cache recorded, the cache key), the index kind and, for approximate kinds, their
+  recall@10 against exact search on a sample.
+
+Rows are embedded and added a block at a time, so memory stays bounded whatever the cache's size.
+Exact (flat) search is the default; ``ivf`` and ``hnsw`` only on request (DESIGN.md: on this data they
+trade a lot of recall for little time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from featcache import __version__
+from featcache.cache import FeatureCache, feature_space
+from featcache.deploy.embedder import DeployError, Embedder, rebuild_backbone
+from featcache.deploy.outputs import build_dir
+from featcache.evaluate.search import l2_normalize
+from featcache.images import ImageFailure, load_image
+from featcache.manifest import resolve
+from featcache.train.runs import Run
+
+INDEX_FILE, ROWS_FILE, META_FILE = "index.faiss", "rows.parquet", "index.json"
+FORMAT_VERSION = 1
+BLOCK_ROWS = 1 << 16
+RECALL_QUERIES = 1000
+RECALL_K = 10
+HNSW_EF_SEARCH = 128
+
+
+@dataclass
+class IndexSpec:
+    """Which faiss index: exact (``flat``), ``ivf`` with ``nlist`` lists (``nprobe`` searched), or ``hnsw``
+    with ``m`` links per node."""
+
+    kind: str = "flat"
+    nlist: int | None = None
+    nprobe: int | None = None
+    m: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def _empty_index(spec: IndexSpec, dim: int):
+    faiss = _faiss()
+    if spec.kind == "flat":
+        return faiss.IndexFlatIP(dim)
+    if spec.kind == "ivf":
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, spec.nlist, faiss.METRIC_INNER_PRODUCT)
+        index.nprobe = spec.nprobe
+        return index
+    if spec.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, spec.m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+        return index
+    raise DeployError(f"unknown index kind {spec.kind!r}; expected flat, ivf or hnsw")
+
+
+def index_spec(ivf: int | None = None, hnsw: int | None = None, nprobe: int | None = None) -> IndexSpec:
+    if ivf is not None and hnsw is not None:
+        raise DeployError("give --ivf or --hnsw, not both")
+    if ivf is not None:
+        if ivf < 1:
+            raise DeployError(f"--ivf {ivf}: the number of lists must be at least 1")
+        return IndexSpec("ivf", nlist=ivf, nprobe=min(ivf, nprobe or max(1, ivf // 16)))
+    if hnsw is not None:
+        if hnsw < 2:
+            raise DeployError(f"--hnsw {hnsw}: links per node must be at least 2")
+        return IndexSpec("hnsw", m=hnsw)
+    return IndexSpec()
+
+
+class _ExactTopK:
+    """Exact top-k of a few sample queries over every block added: the ground truth for recall@k."""
+
+    def __init__(self, queries: np.ndarray, k: int):
+        self.queries, self.k = queries, k
+        self.scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+        self.ids = np.zeros((len(queries), 0), dtype=np.int64)
+
+    def add(self, block: np.ndarray, first_id: int) -> None:
+        s = np.concatenate([self.scores, self.queries @ block.T], axis=1)
+        ids = np.concatenate([self.ids, np.broadcast_to(np.arange(first_id, first_id + len(block)), (len(s), len(block)))], axis=1)
+        keep = np.argsort(-s, axis=1, kind="stable")[:, : self.k]
+        self.scores, self.ids = np.take_along_axis(s, keep, 1), np.take_along_axis(ids, keep, 1)
+
+
+def build_index(cache_path: str | os.PathLike, out: str | os.PathLike, *, run: str | os.PathLike | None = None,
+                spec: IndexSpec | None = None, overwrite: bool = False, block_rows: int = BLOCK_ROWS,
+                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Index every valid row of a cache (embedded by ``run``'s head, or raw); returns ``index.json``'s content."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    spec = spec or IndexSpec()
+    out = Path(out)
+    cache = FeatureCache.open(cache_path)
+    cache.require_complete()
+    head_run = None
+    if run is not None:
+        head_run = Run.load(run)
+        want = head_run.config["cache"].get("feature_space")
+        if head_run.config["head"]["in_dim"] != cache.dim or (want and want != feature_space(cache.meta)):
+            raise DeployError(f"{head_run.path} was trained on other features than {cache.path} holds "
+                              f"({head_run.config['cache']['backbone']} vs {cache.meta['backbone']['name']})")
+    rows = np.flatnonzero(cache.valid())
+    if not len(rows):
+        raise DeployError(f"{cache.path}: no valid rows to index")
+    if spec.kind == "ivf" and spec.nlist > len(rows):
+        raise DeployError(f"--ivf {spec.nlist}: more lists than rows to index ({len(rows)})")
+
+    def embed(block: np.ndarray) -> np.ndarray:
+        return l2_normalize(head_run.embed(block) if head_run is not None else block)
+
+    dim = head_run.head.embed_dim if head_run is not None else cache.dim
+    index = _empty_index(spec, dim)
+    rng = np.random.default_rng(0)
+    approximate = spec.kind != "flat"
+    sample = np.sort(rng.choice(len(rows), min(RECALL_QUERIES, len(rows)), replace=False)) if approximate else None
+    truth = _ExactTopK(embed(cache.features(rows[sample])), min(RECALL_K, len(rows))) if approximate else None
+    if spec.kind == "ivf":
+        train = np.sort(rng.choice(len(rows), min(len(rows), max(39 * spec.nlist, 10_000)), replace=False))
+        index.train(embed(cache.features(rows[train])))
+    meta: dict[str, Any] = {}
+
+    def build(tmp: Path) -> None:
+        for lo in range(0, len(rows), block_rows):
+            block = embed(cache.features(rows[lo:lo + block_rows]))
+            index.add(block)
+            if truth is not None:
+                truth.add(block, lo)
+            if progress:
+                progress(min(len(rows), lo + block_rows), len(rows))
+        recall = None
+        if truth is not None:
+            _, found = index.search(truth.queries, truth.k)
+            recall = float(np.mean([len(set(a) & set(b)) / truth.k for a, b in zip(found, truth.ids)]))
+        _faiss().write_index(index, str(tmp / INDEX_FILE))
+        labels = cache.classes()[cache.labels()[rows]]
+        table = pa.table({
+            "row": pa.array(rows, pa.int64()),
+            "path": pa.array(cache.strings("paths")[rows].tolist(), pa.string()),
+            "label": pa.array([str(x) for x in labels], pa.string()),
+            "domain": pa.array(cache.strings("domains")[rows].tolist(), pa.string()),
+            "split": pa.array(cache.strings("splits")[rows].tolist(), pa.string()),
+        })
+        pq.write_table(table, tmp / ROWS_FILE)
+        meta.update({
+            "featcache_version": __version__,
+            "format_version": FORMAT_VERSION,
+            "index": spec.describe(),
+            "rows": int(len(rows)),
+            "dim": int(dim),
+            "metric": "inner product of L2-normalised embeddings (cosine)",
+            "embeddings": "run" if head_run is not None else "raw",
+            "run": str(head_run.path) if head_run is not None else None,
+            "cache": str(cache.path),
+            "cache_key": cache.key,
+            "root": cache.meta["root"],
+            "backbone": cache.meta["backbone"],
+            "preprocessing": cache.meta["preprocessing"],
+            "precision": cache.meta.get("precision"),
+            "recall_at_10": recall,
+            "recall_sample": len(sample) if sample is not None else None,
+        })
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    build_dir(out, overwrite, META_FILE, "an index", build)
+    return meta
+
+
+@dataclass
+class Index:
+    """An index directory, opened for search."""
+
+    path: Path
+    meta: dict[str, Any]
+    faiss_index: Any
+    rows: Any  # pyarrow Table: row, path, label, domain, split
+    run: Run | None = None
+    _embedder: Embedder | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Index":
+        import pyarrow.parquet as pq
+
+        path = Path(path)
+        if not (path / META_FILE).is_file():
+            raise DeployError(f"{path}: not a featcache index (no {META_FILE}); build one with `featcache index`")
+        meta = json.loads((path / META_FILE).read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise DeployError(f"{path}: index format {meta.get('format_version')}, this featcache reads {FORMAT_VERSION}")
+        rows = pq.read_table(path / ROWS_FILE)
+        index = _faiss().read_index(str(path / INDEX_FILE))
+        if index.ntotal != meta["rows"] or rows.num_rows != meta["rows"]:
+            raise DeployError(f"{path}: {INDEX_FILE} holds {index.ntotal} rows, {ROWS_FILE} {rows.num_rows}, "
+                              f"{META_FILE} says {meta['rows']}")
+        if "nprobe" in meta["index"]:
+            index.nprobe = meta["index"]["nprobe"]
+        if meta["index"]["kind"] == "hnsw":
+            index.hnsw.efSearch = HNSW_EF_SEARCH
+        run = None
+        if meta["run"] is not None:
+            run = Run.load(meta["run"])
+            if run.cache_key != meta["cache_key"]:
+                raise DeployError(f"{path}: its run {meta['run']} was retrained on another cache since the index was built")
+        return cls(path, meta, index, rows, run)
+
+    def embedder(self, weights=None, device: str = "cpu") -> Embedder:
+        """The backbone (rebuilt as the index recorded it) and the run's head: queries embedded like the rows."""
+        if self._embedder is None:
+            backbone = rebuild_backbone(self.meta, weights, device)
+            head = self.run.head.to(device).eval() if self.run is not None else None
+            self._embedder = Embedder(backbone, head, self.run, self.meta, device)
+        return self._embedder
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, positions) of the top ``k`` rows for L2-normalised queries (N, dim), best first."""
+        if queries.shape[1] != self.meta["dim"]:
+            raise DeployError(f"queries are {queries.shape[1]}-d, the index holds {self.meta['dim']}-d embeddings")
+        return self.faiss_index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, self.meta["rows"]))
+
+    def neighbours(self, scores: np.ndarray, positions: np.ndarray) -> list[dict[str, Any]]:
+        """The rows at ``positions`` (best first; faiss's -1 for "no more rows" dropped) with their scores."""
+        found = positions >= 0
+        picked = self.rows.take(positions[found]).select(["path", "label"]).to_pylist()
+        root = Path(self.meta["root"])
+        return [{"path": str(resolve(root, r["path"])), "label": r["label"], "score": float(s)}
+                for r, s in zip(picked, scores[found])]
+
+
+def search_images(index: Index, images: list[str | os.PathLike], *, k: int = 10, weights=None, device: str = "cpu",
+                  model: str | os.PathLike | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Neighbours of each image file; images that cannot be read are skipped and named in the second list.
+    With ``model`` (a file written by ``featcache export``), queries are embedded by that module instead
+    of the rebuilt backbone and head."""
+    embed = _module_embedder(index, model) if model is not None else index.embedder(weights, device).embed_images
+    results, failures = [], []
+    for path in images:
+        try:
+            image = load_image(path)
+        except ImageFailure as e:
+            failures.append(f"{path}: {e}")
+            continue
+        scores, positions = index.search(embed([image]), k)
+        results.append({"query": str(path), "neighbours": index.neighbours(scores[0], positions[0])})
+    return results, failures
+
+
+def _module_embedder(index: Index, model: str | os.PathLike) -> Callable[[list], np.ndarray]:
+    import torch
+
+    from featcache.deploy.export import image_tensor, load_torchscript, read_export_metadata
+
+    meta = read_export_metadata(model)
+    if meta.get("cache_key") != index.meta["cache_key"] or meta.get("run") != index.meta["run"]:
+        raise DeployError(f"--model {model} was exported from run {meta.get('run')} (cache {meta.get('cache_key')}), "
+                          f"the index holds run {index.meta['run']} (cache {index.meta['cache_key']})")
+    module = load_torchscript(model)
+
+    def embed(images: list) -> np.ndarray:
+        with torch.inference_mode():
+            return module(image_tensor(images)).float().numpy()
+
+    return embed
+
+
+def search_cache(index: Index, query_cache: str | os.PathLike, *, k: int = 10,
+                 block_rows: int = BLOCK_ROWS) -> list[dict[str, Any]]:
+    """Neighbours of every valid row of another cache, whose features must be the index's kind."""
+    cache = FeatureCache.open(query_cache)
+    cache.require_complete()
+    if feature_space(cache.meta) != feature_space(index.meta):
+        raise DeployError(f"--query-cache {cache.path}: its features ({cache.meta['backbone']['name']}) are not the "
+                          f"index's ({index.meta['backbone']['name']}); extract them with the same backbone")
+    rows = np.flatnonzero(cache.valid())
+    paths = cache.strings("paths")
+    root = Path(cache.meta["root"])
+    results = []
+    for lo in range(0, len(rows), block_rows):
+        block = cache.features(rows[lo:lo + block_rows])
+        queries = l2_normalize(index.run.embed(block) if index.run is not None else block)
+        scores, positions = index.search(queries, k)
+        for r, s, p in zip(rows[lo:lo + block_rows], scores, positions):
+            results.append({"query": str(resolve(root, paths[r])), "neighbours": index.neighbours(s, p)})
+    return results
