@@ -29,7 +29,6 @@ On an H200, the paper's loss at full size:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -45,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from machine import machine_facts, sync  # noqa: E402  (benchmarks/machine.py)
+from machine import machine_facts, peak_rss_bytes, reset_peak_rss, sync  # noqa: E402  (benchmarks/machine.py)
 
 from featcache.train.loop import TrainData, TrainOptions, build_model, make_optimizer, train  # noqa: E402
 from featcache.train.losses import loss_names  # noqa: E402
@@ -60,36 +59,6 @@ GB = 10**9
 
 
 # ------------------------------------------------------------------------------------------ machine
-
-
-def peak_rss_bytes() -> int:
-    """The process's peak resident set since start or the last ``reset_peak_rss``."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def reset_peak_rss() -> bool:
-    """Restart the peak-RSS count from the current RSS (Linux >= 4.0); False where that is impossible.
-
-    Freed heap memory is handed back to the system first (glibc's malloc_trim), so that what the floor
-    and Adam measurements freed does not count as the next training epoch's.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # ------------------------------------------------------------------------------------------ data

@@ -146,10 +146,36 @@ def test_demo_runs_offline_end_to_end(tmp_path, cli, monkeypatch):
     summary = json.loads(cli("demo", "--json").stdout)
     assert (tmp_path / "manifests" / "demo" / "digits.csv").is_file()
     assert len(list((tmp_path / "manifests" / "demo" / "images").glob("*.png"))) == 1797
-    for side in ("zero_shot", "trained_head"):
-        assert summary[side]["queries"] == 144 and 0 < summary[side]["mMP@5"] <= 1
+    seen, unseen = summary["scores"]["digits 0-5"], summary["scores"]["digits 6-9"]
+    assert seen["zero_shot"]["queries"] == seen["trained_head"]["queries"] == 54
+    assert unseen["zero_shot"]["queries"] == unseen["trained_head"]["queries"] == 144
+    # training works: on held-out images of the classes it was trained on, the head beats the baseline
+    assert seen["trained_head"]["mMP@5"] > seen["zero_shot"]["mMP@5"]
+    assert summary["trained_head"]["queries"] == 54 + 144 and 0 < summary["trained_head"]["mMP@5"] <= 1
     assert all((tmp_path / p).is_file() for p in summary["plots"])
     assert (tmp_path / "runs" / "demo" / "head.safetensors").is_file()
+    assert (tmp_path / summary["model"]).is_file() and (tmp_path / summary["index"] / "index.json").is_file()
+    # searched through the exported model: each query image is in the collection and finds itself first
+    for q in summary["search"]:
+        assert q["neighbours"][0]["path"] == q["query"] and q["neighbours"][0]["score"] > 0.999
+
+
+def test_domain_option_scores_one_domain_as_its_own_collection(tmp_path, cli):
+    # --domain keeps that domain's queries AND index rows: the same scores as a cache holding only them
+    x, y = blobs(6, 10, dim=12, noise=1.5, seed=4)
+    domains = np.where(y < 3, "a", "b")
+    splits = np.where(np.arange(len(y)) % 4 == 0, "query", "index")
+    both = make_cache(tmp_path, x, y, splits, domains, name="both")
+    only = make_cache(tmp_path, x[domains == "a"], y[domains == "a"], splits[domains == "a"], domains[domains == "a"], name="only")
+    cli("eval", "--cache", both, "--zero-shot", "raw", "--domain", "a", "--json", tmp_path / "a.json")
+    cli("eval", "--cache", only, "--zero-shot", "raw", "--json", tmp_path / "o.json")
+    got, want = read_json(tmp_path / "a.json"), read_json(tmp_path / "o.json")
+    assert got["overall"] == want["overall"] and list(got["domains"]) == ["a"]
+    mixed = make_cache(tmp_path, x, y, splits, domains, name="mixed")
+    cli("eval", "--cache", mixed, "--zero-shot", "raw", "--json", tmp_path / "m.json")
+    assert read_json(tmp_path / "m.json")["domains"]["a"]["queries"] == got["overall"]["queries"]
+    r = cli("eval", "--cache", both, "--zero-shot", "raw", "--domain", "c", code=2)
+    assert "--domain c: no such domain" in r.output
 
 
 def test_a_domain_without_index_rows_is_its_own_index(tmp_path, cli):

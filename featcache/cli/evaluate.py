@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -52,6 +52,7 @@ def eval_(
     protocol: Protocol = typer.Option(Protocol.guiec, help="guiec: same label is relevant, mean over queries. uned: same label and domain, mean over domains."),
     query_cache: Optional[Path] = typer.Option(None, help="Queries from this cache (all valid rows) instead of --cache's query split."),
     index_cache: Optional[Path] = typer.Option(None, help="Index from this cache (all valid rows)."),
+    domain: List[str] = typer.Option([], "--domain", help="Score only this domain's rows, queries and index (repeatable)."),
     k: int = typer.Option(5, min=1, help="Neighbours scored per query (the @5)."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the scores to this JSON file."),
     plot: Optional[Path] = typer.Option(None, help="Write neighbours.png and domains.png into this folder."),
@@ -67,7 +68,7 @@ def eval_(
     from featcache.evaluate.protocols import EvalSet, run_eval
 
     mem = parse_bytes(max_memory)
-    es = EvalSet.load(cache, query_cache, index_cache)
+    es = EvalSet.load(cache, query_cache, index_cache, domain)
     ev = run_eval(run=run, zero_shot=zero_shot.value if zero_shot else None, protocol=protocol.value, k=k,
                   max_memory=mem, show=8 if plot else 0, eval_set=es)
     results = {("run" if run else (zero_shot.value if zero_shot else "pooled")): ev.result}

@@ -103,8 +103,6 @@ def _traced_encoder(embedder: Embedder, size: int, dtype: torch.dtype, device: s
 
 def build_module(embedder: Embedder, precision: str = "fp32") -> torch.jit.ScriptModule:
     """The TorchScript module of a run's embedder (see the module docstring)."""
-    if precision not in DTYPES:
-        raise DeployError(f"--precision {precision}: expected one of {', '.join(DTYPES)}")
     dtype = DTYPES[precision]
     p = plan(embedder.cache_meta["preprocessing"])
     preprocess = Preprocess(p).to(embedder.device)
@@ -143,17 +141,27 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, weights=None, 
     fmt = out.suffix.lower()
     if fmt not in FORMATS:
         raise DeployError(f"--out {out}: the suffix picks the format, one of {', '.join(FORMATS)}")
+    if precision not in DTYPES or (fmt == ".onnx" and precision != "fp32"):
+        allowed = "fp32 (ONNX)" if fmt == ".onnx" else ", ".join(DTYPES)
+        raise DeployError(f"--precision {precision}: expected {allowed}")
     embedder = Embedder.from_run(run_dir, weights, device)
     if fmt == ".zip" and embedder.dim > GUIEC_MAX_DIM:
         raise DeployError(f"--out {out}: a GUIEC submission takes embeddings of at most {GUIEC_MAX_DIM} dims; "
                           f"this run's head gives {embedder.dim}")
     meta = export_metadata(embedder, fmt, precision)
+    checks: dict[str, Any] = {}
+    # Each file is written beside `out` and checked before it is renamed into place: a failed check
+    # leaves nothing behind.
     if fmt == ".onnx":
-        write_file(out, lambda tmp: _write_onnx(embedder, tmp))
+        def write_onnx(tmp: Path) -> None:
+            _write_onnx(embedder, tmp)
+            checks.update(check_onnx(tmp, embedder))
+
+        write_file(out, write_onnx)
         write_file(out.with_name("preprocess.json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
-        check = check_onnx(out, embedder)
     else:
         data = _save_torchscript(build_module(embedder, precision), meta)
+        checks.update(check_torchscript(torch.jit.load(io.BytesIO(data), map_location="cpu"), embedder, precision))
         if fmt == ".pt":
             write_file(out, lambda tmp: tmp.write_bytes(data))
         else:
@@ -161,8 +169,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, weights=None, 
                 with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
                     z.writestr(SUBMISSION_NAME, data)
             write_file(out, write_zip)
-        check = check_torchscript(load_torchscript(out), embedder, precision)
-    return ExportResult(out, fmt, out.stat().st_size, embedder.dim, check)
+    return ExportResult(out, fmt, out.stat().st_size, embedder.dim, checks)
 
 
 def load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:
@@ -193,7 +200,7 @@ def check_torchscript(module: torch.jit.ScriptModule, embedder: Embedder, precis
     """The export on a probe image against the eager pipeline (PIL preprocessing, backbone, head, L2)."""
     image = probe_image()
     expected = embedder.embed_images([image])
-    got = module(image_tensor([image]).to(embedder.device)).float().cpu().numpy()
+    got = module.to(embedder.device)(image_tensor([image]).to(embedder.device)).float().cpu().numpy()
     cosine = float((expected * got).sum())
     floor = 0.995 if precision == "fp32" else 0.98
     if not cosine >= floor:

@@ -28,7 +28,6 @@ from featcache.deploy.embedder import DeployError, Embedder, rebuild_backbone
 from featcache.deploy.outputs import build_dir
 from featcache.evaluate.search import l2_normalize
 from featcache.images import ImageFailure, load_image
-from featcache.manifest import resolve
 from featcache.train.runs import Run
 
 INDEX_FILE, ROWS_FILE, META_FILE = "index.faiss", "rows.parquet", "index.json"
@@ -141,28 +140,36 @@ def build_index(cache_path: str | os.PathLike, out: str | os.PathLike, *, run: s
         index.train(embed(cache.features(rows[train])))
     meta: dict[str, Any] = {}
 
+    classes = cache.classes()
+    labels = cache.labels()
+    schema = pa.schema([("row", pa.int64()), ("path", pa.string()), ("label", pa.string()), ("domain", pa.string()),
+                        ("split", pa.string())])
+
     def build(tmp: Path) -> None:
-        for lo in range(0, len(rows), block_rows):
-            block = embed(cache.features(rows[lo:lo + block_rows]))
-            index.add(block)
-            if truth is not None:
-                truth.add(block, lo)
-            if progress:
-                progress(min(len(rows), lo + block_rows), len(rows))
+        with pq.ParquetWriter(tmp / ROWS_FILE, schema) as writer:
+            for lo in range(0, len(rows), block_rows):
+                part = rows[lo:lo + block_rows]
+                block = embed(cache.features(part))
+                index.add(block)
+                if truth is not None:
+                    truth.add(block, lo)
+                span = slice(int(part[0]), int(part[-1]) + 1)  # the strings of this block's rows only
+                strings = {name: np.asarray(cache.group[name][span], dtype=object)[part - span.start]
+                           for name in ("paths", "domains", "splits")}
+                writer.write_table(pa.table({
+                    "row": pa.array(part, pa.int64()),
+                    "path": pa.array(strings["paths"].tolist(), pa.string()),
+                    "label": pa.array([str(x) for x in classes[labels[part]]], pa.string()),
+                    "domain": pa.array(strings["domains"].tolist(), pa.string()),
+                    "split": pa.array(strings["splits"].tolist(), pa.string()),
+                }, schema=schema))
+                if progress:
+                    progress(lo + len(part), len(rows))
         recall = None
         if truth is not None:
             _, found = index.search(truth.queries, truth.k)
             recall = float(np.mean([len(set(a) & set(b)) / truth.k for a, b in zip(found, truth.ids)]))
         _faiss().write_index(index, str(tmp / INDEX_FILE))
-        labels = cache.classes()[cache.labels()[rows]]
-        table = pa.table({
-            "row": pa.array(rows, pa.int64()),
-            "path": pa.array(cache.strings("paths")[rows].tolist(), pa.string()),
-            "label": pa.array([str(x) for x in labels], pa.string()),
-            "domain": pa.array(cache.strings("domains")[rows].tolist(), pa.string()),
-            "split": pa.array(cache.strings("splits")[rows].tolist(), pa.string()),
-        })
-        pq.write_table(table, tmp / ROWS_FILE)
         meta.update({
             "featcache_version": __version__,
             "format_version": FORMAT_VERSION,
@@ -238,13 +245,28 @@ class Index:
             raise DeployError(f"queries are {queries.shape[1]}-d, the index holds {self.meta['dim']}-d embeddings")
         return self.faiss_index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, self.meta["rows"]))
 
-    def neighbours(self, scores: np.ndarray, positions: np.ndarray) -> list[dict[str, Any]]:
-        """The rows at ``positions`` (best first; faiss's -1 for "no more rows" dropped) with their scores."""
+    def neighbours(self, scores: np.ndarray, positions: np.ndarray) -> list[list[dict[str, Any]]]:
+        """Per query (rows of ``scores`` and ``positions``, best first), its neighbours' path, label and
+        score; faiss's -1 ("no more rows") dropped. One lookup in the rows table for the whole block."""
         found = positions >= 0
-        picked = self.rows.take(positions[found]).select(["path", "label"]).to_pylist()
-        root = Path(self.meta["root"])
-        return [{"path": str(resolve(root, r["path"])), "label": r["label"], "score": float(s)}
-                for r, s in zip(picked, scores[found])]
+        picked = self.rows.take(positions[found]).select(["path", "label"]).to_pydict()
+        paths = _resolver(self.meta["root"])(picked["path"])
+        out, at = [], 0
+        for q in range(len(positions)):
+            n = int(found[q].sum())
+            out.append([{"path": paths[at + j], "label": picked["label"][at + j], "score": float(s)}
+                        for j, s in enumerate(scores[q][found[q]])])
+            at += n
+        return out
+
+
+def _resolver(root: str) -> Callable[[list[str]], list[str]]:
+    """Manifest paths to file paths (``manifest.resolve``'s rule, with string joins: a search maps
+    thousands of neighbours a block)."""
+    root = str(Path(root))
+    if root == ".":  # as pathlib writes it: Path(".") / "a.jpg" is "a.jpg"
+        return list
+    return lambda paths: [p if os.path.isabs(p) else os.path.join(root, p) for p in paths]
 
 
 def search_images(index: Index, images: list[str | os.PathLike], *, k: int = 10, weights=None, device: str = "cpu",
@@ -261,7 +283,7 @@ def search_images(index: Index, images: list[str | os.PathLike], *, k: int = 10,
             failures.append(f"{path}: {e}")
             continue
         scores, positions = index.search(embed([image]), k)
-        results.append({"query": str(path), "neighbours": index.neighbours(scores[0], positions[0])})
+        results.append({"query": str(path), "neighbours": index.neighbours(scores, positions)[0]})
     return results, failures
 
 
@@ -293,12 +315,13 @@ def search_cache(index: Index, query_cache: str | os.PathLike, *, k: int = 10,
                           f"index's ({index.meta['backbone']['name']}); extract them with the same backbone")
     rows = np.flatnonzero(cache.valid())
     paths = cache.strings("paths")
-    root = Path(cache.meta["root"])
+    to_file = _resolver(cache.meta["root"])
     results = []
     for lo in range(0, len(rows), block_rows):
         block = cache.features(rows[lo:lo + block_rows])
         queries = l2_normalize(index.run.embed(block) if index.run is not None else block)
         scores, positions = index.search(queries, k)
-        for r, s, p in zip(rows[lo:lo + block_rows], scores, positions):
-            results.append({"query": str(resolve(root, paths[r])), "neighbours": index.neighbours(s, p)})
+        queries = to_file(paths[rows[lo:lo + block_rows]].tolist())
+        for q, found in zip(queries, index.neighbours(scores, positions)):
+            results.append({"query": q, "neighbours": found})
     return results

@@ -53,8 +53,10 @@ class Side:
         return cls(cache, rows, classes[cache.labels()[rows]], cache.strings("domains")[rows])
 
 
-def select(cache: FeatureCache, query_cache: FeatureCache | None, index_cache: FeatureCache | None):
+def select(cache: FeatureCache, query_cache: FeatureCache | None, index_cache: FeatureCache | None,
+           domains: list[str] | None = None):
     """(queries, index, self_ids): the two sides and, where a query is itself an index row, that row.
+    With ``domains``, only those domains' rows take part, on both sides.
 
     ``self_ids`` is None when no query is in the index, else an int array with -1 for queries that
     are not. Within one cache, a domain that has query rows but no index rows is its own index: its
@@ -63,13 +65,17 @@ def select(cache: FeatureCache, query_cache: FeatureCache | None, index_cache: F
     """
     if (query_cache is None) != (index_cache is None):
         raise EvalError("give both --query-cache and --index-cache, or neither")
+    def usable(c: FeatureCache) -> np.ndarray:
+        valid = c.valid()
+        return valid if not domains else valid & np.isin(c.strings("domains"), domains)
+
     if query_cache is not None:
-        return Side.of(query_cache, query_cache.valid()), Side.of(index_cache, index_cache.valid()), None
-    valid, splits, domains = cache.valid(), cache.strings("splits"), cache.strings("domains")
+        return Side.of(query_cache, usable(query_cache)), Side.of(index_cache, usable(index_cache)), None
+    valid, splits, row_domains = usable(cache), cache.strings("splits"), cache.strings("domains")
     has_q, has_i = (splits == "query").any(), (splits == "index").any()
     if has_q and has_i:
         q = valid & (splits == "query")
-        self_index = q & ~np.isin(domains, np.unique(domains[splits == "index"]))
+        self_index = q & ~np.isin(row_domains, np.unique(row_domains[splits == "index"]))
         queries = Side.of(cache, q)
         index = Side.of(cache, valid & ((splits == "index") | self_index))
         if not self_index.any():
@@ -206,7 +212,8 @@ class EvalSet:
     index_features: np.ndarray | None  # None: the index is the query set itself
 
     @classmethod
-    def load(cls, cache_path=None, query_cache=None, index_cache=None) -> "EvalSet":
+    def load(cls, cache_path=None, query_cache=None, index_cache=None, domains: list[str] | None = None) -> "EvalSet":
+        """Queries and index of a cache (or of two caches), optionally of ``domains`` only."""
         main = FeatureCache.open(cache_path) if cache_path is not None else None
         qc = FeatureCache.open(query_cache) if query_cache is not None else None
         ic = FeatureCache.open(index_cache) if index_cache is not None else None
@@ -215,7 +222,12 @@ class EvalSet:
         caches = [c for c in (main, qc, ic) if c is not None]
         for c in caches:
             c.require_complete()
-        queries, index, self_ids = select(main, qc, ic)
+        if domains:
+            known = set().union(*(set(c.strings("domains").tolist()) for c in caches))
+            unknown = [d for d in domains if d not in known]
+            if unknown:
+                raise EvalError(f"--domain {unknown[0]}: no such domain (domains: {', '.join(sorted(known))})")
+        queries, index, self_ids = select(main, qc, ic, domains)
         if len(queries.rows) == 0:
             raise EvalError("the query set is empty (no valid query rows)")
         if len(index.rows) == 0:
