@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from featcache.cache import CacheError, FeatureCache, feature_space, file_sha256
-from featcache.evaluate.search import l2_normalize
+from featcache.cache import CacheError, FeatureCache, file_sha256
+from featcache.evaluate.protocols import check_run_fits
 from featcache.extract.backbones import Backbone, create_backbone
 from featcache.train.heads import ProjectionHead
 from featcache.train.runs import Run, RunError
@@ -46,6 +46,19 @@ def open_run(path: str | os.PathLike) -> tuple[Run, FeatureCache]:
         raise DeployError(f"{run.path}: {cache_path} is no longer the cache it was trained on (key {cache.key}, "
                           f"run {run.cache_key})")
     return run, cache
+
+
+def collection(cache_path: str | os.PathLike, run: str | os.PathLike | None = None) -> tuple[FeatureCache, np.ndarray, Run | None]:
+    """A complete cache, its valid rows, and the run whose head embeds them (checked to fit its features)."""
+    cache = FeatureCache.open(cache_path)
+    cache.require_complete()
+    head_run = Run.load(run) if run is not None else None
+    if head_run is not None:
+        check_run_fits(head_run, cache)
+    rows = np.flatnonzero(cache.valid())
+    if not len(rows):
+        raise DeployError(f"{cache.path}: no valid rows")
+    return cache, rows, head_run
 
 
 def check_weights(recorded: str, weights: Path | None) -> None:
@@ -109,17 +122,9 @@ class Embedder:
         backbone = rebuild_backbone(cache.meta, weights, device)
         return cls(backbone, run.head.to(device).eval(), run, cache.meta, device)
 
-    @classmethod
-    def from_cache_meta(cls, meta: dict[str, Any], weights=None, device: str = "cpu") -> "Embedder":
-        return cls(rebuild_backbone(meta, weights, device), None, None, meta, device)
-
     @property
     def dim(self) -> int:
         return self.head.embed_dim if self.head is not None else self.backbone.dim
-
-    @property
-    def feature_space(self) -> dict[str, Any]:
-        return feature_space(self.cache_meta)
 
     def encoder(self) -> nn.Module:
         return Encoder(self.backbone, self.head) if self.head is not None else self.backbone
@@ -130,9 +135,5 @@ class Embedder:
         x = torch.stack([self.backbone.transform(im) for im in images]).to(self.device)
         return F.normalize(self.encoder()(x).float(), dim=1).cpu().numpy()
 
-    def embed_features(self, features: np.ndarray) -> np.ndarray:
-        """(N, E) float32 L2-normalised embeddings of cached backbone features."""
-        return l2_normalize(self.run.embed(features) if self.run is not None else features)
 
-
-__all__ = ["DeployError", "Embedder", "Encoder", "RunError", "check_weights", "open_run", "rebuild_backbone"]
+__all__ = ["DeployError", "Embedder", "Encoder", "RunError", "check_weights", "collection", "open_run", "rebuild_backbone"]

@@ -19,12 +19,11 @@ from typing import Any, Callable
 import numpy as np
 
 from featcache import __version__
-from featcache.cache import FeatureCache, feature_space, file_sha256, import_features
-from featcache.deploy.embedder import DeployError
+from featcache.cache import file_sha256, import_features
+from featcache.deploy.embedder import DeployError, collection
 from featcache.deploy.outputs import build_dir
 from featcache.evaluate.search import l2_normalize
 from featcache.manifest import Manifest, resolve
-from featcache.train.runs import Run
 
 EMB_DIR, META_DIR = "img_emb", "metadata"
 MARKER = "featcache-embeddings.json"  # what featcache wrote here, and from what
@@ -43,16 +42,7 @@ def export_embeddings(cache_path: str | os.PathLike, out: str | os.PathLike, *, 
     if shard_rows < 1:
         raise DeployError(f"--shard-rows {shard_rows}: must be at least 1")
     out = Path(out)
-    cache = FeatureCache.open(cache_path)
-    cache.require_complete()
-    head_run = Run.load(run) if run is not None else None
-    if head_run is not None:
-        want = head_run.config["cache"].get("feature_space")
-        if head_run.config["head"]["in_dim"] != cache.dim or (want and want != feature_space(cache.meta)):
-            raise DeployError(f"{head_run.path} was trained on other features than {cache.path} holds")
-    rows = np.flatnonzero(cache.valid())
-    if not len(rows):
-        raise DeployError(f"{cache.path}: no valid rows to export")
+    cache, rows, head_run = collection(cache_path, run)
     paths, domains, splits = cache.strings("paths"), cache.strings("domains"), cache.strings("splits")
     labels = cache.classes()[cache.labels()]
     record: dict[str, Any] = {}

@@ -24,7 +24,7 @@ import numpy as np
 
 from featcache import __version__
 from featcache.cache import FeatureCache, feature_space
-from featcache.deploy.embedder import DeployError, Embedder, rebuild_backbone
+from featcache.deploy.embedder import DeployError, Embedder, collection, rebuild_backbone
 from featcache.deploy.outputs import build_dir
 from featcache.evaluate.search import l2_normalize
 from featcache.images import ImageFailure, load_image
@@ -111,18 +111,7 @@ def build_index(cache_path: str | os.PathLike, out: str | os.PathLike, *, run: s
 
     spec = spec or IndexSpec()
     out = Path(out)
-    cache = FeatureCache.open(cache_path)
-    cache.require_complete()
-    head_run = None
-    if run is not None:
-        head_run = Run.load(run)
-        want = head_run.config["cache"].get("feature_space")
-        if head_run.config["head"]["in_dim"] != cache.dim or (want and want != feature_space(cache.meta)):
-            raise DeployError(f"{head_run.path} was trained on other features than {cache.path} holds "
-                              f"({head_run.config['cache']['backbone']} vs {cache.meta['backbone']['name']})")
-    rows = np.flatnonzero(cache.valid())
-    if not len(rows):
-        raise DeployError(f"{cache.path}: no valid rows to index")
+    cache, rows, head_run = collection(cache_path, run)
     if spec.kind == "ivf" and spec.nlist > len(rows):
         raise DeployError(f"--ivf {spec.nlist}: more lists than rows to index ({len(rows)})")
 
