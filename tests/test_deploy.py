@@ -240,7 +240,7 @@ def test_approximate_indexes_report_their_recall(tmp_path, cli):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("mine")
     r = cli("index", "--cache", cache, "--out", tmp_path / "mine", "--overwrite", code=2)
-    assert "not an index" in r.output and (tmp_path / "mine" / "thesis.tex").read_text() == "mine"
+    assert "featcache did not make" in r.output and (tmp_path / "mine" / "thesis.tex").read_text() == "mine"
 
 
 def test_embeddings_round_trip_through_the_laion_layout(pipeline, cli, tmp_path):

@@ -71,7 +71,7 @@ def test_cache_follows_the_contract(tmp_path, cli):
     cli("extract", "-m", "tiny-vit", "--manifest", m, "--out", out, "--chunk-rows", "4", "--workers", "0", "--quiet")
     g = zarr.open_group(str(out), mode="r")
     assert g["features"].shape == (10, 256) and g["features"].chunks == (4, 256)
-    assert g["features"].compressors == ()
+    assert [type(c).__name__ for c in g["features"].compressors] == ["Crc32cCodec"]  # a checksum, no compression
     assert g["valid"].dtype == bool and g["valid"].chunks == (4,)
     assert g["failures"].chunks == (4,)
     assert g["chunk_done"].shape == (3,) and g["chunk_done"].chunks == (1,) and g["chunk_done"][:].all()

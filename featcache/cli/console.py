@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import typer
 from rich.console import Console
@@ -22,6 +24,8 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.text import Text
+
+from featcache.files import disk_full_error
 
 err = Console(stderr=True, soft_wrap=True)  # progress, notes and errors: one line each, never wrapped
 out = Console()  # results: tables, or JSON with --json
@@ -41,6 +45,12 @@ def friendly_errors(fn: Callable) -> Callable:
         except (ValueError, FileNotFoundError) as e:  # our error classes all derive from ValueError
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             err.print(f"[bold red]error:[/] {Text(message).markup}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            where = e.filename or "the output"
+            err.print(f"[bold red]error:[/] {Text(str(disk_full_error(where))).markup}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -117,3 +127,24 @@ def progress_bar(unit: str = "img", field: str | None = None, disable: bool = Fa
     if field:
         columns.append(FieldColumn(field))
     return Progress(*columns, console=err, disable=disable, transient=False)
+
+
+@contextlib.contextmanager
+def progress_updates(description: str, unit: str = "row", disable: bool = False) -> Iterator[Callable[..., None]]:
+    """An ``update(done, total[, description])`` callback for library calls that report progress; the bar
+    appears at the first update, so input refused before any work is one line, no half-drawn bar above it."""
+    bar = progress_bar(unit, disable=disable)
+    task = None
+
+    def update(done: int, total: int, text: str | None = None) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(description, total=total)
+        bar.update(task, completed=done, total=total, **({"description": text} if text else {}))
+
+    try:
+        yield update
+    finally:
+        if task is not None:
+            bar.stop()

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from featcache.cli.console import err, flag, friendly_errors, human_bytes, out, print_json, progress_bar, table
+from featcache.cli.console import err, flag, friendly_errors, human_bytes, out, print_json, progress_updates, table
 
 app = typer.Typer()
 
@@ -68,10 +68,8 @@ def index(
     from featcache.deploy.index import build_index, index_spec
 
     spec = index_spec(ivf, hnsw, nprobe)
-    with progress_bar("row", disable=json_out) as bar:
-        task = bar.add_task(f"index ({spec.kind})", total=None)
-        meta = build_index(cache, out_path, run=run, spec=spec, overwrite=overwrite,
-                           progress=lambda done, total: bar.update(task, completed=done, total=total))
+    with progress_updates(f"index ({spec.kind})", disable=json_out) as update:
+        meta = build_index(cache, out_path, run=run, spec=spec, overwrite=overwrite, progress=update)
     if json_out:
         print_json(meta)
         return
@@ -122,7 +120,7 @@ def search(
         if len(results) > 20:
             err.print(f"... and {len(results) - 20:,} more queries (--json writes them all)")
     if json_file:
-        from featcache.train.runs import write_json
+        from featcache.files import write_json
 
         json_file.parent.mkdir(parents=True, exist_ok=True)
         write_json(json_file, {"queries": results})
@@ -152,10 +150,8 @@ def export_embeddings(
     """
     from featcache.deploy.embeddings import export_embeddings as write
 
-    with progress_bar("row", disable=json_out) as bar:
-        task = bar.add_task("export-embeddings", total=None)
-        record = write(cache, out_path, run=run, shard_rows=shard_rows, overwrite=overwrite,
-                       progress=lambda done, total: bar.update(task, completed=done, total=total))
+    with progress_updates("export-embeddings", disable=json_out) as update:
+        record = write(cache, out_path, run=run, shard_rows=shard_rows, overwrite=overwrite, progress=update)
     if json_out:
         print_json(record)
         return

@@ -79,7 +79,7 @@ def eval_(
     if excluded:
         err.print(f"{excluded} queries have no relevant index row and are not scored.")
     if json_file:
-        from featcache.train.runs import write_json
+        from featcache.files import write_json
 
         json_file.parent.mkdir(parents=True, exist_ok=True)
         write_json(json_file, ev.result)

@@ -75,6 +75,7 @@ def extract(
     precision: Optional[Precision] = typer.Option(None, help="Autocast precision of the model. \\[default: bf16 on GPU, fp32 on CPU]"),
     chunk_rows: Optional[int] = typer.Option(None, min=1, help="Rows per Zarr chunk, the unit of resume. \\[default: about 4 MB per chunk]"),
     overwrite: bool = flag(help="Replace an existing cache at --out, even a different one."),
+    retry_failed: bool = flag("--retry-failed", help="Read the rows that failed again (after fixing the files, or from another --root)."),
     quiet: bool = flag("--quiet", "-q", help="No progress bar."),
     json_out: bool = flag("--json", help="Print the summary as JSON."),
 ) -> None:
@@ -109,7 +110,7 @@ def extract(
 
             try:
                 result = run_extract(m, backbone, target, dtype=dtype.value, batch_size=batch_size, workers=workers,
-                                     device=dev, precision=prec, chunk_rows=chunk_rows, overwrite=overwrite,
+                                     device=dev, precision=prec, chunk_rows=chunk_rows, overwrite=overwrite, retry_failed=retry_failed,
                                      progress=Progress(update=update), dist=dist)
             except KeyboardInterrupt:
                 _report_interrupted(target)
@@ -174,17 +175,33 @@ def _report_interrupted(target: Path) -> None:
 @friendly_errors
 def info(
     cache: Path = typer.Argument(..., help="A cache written by `featcache extract` or `featcache import`."),
+    verify: bool = flag("--verify", help="Read every chunk and check its crc32c (a full read of the cache)."),
     json_out: bool = flag("--json", help="Print JSON instead of tables."),
 ) -> None:
-    """Show a cache's provenance, rows per split and domain, failures, and size on disk."""
+    """Show a cache's provenance, rows per split and domain, failures, damaged chunks, and size on disk.
+
+    Chunk files that are missing or of the wrong size are always reported; --verify also reads every
+    chunk, to find the ones whose bytes changed. Re-running the `featcache extract` command that made
+    the cache redoes exactly the damaged chunks. Exit status 1 when a chunk is damaged.
+    """
     from featcache.cache import FeatureCache
 
-    s = FeatureCache.open(cache).summary()
+    c = FeatureCache.open(cache)
+    s = c.summary()
+    if verify:
+        s["damaged_chunks"] = [f"{p.file} ({p.reason})" for p in c.chunk_problems(read=True)]
+        s["verified"] = True
     if json_out:
         print_json(s)
+        if s["damaged_chunks"]:
+            raise typer.Exit(1)
         return
     b = s["backbone"]
     status = "complete" if s["complete"] else f"INCOMPLETE ({s['chunks_done']} of {s['chunks']} chunks done)"
+    if s["damaged_chunks"]:
+        status = f"DAMAGED: {len(s['damaged_chunks'])} chunk file(s); run the extract command again to redo them"
+    elif verify:
+        status += ", every chunk verified (crc32c)"
     out.print(table(f"{cache}", ["", "value"], [
         ["status", status],
         ["key", s["key"]],
@@ -208,6 +225,10 @@ def info(
         if s["failed"] > len(s["failed_rows"]):
             out.print(f"... and {s['failed'] - len(s['failed_rows'])} more (--json lists the first 20 too; "
                       "read the `failures` array for all).")
+    if s["damaged_chunks"]:
+        out.print(table(f"damaged chunks ({len(s['damaged_chunks'])})", ["file (reason)"],
+                        [[d] for d in s["damaged_chunks"]], justify_numbers=False))
+        raise typer.Exit(1)
 
 
 @app.command("import")

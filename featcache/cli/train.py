@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from featcache.cli.console import UserError, err, flag, friendly_errors, out, print_json, progress_bar, table
+from featcache.cli.console import UserError, err, flag, friendly_errors, out, print_json, progress_bar, progress_updates, table
 
 app = typer.Typer()
 
@@ -80,15 +80,13 @@ def train_head(
     data = load_train_data(cache, dev)
     check_options(options, data)
     target = out_path or default_run_dir(cache, loss)
-    bar = progress_bar("step", disable=quiet or json_out)
-    with bar:
-        task = bar.add_task(f"train {loss}", total=epochs * -(-len(data.labels) // batch_size))
-
+    total = epochs * -(-len(data.labels) // batch_size)
+    with progress_updates(f"train {loss}", unit="step", disable=quiet or json_out) as update:
         def on_step(info) -> None:
+            done = info.epoch * info.steps_per_epoch + info.step + 1
             last = info.step + 1 == info.steps_per_epoch
-            if info.step % 50 == 0 or last:
-                bar.update(task, description=f"epoch {info.epoch + 1}/{epochs} loss {float(info.loss):.3f}")
-            bar.update(task, advance=1)
+            update(done, total, f"epoch {info.epoch + 1}/{epochs} loss {float(info.loss):.3f}"
+                   if info.step % 50 == 0 or last else None)
 
         result = train(data, options, target, resume=resume, overwrite=overwrite, on_step=on_step)
     report = {"run": str(target), "complete": result.complete, "epochs": result.metrics, "train_seconds": round(result.seconds, 3),

@@ -8,12 +8,12 @@ a class) and index; their domains, "digits 0-5" and "digits 6-9", score seen and
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from featcache.files import write_file
 from featcache.manifest.schema import write_manifest
 
 DEMO_DIR = Path("manifests") / "demo"
@@ -39,9 +39,9 @@ def write_digits(dest: Path = DEMO_DIR) -> Path:
         file = dest / name
         if not file.exists():
             ink = np.rint(pixels * (255 / 16)).astype(np.uint8)
-            tmp = file.with_name(file.name + ".tmp")
-            Image.fromarray(255 - ink, "L").resize((8 * SCALE, 8 * SCALE), Image.NEAREST).save(tmp, format="PNG")
-            os.replace(tmp, file)  # a killed demo never leaves a truncated image that later runs trust
+            image = Image.fromarray(255 - ink, "L").resize((8 * SCALE, 8 * SCALE), Image.NEAREST)
+            # atomic: a killed demo never leaves a truncated image that later runs trust
+            write_file(file, lambda tmp, image=image: image.save(tmp, format="PNG"))
         if target in TRAIN_DIGITS and count[target] % HOLD_OUT_EVERY != HOLD_OUT_EVERY - 1:
             split = "train"
         else:

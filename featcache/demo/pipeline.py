@@ -25,9 +25,10 @@ def run_demo(model: str = "tiny-vit", weights: Path | None = None, device: str =
     from featcache.evaluate.protocols import EvalSet, merge_scores, run_eval
     from featcache.extract.backbones import create_backbone
     from featcache.extract.pipeline import run_extract
+    from featcache.files import write_json
     from featcache.manifest import read_manifest, resolve
     from featcache.train.loop import TrainOptions, load_train_data, train
-    from featcache.train.runs import EVAL, write_json
+    from featcache.train.runs import EVAL
 
     start = time.perf_counter()
     manifest_path = write_digits(DEMO_DIR)

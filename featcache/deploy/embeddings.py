@@ -21,8 +21,8 @@ import numpy as np
 from featcache import __version__
 from featcache.cache import file_sha256, import_features
 from featcache.deploy.embedder import DeployError, collection
-from featcache.deploy.outputs import build_dir
 from featcache.evaluate.search import l2_normalize
+from featcache.files import build_dir
 from featcache.manifest import Manifest, resolve
 
 EMB_DIR, META_DIR = "img_emb", "metadata"
@@ -77,7 +77,7 @@ def export_embeddings(cache_path: str | os.PathLike, out: str | os.PathLike, *, 
         })
         (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
 
-    build_dir(out, overwrite, MARKER, "an embeddings folder", build)
+    build_dir(out, build, ours=lambda d: (d / MARKER).is_file(), what="an embeddings folder", overwrite=overwrite)
     return record
 
 

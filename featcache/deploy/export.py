@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from featcache import __version__
 from featcache.deploy.embedder import DeployError, Embedder
-from featcache.deploy.outputs import write_file
 from featcache.deploy.preprocess import Preprocess, plan
+from featcache.files import write_file
 
 FORMATS = (".pt", ".zip", ".onnx")
 GUIEC_MAX_DIM = 64
@@ -182,17 +182,20 @@ def load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:
 
 
 def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """What ``export`` recorded inside a .pt file (or a submission .zip): run, cache key, backbone, plan."""
+    """What ``export`` recorded inside a .pt file (or a submission .zip): run, cache key, backbone, plan.
+    Read from the archive as data (a TorchScript file is a zip; its extra files sit in ``*/extra/``): no
+    code in the file is loaded or run to read it."""
     path = Path(path)
-    files = {META_FILE: ""}
-    if path.suffix.lower() == ".zip":
-        with zipfile.ZipFile(path) as z:
-            torch.jit.load(io.BytesIO(z.read(SUBMISSION_NAME)), map_location="cpu", _extra_files=files)
-    else:
-        torch.jit.load(str(path), map_location="cpu", _extra_files=files)
-    if not files[META_FILE]:
-        raise DeployError(f"{path}: not a featcache export (no {META_FILE} inside)")
-    return json.loads(files[META_FILE])
+    try:
+        archive = zipfile.ZipFile(path)
+        if path.suffix.lower() == ".zip":
+            archive = zipfile.ZipFile(io.BytesIO(archive.read(SUBMISSION_NAME)))
+        name = next((n for n in archive.namelist() if n.endswith(f"/extra/{META_FILE}")), None)
+        if name is None:
+            raise DeployError(f"{path}: not a featcache export (no {META_FILE} inside)")
+        return json.loads(archive.read(name))
+    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DeployError(f"{path}: not a featcache export ({type(e).__name__}: {e})") from None
 
 
 @torch.inference_mode()

@@ -25,8 +25,8 @@ import numpy as np
 from featcache import __version__
 from featcache.cache import FeatureCache, feature_space
 from featcache.deploy.embedder import DeployError, Embedder, collection, rebuild_backbone
-from featcache.deploy.outputs import build_dir
 from featcache.evaluate.search import l2_normalize
+from featcache.files import build_dir
 from featcache.images import ImageFailure, load_image
 from featcache.train.runs import Run
 
@@ -179,7 +179,7 @@ def build_index(cache_path: str | os.PathLike, out: str | os.PathLike, *, run: s
         })
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
-    build_dir(out, overwrite, META_FILE, "an index", build)
+    build_dir(out, build, ours=lambda d: (d / META_FILE).is_file(), what="an index", overwrite=overwrite)
     return meta
 
 

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from featcache.evaluate.protocols import EvalOutput
+from featcache.files import write_file
 from featcache.images import ImageFailure, load_image
 from featcache.manifest import resolve
 
@@ -42,7 +43,7 @@ def neighbours_grid(ev: EvalOutput, dest: Path) -> Path:
             sheet.paste(_thumb(i_root, i_paths[ev.index.rows[pos]], GREEN if ev.relevant[r, j] else RED), (x, y))
             draw.text((x + 2, y + THUMB + 2), str(ev.index.labels[pos])[:18], fill="black")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(dest)
+    write_file(dest, lambda tmp: sheet.save(tmp, format="PNG"))
     return dest
 
 
@@ -65,7 +66,7 @@ def search_grid(results: list[dict], dest: Path) -> Path:
             draw.text((x + 2, y + THUMB + 2), str(n["label"])[:18], fill="black")
             draw.text((x + 2, y + THUMB + 15), f"{n['score']:.3f}", fill="black")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(dest)
+    write_file(dest, lambda tmp: sheet.save(tmp, format="PNG"))
     return dest
 
 
@@ -95,7 +96,7 @@ def domain_scores(results: dict[str, dict], dest: Path, metric: str = "mMP@5") -
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(dest)
+    write_file(dest, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return dest
 

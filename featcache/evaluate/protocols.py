@@ -16,7 +16,8 @@ import numpy as np
 from featcache.cache import FeatureCache, feature_space
 from featcache.evaluate.metrics import evaluate, query_metrics, summarize
 from featcache.evaluate.search import l2_normalize, search
-from featcache.train.runs import EVAL, Run, RunError, write_json
+from featcache.files import write_json
+from featcache.train.runs import EVAL, Run, RunError
 
 ZERO_SHOT = ("pooled", "raw")
 POOLED_DIM = 64
@@ -70,7 +71,16 @@ def select(cache: FeatureCache, query_cache: FeatureCache | None, index_cache: F
         return valid if not domains else valid & np.isin(c.strings("domains"), domains)
 
     if query_cache is not None:
-        return Side.of(query_cache, usable(query_cache)), Side.of(index_cache, usable(index_cache)), None
+        if feature_space(query_cache.meta) != feature_space(index_cache.meta):
+            qb, ib = query_cache.meta["backbone"], index_cache.meta["backbone"]
+            raise EvalError(f"--query-cache {query_cache.path} ({qb['name']}, {qb['weights']}) and --index-cache "
+                            f"{index_cache.path} ({ib['name']}, {ib['weights']}) hold features of different backbones, "
+                            "weights or preprocessing: their embeddings cannot be compared")
+        queries, index = Side.of(query_cache, usable(query_cache)), Side.of(index_cache, usable(index_cache))
+        if query_cache.key != index_cache.key:
+            return queries, index, None
+        # the same cache on both sides: each query is an index row, and must not find itself
+        return queries, index, np.searchsorted(index.rows, queries.rows).astype(np.int64)
     valid, splits, row_domains = usable(cache), cache.strings("splits"), cache.strings("domains")
     has_q, has_i = (splits == "query").any(), (splits == "index").any()
     if has_q and has_i:

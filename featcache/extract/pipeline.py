@@ -28,14 +28,17 @@ from featcache.cache import (
     CacheError,
     FeatureCache,
     build_meta,
+    check_cache_out,
     create_store,
     default_rows_per_chunk,
     fsync_chunk_files,
+    is_cache,
     key_differences,
     mark_complete,
     remove_partial_files,
 )
 from featcache.extract.backbones import Backbone
+from featcache.files import OutputError, exclusive
 from featcache.images import ImageFailure, load_image
 from featcache.manifest import Manifest
 
@@ -138,21 +141,51 @@ class ExtractResult:
     skipped: bool  # the store was already complete
 
 
-def prepare_store(out: Path, manifest: Manifest, meta: dict[str, Any], overwrite: bool) -> dict[str, Any]:
-    """Coordinator: create the store, or check that the one there is the same cache and clean it up."""
-    if out.exists() and not overwrite:
-        try:
-            existing = FeatureCache.open(out, mode="r")
-        except CacheError as e:
-            raise CacheError(f"{e}; pass --overwrite to replace it") from None
+def prepare_store(out: Path, manifest: Manifest, meta: dict[str, Any], overwrite: bool,
+                  retry_failed: bool = False) -> dict[str, Any]:
+    """Coordinator: create the store, or check that the one there is the same cache and clean it up.
+
+    The root the images are read from is not in the cache key (it does not change the numbers of an
+    image that was read) but it decides which files are read: a resume from another root is refused,
+    unless ``retry_failed``, which reads every failed row again (from the new root, or after the user
+    fixed the files) by redoing the chunks that hold one.
+    """
+    if not overwrite and is_cache(out):
+        existing = FeatureCache.open(out, mode="r")
         if existing.key != meta["key"]:
             diffs = "; ".join(key_differences(existing.meta, meta))
             raise CacheError(
                 f"{out} holds a different cache ({diffs}); pass --overwrite to replace it, or --out to write elsewhere"
             )
+        old_root, new_root = existing.meta.get("root"), meta["root"]
+        moved = old_root is not None and Path(old_root).resolve() != Path(new_root).resolve()
+        if moved and not retry_failed:
+            raise CacheError(f"{out} was extracted from --root {old_root}, this run reads --root {new_root}: other files. "
+                             "Pass --retry-failed to read its failed rows again from the new root, or --overwrite")
         remove_partial_files(out)  # the store's own chunking wins over --chunk-rows on resume
+        damaged = sorted({p.chunk for p in existing.chunk_problems(read=True)})
+        if retry_failed or damaged:
+            return redo_chunks(out, new_root, damaged, retry_failed)
         return dict(existing.meta)
+    check_cache_out(out, overwrite)  # only a featcache cache is ever replaced
     create_store(out, manifest, meta)
+    return meta
+
+
+def redo_chunks(out: Path, root: str, damaged: list[int], retry_failed: bool) -> dict[str, Any]:
+    """Coordinator: flag as not done (so that this run redoes them) the ``damaged`` chunks and, with
+    ``retry_failed``, every chunk holding a failed row; record the root they will be read from."""
+    group = zarr.open_group(store=str(out), mode="r+", zarr_format=3)
+    meta = dict(group.attrs[ATTRS])
+    redo = set(damaged)
+    if retry_failed:
+        redo |= set((np.flatnonzero(~group["valid"][:]) // meta["rows_per_chunk"]).tolist())
+    for k in sorted(redo):
+        group["chunk_done"][int(k)] = False
+    if redo:
+        meta["complete"] = False
+    meta["root"] = root
+    group.attrs[ATTRS] = meta
     return meta
 
 
@@ -168,6 +201,7 @@ def run_extract(
     precision: str = "fp32",
     chunk_rows: int | None = None,
     overwrite: bool = False,
+    retry_failed: bool = False,
     progress: Progress | None = None,
     dist: Dist | None = None,
 ) -> ExtractResult:
@@ -180,14 +214,23 @@ def run_extract(
     meta = build_meta(manifest, backbone.describe(), backbone.preprocessing, dtype, precision, rows_per_chunk)
 
     status: Any = None
+    held = contextlib.ExitStack()  # the coordinator's lock on the store, for the whole run
     if dist.coordinator:
         try:
-            meta = prepare_store(out, manifest, meta, overwrite)
-        except CacheError as e:
+            held.enter_context(exclusive(out, "a feature cache"))
+            meta = prepare_store(out, manifest, meta, overwrite, retry_failed)
+        except (CacheError, OutputError) as e:
+            held.close()
             status = e
     status = dist.share(status)
     if isinstance(status, Exception):
         raise status
+    with held:
+        return _extract_into(out, manifest, backbone, dtype, batch_size, workers, device, precision, progress, dist, start)
+
+
+def _extract_into(out, manifest, backbone, dtype, batch_size, workers, device, precision, progress, dist,
+                  start) -> ExtractResult:
     dist.barrier()
 
     group = zarr.open_group(store=str(out), mode="r+", zarr_format=3)

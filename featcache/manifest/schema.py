@@ -19,6 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
+from featcache.files import write_file
+
 REQUIRED_COLUMNS = ("path", "label")
 BOX_COLUMNS = ("x1", "y1", "x2", "y2")
 OPTIONAL_COLUMNS = ("domain", "split", *BOX_COLUMNS)
@@ -98,6 +100,31 @@ def resolve(root: Path, path: str) -> Path:
     return p if p.is_absolute() else root / p
 
 
+def _records(reader, source: Path):
+    """The CSV reader's rows, with its two ways of failing on a bad file turned into one line each."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:  # e.g. a field over csv.field_size_limit(): usually a quote never closed
+            raise ManifestError(f"{source}:{reader.line_num}: not a readable CSV record ({e}; an unclosed quote?)") from None
+        except UnicodeDecodeError as e:
+            raise ManifestError(f"{source}:{_line_of_byte(source)}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
+                                "save the manifest as UTF-8") from None
+        yield row
+
+
+def _line_of_byte(source: Path) -> int:
+    """The line holding the first byte that is not UTF-8 (found again from the file's bytes)."""
+    data = source.read_bytes()
+    try:
+        data.decode("utf-8-sig")
+    except UnicodeDecodeError as first:
+        return data[: first.start].count(b"\n") + 1
+    return 1
+
+
 def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Manifest:
     """Read and validate a manifest CSV. ``root`` defaults to the manifest's own folder."""
     source = Path(path)
@@ -106,8 +133,9 @@ def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
     root_dir = Path(root) if root is not None else source.parent
     with source.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
+        records = _records(reader, source)
         try:
-            header = [h.strip() for h in next(reader)]
+            header = [h.strip() for h in next(records)]
         except StopIteration:
             raise ManifestError(f"{source}: empty file (expected a header with columns path,label)") from None
         for col in REQUIRED_COLUMNS:
@@ -130,7 +158,7 @@ def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
         seen: dict[str, int] = {}
         nan_box = (math.nan,) * 4
         width = len(header)
-        for row in reader:
+        for row in records:
             line = reader.line_num
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
@@ -212,19 +240,19 @@ def write_manifest(
         raise ValueError("paths, labels, domains and splits must have the same length")
     box_arr = None if boxes is None else np.asarray(boxes, dtype=np.float64).reshape(n, 4)
     with_boxes = box_arr is not None and bool(np.isfinite(box_arr).any())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["path", "label", "domain", "split", *(BOX_COLUMNS if with_boxes else ())])
-        if with_boxes:
-            for p, lab, d, s, b in zip(paths, labels, domains, splits, box_arr):
-                box = ["", "", "", ""] if math.isnan(b[0]) else [f"{v:g}" for v in b]
-                w.writerow([p, lab, d, s, *box])
-        else:
-            w.writerows(zip(paths, labels, domains, splits))
-    os.replace(tmp, out)
-    return out
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["path", "label", "domain", "split", *(BOX_COLUMNS if with_boxes else ())])
+            if with_boxes:
+                for p, lab, d, s, b in zip(paths, labels, domains, splits, box_arr):
+                    box = ["", "", "", ""] if math.isnan(b[0]) else [f"{v:g}" for v in b]
+                    w.writerow([p, lab, d, s, *box])
+            else:
+                w.writerows(zip(paths, labels, domains, splits))
+
+    return write_file(out, write)
 
 
 @dataclass

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,19 +20,10 @@ import torch
 
 from featcache import __version__
 from featcache.cache import CacheError, FeatureCache, feature_space
+from featcache.files import exclusive, write_file, write_json, write_text
 from featcache.train.heads import ProjectionHead
 from featcache.train.losses import LOSSES, build_loss, canonical_name
-from featcache.train.runs import (
-    CLASS_WEIGHTS,
-    CONFIG,
-    HEAD,
-    METRICS,
-    STATE,
-    RunError,
-    save_tensors,
-    write_json,
-    write_text,
-)
+from featcache.train.runs import CLASS_WEIGHTS, CONFIG, EVAL, HEAD, METRICS, STATE, RunError, save_tensors
 
 
 @dataclass
@@ -68,6 +58,8 @@ class TrainOptions:
             ("--weight-decay", self.weight_decay, self.weight_decay >= 0),
             ("--warmup-epochs", self.warmup_epochs, 0 <= self.warmup_epochs <= self.epochs),
         ]:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name} {value}: must be a finite number")
             if not ok:
                 raise ValueError(f"{name} {value}: out of range")
 
@@ -199,7 +191,23 @@ def train(
     overwrite: bool = False,
     on_step: Callable[[StepInfo], None] | None = None,
 ) -> TrainResult:
-    """Train a head; with ``out``, write the run directory as it goes (each finished epoch is kept)."""
+    """Train a head; with ``out``, write the run directory as it goes (each finished epoch is kept), as its
+    only writer (a second process training into it is refused)."""
+    if out is None:
+        return _train(data, options, None, resume=resume, overwrite=overwrite, on_step=on_step)
+    with exclusive(out, "a training run"):
+        return _train(data, options, out, resume=resume, overwrite=overwrite, on_step=on_step)
+
+
+def _train(
+    data: TrainData,
+    options: TrainOptions,
+    out: str | Path | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> TrainResult:
     head, loss_fn = build_model(options, data)
     opt = make_optimizer([*head.parameters(), *loss_fn.parameters()], options)
     order = torch.Generator().manual_seed(options.seed)
@@ -220,7 +228,7 @@ def train(
             head.train()
             loss_fn.train()
             perm = torch.randperm(n, generator=order).to(options.device)
-            loss_sum = torch.zeros((), device=options.device)
+            step_losses = torch.zeros(steps_per_epoch, device=options.device)
             correct = torch.zeros((), dtype=torch.int64, device=options.device)
             for step in range(steps_per_epoch):
                 lr = lr_at(epoch * steps_per_epoch + step, total, steps_per_epoch, options)
@@ -233,11 +241,17 @@ def train(
                 loss, hits = loss_fn.forward_with_hits(head(data.features.index_select(0, idx).float()), y)
                 loss.backward()
                 opt.step()
-                loss_sum += loss.detach() * len(idx)
+                step_losses[step] = loss.detach() * len(idx)
                 correct += hits.sum()
                 if on_step is not None:
                     on_step(StepInfo(epoch, step, steps_per_epoch, loss.detach()))
-            epoch_loss, epoch_correct = float(loss_sum), int(correct)  # waits for the GPU's queued work
+            epoch_loss, epoch_correct = float(step_losses.sum()), int(correct)  # waits for the GPU's queued work
+            if not math.isfinite(epoch_loss):
+                bad = int(torch.nonzero(~torch.isfinite(step_losses))[0])
+                raise RunError(f"epoch {epoch + 1}, step {bad + 1} of {steps_per_epoch}: the training loss is "
+                               f"{float(step_losses[bad])}; "
+                               f"stopped{f' ({out} keeps the {len(metrics)} finished epochs, not complete)' if out else ''}. "
+                               "Try a lower --lr or another loss scale")
             epoch_seconds = time.perf_counter() - t0
             seconds += epoch_seconds
             metrics.append({
@@ -277,34 +291,71 @@ def _config(data: TrainData, options: TrainOptions, head: ProjectionHead) -> dic
     }
 
 
+RUN_FILES = (CONFIG, METRICS, HEAD, CLASS_WEIGHTS, STATE, EVAL)  # what train-head writes into a run directory
+
+
+def _read_config(out: Path) -> dict[str, Any] | None:
+    """The run's config.json, or None when ``out`` holds none; a damaged one is a one-line RunError."""
+    if not (out / CONFIG).is_file():
+        return None
+    try:
+        config = json.loads((out / CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"{out / CONFIG}: not readable as a featcache run's config ({e})") from None
+    if not isinstance(config, dict) or "featcache_version" not in config:
+        raise RunError(f"{out / CONFIG}: not a featcache run's config")
+    return config
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    """state.pt read as data (tensors, numbers, strings): a file that needs anything else is refused."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # weights_only refusals come as UnpicklingError, truncation as several types
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise RunError(f"{path}: not a featcache training state (refused to load it: {reason})") from None
+
+
 def _open_run_dir(out, config, resume, overwrite, head, loss_fn, opt, order):
-    """Create the run directory, or pick up its last finished epoch with ``resume``."""
-    if resume and (out / STATE).is_file():
-        old = json.loads((out / CONFIG).read_text())
+    """Create the run directory, or pick up its last finished epoch with ``resume``. Never deletes anything
+    but the files a run is made of (RUN_FILES), and those only with ``overwrite``."""
+    old = _read_config(out) if out.is_dir() else None
+    if resume:
+        if old is None:
+            raise RunError(f"{out}: no run to resume (no {CONFIG}); leave out --resume to start one")
+        if old.get("complete"):
+            raise RunError(f"{out}: already complete; nothing to resume")
         if old["options"] != config["options"] or old["cache"]["key"] != config["cache"]["key"]:
             raise RunError(f"{out}: was trained with other options or another cache; --resume needs the same command")
-        state = torch.load(out / STATE, weights_only=False)
-        head.load_state_dict(state["head"])
-        loss_fn.load_state_dict(state["loss"])
-        opt.load_state_dict(state["optimizer"])
-        order.set_state(state["order_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        metrics = [json.loads(x) for x in (out / METRICS).read_text().splitlines() if x.strip()]
-        config["created"] = old["created"]
-        return state["epoch"], old["train_seconds"], metrics[: state["epoch"]]
-    if resume and (out / CONFIG).is_file():
-        if json.loads((out / CONFIG).read_text()).get("complete"):
-            raise RunError(f"{out}: already complete; nothing to resume")
-        shutil.rmtree(out)  # stopped before its first epoch finished: nothing to keep, start over
-    if out.exists() and any(out.iterdir()):
+        if (out / STATE).is_file():
+            state = _load_state(out / STATE)
+            head.load_state_dict(state["head"])
+            loss_fn.load_state_dict(state["loss"])
+            opt.load_state_dict(state["optimizer"])
+            order.set_state(state["order_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            if state.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            metrics = [json.loads(x) for x in (out / METRICS).read_text().splitlines() if x.strip()]
+            config["created"] = old["created"]
+            epoch = int(state["epoch"])
+            return epoch, old["train_seconds"], metrics[:epoch]
+        if old.get("epochs_done", 0) > 0:
+            raise RunError(f"{out}: {old['epochs_done']} epoch(s) done but {STATE} is missing, so it cannot be resumed; "
+                           "it is left as it is (train again with another --out)")
+        # stopped before its first epoch finished: nothing to keep, so it starts over in place
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if old is None:
+            kind = "a file" if not out.is_dir() else "a folder that is not a featcache run"
+            raise RunError(f"{out} is {kind}; nothing was changed: choose another --out")
         if not overwrite:
-            raise RunError(f"{out} already exists; pass --overwrite to replace it, or --resume to continue it")
-        shutil.rmtree(out)
+            raise RunError(f"{out} already holds a run; pass --overwrite to replace it, --resume to continue it, "
+                           "or choose another --out")
+        for name in RUN_FILES:  # the run's own files; anything else a user put there stays
+            (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / CONFIG, config)
-    (out / METRICS).write_text("")
+    write_text(out / METRICS, "")
     return 0, 0.0, []
 
 
@@ -323,8 +374,7 @@ def _save_epoch(out, config, metrics, seconds, head, loss_fn, opt, order, done: 
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
-        torch.save(state, out / (STATE + ".tmp"))
-        (out / (STATE + ".tmp")).replace(out / STATE)
+        write_file(out / STATE, lambda tmp: torch.save(state, tmp))
     config.update(complete=done, epochs_done=len(metrics), train_seconds=round(seconds, 4))
     write_json(out / CONFIG, config)
     if done:  # only once config.json says complete: a crash in between leaves a resumable run

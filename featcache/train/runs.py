@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from featcache.files import write_file
 from featcache.train.heads import ProjectionHead
 
 CONFIG, METRICS, HEAD, CLASS_WEIGHTS, STATE, EVAL = (
@@ -32,21 +33,9 @@ class RunError(ValueError):
     """A run directory that cannot be used; the message names it."""
 
 
-def write_text(path: Path, text: str) -> None:
-    """Atomic: a reader never sees half a file, a crash never leaves one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    write_file(path, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                                           metadata=metadata))
 
 
 @dataclass
@@ -62,10 +51,14 @@ class Run:
         path = Path(path)
         if not (path / CONFIG).is_file() or not (path / HEAD).is_file():
             raise RunError(f"{path}: not a featcache run (needs {CONFIG} and {HEAD}; train one with `featcache train-head`)")
-        config = json.loads((path / CONFIG).read_text())
-        h = config["head"]
-        head = ProjectionHead(h["in_dim"], h["embed_dim"], h["dropout"], tuple(h.get("hidden", ())))
-        head.load_state_dict(load_file(str(path / HEAD)))
+        try:
+            config = json.loads((path / CONFIG).read_text())
+            h = config["head"]
+            head = ProjectionHead(h["in_dim"], h["embed_dim"], h["dropout"], tuple(h.get("hidden", ())))
+            head.load_state_dict(load_file(str(path / HEAD)))
+        except Exception as e:  # JSON, safetensors and torch each raise their own types for a damaged file
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise RunError(f"{path}: a damaged run ({type(e).__name__}: {reason})") from None
         return cls(path, config, head.eval())
 
     @property
@@ -90,26 +83,42 @@ class Run:
 
 
 def list_runs(folder: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every run below ``folder``, oldest first, with what a comparison table needs."""
+    """Every run below ``folder``, oldest first, with what a comparison table needs. A run whose files are
+    damaged is listed with status "damaged: why"; a config.json that is not a run's is passed over."""
     rows = []
     for cfg in sorted(Path(folder).rglob(CONFIG), key=lambda p: p.stat().st_mtime):
         try:
-            run = Run.load(cfg.parent)
-        except (RunError, KeyError, ValueError):
+            config = json.loads(cfg.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            config = {"featcache_version": "?"}  # unreadable: if it is a run's, the row below says so
+        if not isinstance(config, dict) or "featcache_version" not in config:
             continue
-        o = run.config["options"]
-        lo = o.get("loss_opts", {})
-        keys = [("sub_centers", "k"), ("margin", "m"), ("scale", "s")]
-        options = " ".join(f"{short}={lo[k]:g}" if isinstance(lo.get(k), (int, float)) else "" for k, short in keys if k in lo).strip()
-        options = f"{options} E={o['embed_dim']} bs={o['batch_size']} lr={o['lr']:g}".strip()
-        ev = run.eval_result()
-        rows.append({
-            "run": str(cfg.parent),
-            "loss": o["loss"],
-            "options": options,
-            "epochs": f"{run.config['epochs_done']}/{o['epochs']}",
-            "train_seconds": run.config.get("train_seconds"),
-            "mMP@5": ev["overall"].get("mMP@5") if ev else None,
-            "status": "complete" if run.config.get("complete") else "incomplete",
-        })
+        row = {"run": str(cfg.parent), "loss": None, "options": None, "epochs": None, "train_seconds": None,
+               "mMP@5": None, "status": "incomplete"}
+        if not (cfg.parent / HEAD).is_file() and not config.get("epochs_done"):
+            rows.append(row)  # stopped before its first epoch finished
+            continue
+        try:
+            row.update(_summary(Run.load(cfg.parent)))
+        except (RunError, KeyError, TypeError, ValueError) as e:
+            reason = str(e).split(": ", 1)[-1] if isinstance(e, RunError) else f"{type(e).__name__}: {e}"
+            row["status"] = f"damaged: {reason}"
+        rows.append(row)
     return rows
+
+
+def _summary(run: Run) -> dict[str, Any]:
+    o = run.config["options"]
+    lo = o.get("loss_opts", {})
+    keys = [("sub_centers", "k"), ("margin", "m"), ("scale", "s")]
+    options = " ".join(f"{short}={lo[k]:g}" if isinstance(lo.get(k), (int, float)) else "" for k, short in keys if k in lo).strip()
+    options = f"{options} E={o['embed_dim']} bs={o['batch_size']} lr={o['lr']:g}".strip()
+    ev = run.eval_result()
+    return {
+        "loss": o["loss"],
+        "options": options,
+        "epochs": f"{run.config['epochs_done']}/{o['epochs']}",
+        "train_seconds": run.config.get("train_seconds"),
+        "mMP@5": ev["overall"].get("mMP@5") if ev else None,
+        "status": "complete" if run.config.get("complete") else "incomplete",
+    }

@@ -12,9 +12,9 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from featcache.files import write_json, write_text
 from featcache.train.loop import TrainOptions, check_options, load_train_data, train
 from featcache.train.losses import LOSSES, canonical_name
-from featcache.train.runs import write_json, write_text
 
 
 def grid(losses: list[str], loss_opts: dict[str, list], varied: dict[str, list], fixed: dict[str, Any]) -> list[TrainOptions]:
