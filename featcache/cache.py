@@ -238,8 +238,11 @@ class FeatureCache:
         path = Path(path)
         if not (path / "zarr.json").is_file():
             raise CacheError(f"{path}: not a featcache store (no zarr.json); build one with `featcache extract`")
-        group = zarr.open_group(store=str(path), mode=mode, zarr_format=3)
-        meta = group.attrs.get(ATTRS)
+        try:
+            group = zarr.open_group(store=str(path), mode=mode, zarr_format=3)
+            meta = group.attrs.get(ATTRS)
+        except Exception as e:  # zarr reports a damaged zarr.json in several ways
+            raise CacheError(f"{path / 'zarr.json'}: not readable as a featcache store ({type(e).__name__})") from None
         if not isinstance(meta, dict) or "key" not in meta:
             raise CacheError(f"{path}: a Zarr group without featcache attributes")
         if meta.get("format_version") != FORMAT_VERSION:

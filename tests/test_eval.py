@@ -158,6 +158,11 @@ def test_demo_runs_offline_end_to_end(tmp_path, cli, monkeypatch):
     # searched through the exported model: each query image is in the collection and finds itself first
     for q in summary["search"]:
         assert q["neighbours"][0]["path"] == q["query"] and q["neighbours"][0]["score"] > 0.999
+    # run again with a file of the user's in its run folder: the demo replaces its own files, nothing else
+    (tmp_path / "runs" / "demo" / "my-notes.txt").write_text("mine")
+    again = json.loads(cli("demo", "--json").stdout)
+    assert again["scores"] == summary["scores"]
+    assert (tmp_path / "runs" / "demo" / "my-notes.txt").read_text() == "mine"
 
 
 def test_domain_option_scores_one_domain_as_its_own_collection(tmp_path, cli):

@@ -67,6 +67,16 @@ def test_a_planted_pickle_never_runs(tmp_path, cache, cli):
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "config.json").write_bytes(pickle.dumps(Payload(marker)))
     cli("runs", tmp_path / "cfg")
+    # a good run whose eval.json, and an index whose index.json, are pickles instead
+    good = tmp_path / "good"
+    cli("train-head", "--cache", cache, "--epochs", "1", "--batch-size", "8", "--out", good)
+    (good / "eval.json").write_bytes(pickle.dumps(Payload(marker)))
+    assert "damaged" in json.loads(cli("runs", good, "--json").stdout)[0]["status"]
+    cli("index", "--cache", cache, "--run", good, "--out", tmp_path / "idx")
+    (tmp_path / "idx" / "index.json").write_bytes(pickle.dumps(Payload(marker)))
+    one_line(cli("search", "--index", tmp_path / "idx", "--query-cache", cache, code=2))
+    (cache / "zarr.json").write_bytes(pickle.dumps(Payload(marker)))
+    one_line(cli("info", cache, code=2))
     assert not marker.exists()
 
 
