@@ -144,6 +144,13 @@ def install(tmp: Path, path: Path) -> None:
     replace_dir(tmp, path)
 
 
+def row_arrays(group: zarr.Group) -> tuple[zarr.Array, zarr.Array, zarr.Array]:
+    """``features``, ``valid`` and ``failures`` opened for writing whole chunks, the all-zero ones included:
+    Zarr keeps ``write_empty_chunks`` only for the session that created an array, and a chunk it skips
+    is indistinguishable from a lost one."""
+    return tuple(group[name].with_config({"write_empty_chunks": True}) for name in ("features", "valid", "failures"))
+
+
 def is_cache(path: Path) -> bool:
     """``path`` is a store featcache wrote: a Zarr group whose attributes hold featcache's record."""
     try:
@@ -286,7 +293,17 @@ class FeatureCache:
 
     def features(self, rows: np.ndarray | None = None, block_bytes: int = 64 << 20) -> np.ndarray:
         """All features, or the rows picked by a boolean mask or sorted index array, in one pass that
-        selects block by block: memory peaks at the selection plus one block, not the whole array."""
+        selects block by block: memory peaks at the selection plus one block, not the whole array.
+        A chunk whose checksum does not match is a one-line CacheError naming it."""
+        try:
+            return self._features(rows, block_bytes)
+        except ValueError as e:  # zarr's crc32c codec: "Stored and computed checksum do not match"
+            problems = self.chunk_problems(read=True)
+            if not problems:
+                raise
+            raise self._damaged(problems) from e
+
+    def _features(self, rows: np.ndarray | None, block_bytes: int) -> np.ndarray:
         arr = self.group["features"]
         if rows is None:
             return arr[:]
@@ -311,10 +328,13 @@ class FeatureCache:
             )
         problems = self.chunk_problems()
         if problems:
-            raise CacheError(f"{self.path}: {len(problems)} damaged chunk file(s): {describe_problems(problems)}; run the "
-                             "`featcache extract` command that made it again: it redoes exactly these chunks")
+            raise self._damaged(problems)
 
     ROW_ARRAYS = ("features", "valid", "failures")
+
+    def _damaged(self, problems: list["ChunkProblem"]) -> CacheError:
+        return CacheError(f"{self.path}: {len(problems)} damaged chunk file(s): {describe_problems(problems)}; run the "
+                          "`featcache extract` command that made it again: it redoes exactly these chunks")
 
     def chunk_problems(self, read: bool = False) -> list["ChunkProblem"]:
         """The done chunks whose files are missing or of the wrong size; with ``read``, also those that do
@@ -443,11 +463,13 @@ def import_features(features: np.ndarray, manifest: Manifest, out: str | os.Path
         try:
             create_store(tmp, manifest, meta)
             group = zarr.open_group(store=str(tmp), mode="r+", zarr_format=3)
+            features_out, valid_out, failures_out = row_arrays(group)
             n_chunks = math.ceil(len(manifest) / rows)
             for k in range(n_chunks):
                 sl = slice(k * rows, min(len(manifest), (k + 1) * rows))
                 exact = np.asarray(features[sl], dtype=np.float64)
-                block = exact.astype(dtype)
+                with np.errstate(over="ignore"):  # overflow is checked on the next line, and refused
+                    block = exact.astype(dtype)
                 overflow = np.isfinite(exact) & ~np.isfinite(block)
                 if overflow.any():
                     i, j = np.argwhere(overflow)[0]
@@ -458,9 +480,9 @@ def import_features(features: np.ndarray, manifest: Manifest, out: str | os.Path
                 if missing is not None:
                     ok &= ~missing[sl]
                     reasons = np.where(missing[sl], missing_reason, reasons)
-                group["features"][sl] = np.where(ok[:, None], block, 0)
-                group["valid"][sl] = ok
-                group["failures"][sl] = reasons.astype(object)
+                features_out[sl] = np.where(ok[:, None], block, 0)
+                valid_out[sl] = ok
+                failures_out[sl] = reasons.astype(object)
                 group["chunk_done"][k] = True
             mark_complete(tmp)
             install(tmp, out)

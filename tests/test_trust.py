@@ -211,20 +211,25 @@ def test_damaged_inputs_give_one_line_naming_the_file(tmp_path, cache, cli):
     cli("info", cache)
 
 
-def test_disk_full_is_one_line_and_keeps_what_was_finished(tmp_path, cli):
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB tmpfs: a real full disk (skipped where mounting is not allowed)."""
     mount = tmp_path / "small"
     mount.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
-        x, y = blobs(2000, 3, dim=8, noise=0.1)  # 2,000 classes x 3 sub-centers x 64 dims: 1.5 MB of class weights
-        cache = make_cache(tmp_path, x, y)
-        r = cli("train-head", "--cache", cache, "--epochs", "2", "--batch-size", "512", "--out", mount / "run", code=2)
-        line = r.output.strip().splitlines()[-1]  # after the progress bar of the epoch that ran
-        assert line.startswith("error:") and "no space left on the device" in line and "Traceback" not in r.output
-        assert not [p for p in (mount / "run").iterdir() if ".tmp" in p.name]
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_disk_full_is_one_line_and_keeps_what_was_finished(tmp_path, cli, small_disk):
+    mount = small_disk
+    x, y = blobs(2000, 3, dim=8, noise=0.1)  # 2,000 classes x 3 sub-centers x 64 dims: 1.5 MB of class weights
+    cache = make_cache(tmp_path, x, y)
+    r = cli("train-head", "--cache", cache, "--epochs", "2", "--batch-size", "512", "--out", mount / "run", code=2)
+    line = r.output.strip().splitlines()[-1]  # after the progress bar of the epoch that ran
+    assert line.startswith("error:") and "no space left on the device" in line and "Traceback" not in r.output
+    assert not [p for p in (mount / "run").iterdir() if ".tmp" in p.name]
 
 
 def test_another_root_is_refused_and_retry_failed_reads_the_failed_rows_again(tmp_path, cli):
@@ -237,6 +242,8 @@ def test_another_root_is_refused_and_retry_failed_reads_the_failed_rows_again(tm
     base = ["extract", "-m", "tiny-vit", "--manifest", m, "--out", out, "--workers", "0", "--quiet", "--dtype", "float32"]
     cli(*base, "--root", wrong)
     assert not FeatureCache.open(out).valid().any()
+    # chunks where every row failed are written too (all zeros), not taken for lost ones
+    assert json.loads(cli("info", out, "--json").stdout)["damaged_chunks"] == []
     line = one_line(cli(*base, "--root", tmp_path / "data", code=2))
     assert "--retry-failed" in line and str(wrong) in line
     cli(*base, "--root", tmp_path / "data", "--retry-failed")
@@ -338,8 +345,19 @@ def test_damaged_chunks_are_found_refused_and_redone(tmp_path, cli):
     data[10] ^= 0xFF
     chunk.write_bytes(bytes(data))
     cli("info", out)
+    line = one_line(cli("eval", "--cache", out, "--run", run, code=2))  # reading it finds the checksum
+    assert str(chunk) in line and "checksum" in line and "featcache extract" in line
     r = cli("info", out, "--verify", "--json", code=1)
     assert any(str(chunk) in d and "checksum" in d for d in json.loads(r.stdout)["damaged_chunks"])
     cli(*extract)
     np.testing.assert_array_equal(FeatureCache.open(out).features(), original)
     cli("info", out, "--verify")
+
+
+def test_extract_on_a_full_disk_is_one_line(tmp_path, cli, small_disk):
+    mount = small_disk
+    # 4,000 rows (missing files: failure rows, fast) x 256 float32 = 4 MB of features for a 1 MB disk
+    m = write_csv(tmp_path / "m.csv", ["path", "label"], [[f"nope/{i}.png", i % 3] for i in range(4000)])
+    r = cli("extract", "-m", "tiny-vit", "--manifest", m, "--out", mount / "c.zarr", "--dtype", "float32",
+            "--workers", "0", "--quiet", code=2)
+    assert "no space left on the device" in one_line(r) and "Traceback" not in r.output

@@ -36,6 +36,7 @@ from featcache.cache import (
     key_differences,
     mark_complete,
     remove_partial_files,
+    row_arrays,
 )
 from featcache.extract.backbones import Backbone
 from featcache.files import OutputError, exclusive
@@ -315,6 +316,7 @@ class ChunkWriter:
 
     def __init__(self, group: zarr.Group, path: Path, rows_per_chunk: int, n: int, dim: int, dtype: str):
         self.group, self.path = group, path
+        self.features, self.valid, self.failures = row_arrays(group)
         self.rows_per_chunk, self.n, self.dim, self.dtype = rows_per_chunk, n, dim, np.dtype(dtype)
         self.buffers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]] = {}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featcache-writer")
@@ -365,9 +367,9 @@ class ChunkWriter:
         t = time.perf_counter()
         lo = k * self.rows_per_chunk
         sl = slice(lo, lo + len(v))
-        self.group["features"][sl] = f
-        self.group["valid"][sl] = v
-        self.group["failures"][sl] = why
+        self.features[sl] = f
+        self.valid[sl] = v
+        self.failures[sl] = why
         fsync_chunk_files(self.path, k)
         self.group["chunk_done"][k] = True
         self.seconds += time.perf_counter() - t

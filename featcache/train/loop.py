@@ -7,6 +7,7 @@ warm-up then cosine decay per iteration, the paper's defaults throughout.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -193,83 +194,69 @@ def train(
 ) -> TrainResult:
     """Train a head; with ``out``, write the run directory as it goes (each finished epoch is kept), as its
     only writer (a second process training into it is refused)."""
-    if out is None:
-        return _train(data, options, None, resume=resume, overwrite=overwrite, on_step=on_step)
-    with exclusive(out, "a training run"):
-        return _train(data, options, out, resume=resume, overwrite=overwrite, on_step=on_step)
-
-
-def _train(
-    data: TrainData,
-    options: TrainOptions,
-    out: str | Path | None = None,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    on_step: Callable[[StepInfo], None] | None = None,
-) -> TrainResult:
-    head, loss_fn = build_model(options, data)
-    opt = make_optimizer([*head.parameters(), *loss_fn.parameters()], options)
-    order = torch.Generator().manual_seed(options.seed)
-    n = len(data.labels)
-    steps_per_epoch = math.ceil(n / options.batch_size)
-    total = options.epochs * steps_per_epoch
     out = Path(out) if out is not None else None
-    config = _config(data, options, head)
-    metrics: list[dict[str, Any]] = []
-    start_epoch, seconds = 0, 0.0
-    if out is not None:
-        start_epoch, seconds, metrics = _open_run_dir(out, config, resume, overwrite, head, loss_fn, opt, order)
+    with exclusive(out, "a training run") if out is not None else contextlib.nullcontext():
+        head, loss_fn = build_model(options, data)
+        opt = make_optimizer([*head.parameters(), *loss_fn.parameters()], options)
+        order = torch.Generator().manual_seed(options.seed)
+        n = len(data.labels)
+        steps_per_epoch = math.ceil(n / options.batch_size)
+        total = options.epochs * steps_per_epoch
+        config = _config(data, options, head)
+        metrics: list[dict[str, Any]] = []
+        start_epoch, seconds = 0, 0.0
+        if out is not None:
+            start_epoch, seconds, metrics = _open_run_dir(out, config, resume, overwrite, head, loss_fn, opt, order)
 
-    complete = start_epoch >= options.epochs
-    try:
-        for epoch in range(start_epoch, options.epochs):
-            t0 = time.perf_counter()
-            head.train()
-            loss_fn.train()
-            perm = torch.randperm(n, generator=order).to(options.device)
-            step_losses = torch.zeros(steps_per_epoch, device=options.device)
-            correct = torch.zeros((), dtype=torch.int64, device=options.device)
-            for step in range(steps_per_epoch):
-                lr = lr_at(epoch * steps_per_epoch + step, total, steps_per_epoch, options)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                idx = perm[step * options.batch_size:(step + 1) * options.batch_size]
-                y = data.labels.index_select(0, idx)
-                opt.zero_grad(set_to_none=True)  # before the forward: last step's gradients are freed first
-                # index_select, not features[idx]: several times faster on a CPU
-                loss, hits = loss_fn.forward_with_hits(head(data.features.index_select(0, idx).float()), y)
-                loss.backward()
-                opt.step()
-                step_losses[step] = loss.detach() * len(idx)
-                correct += hits.sum()
-                if on_step is not None:
-                    on_step(StepInfo(epoch, step, steps_per_epoch, loss.detach()))
-            epoch_loss, epoch_correct = float(step_losses.sum()), int(correct)  # waits for the GPU's queued work
-            if not math.isfinite(epoch_loss):
-                bad = int(torch.nonzero(~torch.isfinite(step_losses))[0])
-                raise RunError(f"epoch {epoch + 1}, step {bad + 1} of {steps_per_epoch}: the training loss is "
-                               f"{float(step_losses[bad])}; "
-                               f"stopped{f' ({out} keeps the {len(metrics)} finished epochs, not complete)' if out else ''}. "
-                               "Try a lower --lr or another loss scale")
-            epoch_seconds = time.perf_counter() - t0
-            seconds += epoch_seconds
-            metrics.append({
-                "epoch": epoch + 1,
-                "loss": round(epoch_loss / n, 6),
-                "train_acc": round(epoch_correct / n, 6),
-                "lr": lr,
-                "seconds": round(epoch_seconds, 4),
-            })
-            if out is not None:
-                _save_epoch(out, config, metrics, seconds, head, loss_fn, opt, order, done=epoch + 1 == options.epochs)
-        complete = True
-    except KeyboardInterrupt:
-        if out is None:
-            raise
-    head.eval()
-    loss_fn.eval()
-    return TrainResult(head, loss_fn, metrics, seconds, complete, out)
+        complete = start_epoch >= options.epochs
+        try:
+            for epoch in range(start_epoch, options.epochs):
+                t0 = time.perf_counter()
+                head.train()
+                loss_fn.train()
+                perm = torch.randperm(n, generator=order).to(options.device)
+                step_losses = torch.zeros(steps_per_epoch, device=options.device)
+                correct = torch.zeros((), dtype=torch.int64, device=options.device)
+                for step in range(steps_per_epoch):
+                    lr = lr_at(epoch * steps_per_epoch + step, total, steps_per_epoch, options)
+                    for group in opt.param_groups:
+                        group["lr"] = lr
+                    idx = perm[step * options.batch_size:(step + 1) * options.batch_size]
+                    y = data.labels.index_select(0, idx)
+                    opt.zero_grad(set_to_none=True)  # before the forward: last step's gradients are freed first
+                    # index_select, not features[idx]: several times faster on a CPU
+                    loss, hits = loss_fn.forward_with_hits(head(data.features.index_select(0, idx).float()), y)
+                    loss.backward()
+                    opt.step()
+                    step_losses[step] = loss.detach() * len(idx)
+                    correct += hits.sum()
+                    if on_step is not None:
+                        on_step(StepInfo(epoch, step, steps_per_epoch, loss.detach()))
+                epoch_loss, epoch_correct = float(step_losses.sum()), int(correct)  # waits for the GPU's queued work
+                if not math.isfinite(epoch_loss):
+                    bad = int(torch.nonzero(~torch.isfinite(step_losses))[0])
+                    raise RunError(f"epoch {epoch + 1}, step {bad + 1} of {steps_per_epoch}: the training loss is "
+                                   f"{float(step_losses[bad])}; "
+                                   f"stopped{f' ({out} keeps the {len(metrics)} finished epochs, not complete)' if out else ''}. "
+                                   "Try a lower --lr or another loss scale")
+                epoch_seconds = time.perf_counter() - t0
+                seconds += epoch_seconds
+                metrics.append({
+                    "epoch": epoch + 1,
+                    "loss": round(epoch_loss / n, 6),
+                    "train_acc": round(epoch_correct / n, 6),
+                    "lr": lr,
+                    "seconds": round(epoch_seconds, 4),
+                })
+                if out is not None:
+                    _save_epoch(out, config, metrics, seconds, head, loss_fn, opt, order, done=epoch + 1 == options.epochs)
+            complete = True
+        except KeyboardInterrupt:
+            if out is None:
+                raise
+        head.eval()
+        loss_fn.eval()
+        return TrainResult(head, loss_fn, metrics, seconds, complete, out)
 
 
 def _config(data: TrainData, options: TrainOptions, head: ProjectionHead) -> dict[str, Any]:
