@@ -469,3 +469,87 @@ def test_boxes_are_nan_free_for_sources_without_them(tmp_path):
     assert rows.boxes is None
     rows = stanford_cars(write_stanford_cars(tmp_path / "c"))
     assert not any(math.isnan(v) for v in rows.boxes.ravel())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stanford Online Products, Food-101, Shopee, the published M4D-35k list
+
+
+def test_sop_reads_ebay_train_txt(tmp_path, cli):
+    from featcache.manifest.builders.sop import sop
+
+    (tmp_path / "Ebay_train.txt").write_text(
+        "image_id class_id super_class_id path\n"
+        "1 1 1 bicycle_final/111085122871_0.JPG\n"
+        "2 1 1 bicycle_final/111085122871_1.JPG\n"
+        "\n"
+        "3 7 2 cabinet_final/222_0.JPG\n")
+    rows = sop(tmp_path)
+    assert rows.paths == ["bicycle_final/111085122871_0.JPG", "bicycle_final/111085122871_1.JPG", "cabinet_final/222_0.JPG"]
+    assert rows.labels == ["sop/1", "sop/1", "sop/7"] and set(rows.domains) == {"sop"} and set(rows.splits) == {"train"}
+    (tmp_path / "Ebay_test.txt").write_text("image_id class_id super_class_id path\n4 9 3 x/1.JPG 5\n")
+    with pytest.raises(ManifestError, match=r"Ebay_test.txt:2: expected 4 fields"):
+        sop(tmp_path, partition="train,test")
+    (tmp_path / "Ebay_train.txt").write_text("image_id class_id super_class_id path\n1 a 1 x.JPG\n")
+    with pytest.raises(ManifestError, match=r"Ebay_train.txt:2: class_id 'a' is not an integer"):
+        sop(tmp_path)
+    (tmp_path / "Ebay_train.txt").write_text("image_id class_id super_class_id path\n1 1 1 ../x.JPG\n")
+    with pytest.raises(ManifestError, match=r"Ebay_train.txt:2: path '../x.JPG' leaves"):
+        sop(tmp_path)
+
+
+def test_food101_reads_meta_json_and_takes_the_test_images_by_default(tmp_path):
+    from featcache.manifest.builders.food101 import food101
+
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "test.json").write_text(json.dumps({"apple_pie": ["apple_pie/1011328", "apple_pie/101251"],
+                                                              "ramen": ["ramen/99"]}))
+    (tmp_path / "meta" / "train.json").write_text(json.dumps({"ramen": ["ramen/5"]}))
+    rows = food101(tmp_path)
+    assert rows.paths == ["images/apple_pie/1011328.jpg", "images/apple_pie/101251.jpg", "images/ramen/99.jpg"]
+    assert rows.labels == ["food/apple_pie", "food/apple_pie", "food/ramen"]
+    assert food101(tmp_path, partition="train").paths == ["images/ramen/5.jpg"]
+    (tmp_path / "meta" / "test.json").write_text(json.dumps({"ramen": ["sushi/1"]}))
+    with pytest.raises(ManifestError, match=r"test.json: class 'ramen', entry 1: expected \"ramen/ID\""):
+        food101(tmp_path)
+    (tmp_path / "meta" / "test.json").write_text('{"ramen": [')
+    with pytest.raises(ManifestError, match=r"test.json:1: not valid JSON"):
+        food101(tmp_path)
+
+
+def test_shopee_reads_quoted_titles_and_one_row_per_image_file(tmp_path):
+    from featcache.manifest.builders.shopee import shopee
+
+    write_csv(tmp_path / "train.csv", ["posting_id", "image", "image_phash", "title", "label_group"], [
+        ["train_1", "a.jpg", "94974f937d4c2433", "Paper Bag, Victoria \"Secret\"", 249114794],
+        ["train_2", "b.jpg", "af3f9460c2838f0f", "Double Tape, 3M", 2937985045],
+        ["train_3", "a.jpg", "94974f937d4c2433", "same picture, other posting", 249114794],
+        ["train_4", "c.jpg", "b94cb00ed3e50f78", "Maling TTS", 2395904891],
+    ])
+    rows = shopee(tmp_path)
+    assert rows.paths == ["train_images/a.jpg", "train_images/b.jpg", "train_images/c.jpg"]
+    assert rows.labels == ["shopee/249114794", "shopee/2937985045", "shopee/2395904891"]
+    assert rows.notes and "1 postings reuse an image file" in rows.notes[0]
+    write_csv(tmp_path / "train.csv", ["posting_id", "image", "image_phash", "title", "label_group"],
+              [["train_1", "a.jpg", "9", "x, y", "group"]])
+    with pytest.raises(ManifestError, match=r"train.csv:2: column 'label_group': label_group 'group' is not an integer"):
+        shopee(tmp_path)
+
+
+def test_m4d35k_reads_the_published_list(tmp_path, cli):
+    write_csv(tmp_path / "m4d-35k_train.csv", ["img_path", "label"], [
+        ["products-10k/train/0.jpg", 0],
+        ["google_landmark_recognition_2021/train/6/e/1/6e158a47eb2ca3f6.jpg", 1],
+        ["deepfashion/img/CLOTHING/Dress/id_00000001/comsumer_01.jpg", 2],
+        ["stanford_cars/cars_train/00001.jpg", 3],
+        ["products-10k/train/1.jpg", 0],
+    ])
+    out = tmp_path / "m.csv"
+    cli("manifest", "build", "m4d-35k", "--root", tmp_path, "--out", out)
+    m = read_manifest(out)
+    assert m.domains == ["products", "landmarks", "apparel", "cars", "products"]
+    assert m.labels == ["m4d/0", "m4d/1", "m4d/2", "m4d/3", "m4d/0"]
+    assert m.paths[1] == "google_landmark_recognition_2021/train/6/e/1/6e158a47eb2ca3f6.jpg"
+    write_csv(tmp_path / "m4d-35k_train.csv", ["img_path", "label"], [["a.jpg", 0], ["a.jpg", 1]])
+    r = cli("manifest", "build", "m4d-35k", "--root", tmp_path, "--out", out, code=2)
+    assert "m4d-35k_train.csv:3: column 'img_path': 'a.jpg' is listed twice" in r.output

@@ -60,10 +60,11 @@ def build(
         "imagefolder: the folder's name). For uned: which UnED domains, e.g. cars,sop (default all 8)."),
     partition: Optional[str] = typer.Option(
         None, "--partition", help="deepfashion-c2s: evaluation statuses, e.g. train,val (default train). "
-        "stanford-cars: train and/or test (default train). uned: train, val or test (default test)."),
+        "stanford-cars and sop: train and/or test (default train). food101: test and/or train (default test, as the "
+        "paper's training). uned: train, val or test (default test)."),
     annotations: Optional[str] = typer.Option(
         None, "--annotations", help="gldv2: train.csv (id,url,landmark_id) or train_clean.csv (landmark_id,images); "
-        "default train.csv when present."),
+        "default train.csv when present. m4d-35k: the list's file name (default m4d-35k_train.csv)."),
     colors: Optional[Path] = typer.Option(
         None, "--colors", help="stanford-cars: CSV of image,colour pairs; classes become model x colour."),
     info_dir: Optional[Path] = typer.Option(
@@ -71,7 +72,7 @@ def build(
 ) -> None:
     """Turn one source dataset's own annotation files into a manifest.
 
-    Sources: [bold]products10k[/] (train.csv, train/), [bold]gldv2[/] (train.csv or train_clean.csv, train/a/b/c/), [bold]deepfashion-c2s[/] (Eval/list_eval_partition.txt), [bold]stanford-cars[/] (devkit .mat files), [bold]uned[/] (the UnED benchmark's info_files/<domain>/<split>.json: test gives split query and index), [bold]imagefolder[/] (ROOT/CLASS/*.jpg).
+    Sources: [bold]products10k[/] (train.csv, train/), [bold]gldv2[/] (train.csv or train_clean.csv, train/a/b/c/), [bold]deepfashion-c2s[/] (Eval/list_eval_partition.txt), [bold]stanford-cars[/] (devkit .mat files), [bold]uned[/] (the UnED benchmark's info_files/<domain>/<split>.json: test gives split query and index), [bold]sop[/] (Ebay_train.txt), [bold]food101[/] (meta/test.json), [bold]shopee[/] (train.csv, train_images/), [bold]m4d-35k[/] (the paper's published m4d-35k_train.csv), [bold]imagefolder[/] (ROOT/CLASS/*.jpg).
 
     Labels are prefixed with the domain (products/1234), so datasets never share a class when manifests are combined.
 

@@ -8,7 +8,18 @@ from __future__ import annotations
 
 import os
 
-from featcache.manifest.builders import deepfashion, gldv2, imagefolder, products10k, stanford_cars, uned
+from featcache.manifest.builders import (
+    deepfashion,
+    food101,
+    gldv2,
+    imagefolder,
+    m4d35k,
+    products10k,
+    shopee,
+    sop,
+    stanford_cars,
+    uned,
+)
 from featcache.manifest.builders.common import Builder
 from featcache.manifest.schema import ManifestError, Rows
 
@@ -20,6 +31,10 @@ BUILDERS: dict[str, Builder] = {
         deepfashion,
         stanford_cars,
         uned,
+        sop,
+        food101,
+        shopee,
+        m4d35k,
         imagefolder,
     )
 }
