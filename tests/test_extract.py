@@ -260,6 +260,32 @@ def test_models_lists_the_registry(cli):
     assert by_name["siglip-so400m"]["dim"] == 1152 and by_name["siglip-so400m"]["image_size"] == 384
     assert by_name["dinov2-l14"]["dim"] == 1024 and by_name["clip-vit-l14"]["dim"] == 768
     assert 400 < by_name["siglip-so400m"]["params_m"] < 450
+    # the families the paper compared, built on the meta device: the architecture's own output and input size
+    assert (by_name["clipa-h14-336"]["dim"], by_name["clipa-h14-336"]["image_size"]) == (1024, 336)
+    assert (by_name["convnext-xxl-clip"]["dim"], by_name["convnext-xxl-clip"]["image_size"]) == (1024, 256)
+    assert (by_name["sam-vit-h"]["dim"], by_name["sam-vit-h"]["image_size"]) == (256, 1024)
+    assert 600 < by_name["sam-vit-h"]["params_m"] < 700  # ViT-H image encoder (637M)
+
+
+def test_new_families_take_the_preprocessing_their_tags_prescribe():
+    import open_clip
+    import timm
+
+    from featcache.extract.backbones import resolve_spec
+    from featcache.extract.backbones.open_clip_models import resolve_preprocess
+
+    for name, arch, tag in [("clipa-h14-336", "ViT-H-14-CLIPA-336", "datacomp1b"),
+                            ("convnext-xxl-clip", "convnext_xxlarge", "laion2b_s34b_b82k_augreg")]:
+        spec = resolve_spec(name)
+        assert (spec.library, spec.arch, spec.pretrained) == ("open_clip", arch, tag)
+        cfg = open_clip.get_pretrained_cfg(arch, tag)
+        assert resolve_preprocess(spec) == {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode")}
+    # CLIPA squashes with bilinear and ImageNet statistics; ConvNeXt crops with bicubic and OpenAI's
+    assert resolve_preprocess(resolve_spec("clipa-h14-336"))["resize_mode"] == "squash"
+    sam = resolve_spec("sam-vit-h")
+    assert (sam.library, sam.arch) == ("timm", "samvit_huge_patch16.sa1b")
+    model = timm.create_model(sam.arch, pretrained=False, num_classes=0, device="meta")
+    assert model.global_pool == "avg" and model.pretrained_cfg["input_size"] == (3, 1024, 1024)
 
 
 # --- real processes: kill, interrupt, torchrun -------------------------------------------------

@@ -51,6 +51,15 @@ REGISTRY: dict[str, BackboneSpec] = {
         BackboneSpec("metaclip-h14", "open_clip", "ViT-H-14-quickgelu", "metaclip_fullcc", {}, "MetaCLIP ViT-H/14"),
         BackboneSpec("dinov2-l14", "timm", "vit_large_patch14_dinov2.lvd142m", "hub", {},
                      "DINOv2 ViT-L/14 (self-supervised, 518 px)"),
+        BackboneSpec("clipa-h14-336", "open_clip", "ViT-H-14-CLIPA-336", "datacomp1b", {},
+                     "CLIPA-v2 ViT-H/14 at 336 px, trained on DataComp-1B"),
+        BackboneSpec("convnext-xxl-clip", "open_clip", "convnext_xxlarge", "laion2b_s34b_b82k_augreg", {},
+                     "OpenCLIP ConvNeXt-XXLarge trained on LAION-2B (the original code's ConvNeXt)"),
+        # SAM has no image-level output: its encoder ends in a neck whose 256-channel 64x64 map is what
+        # SAM's mask decoder reads. The embedding is that map averaged over positions (timm's default
+        # global_pool="avg"): the last, most semantic layer, in a form any head can take.
+        BackboneSpec("sam-vit-h", "timm", "samvit_huge_patch16.sa1b", "hub", {},
+                     "SAM ViT-H image encoder (1024 px): its neck's 256-channel map, averaged over positions"),
         BackboneSpec("tiny-vit", "open_clip", "featcache-tiny-vit", None, {},
                      "A 0.4M-parameter ViT (32 px, 16 px patches) with seeded random weights, for tests and the offline demo"),
     ]
