@@ -204,3 +204,29 @@ def test_resume_after_an_interrupt_in_the_first_epoch_starts_over(tmp_path, smal
 def test_loss_opt_names_may_use_hyphens(tmp_path, small_cache, cli):
     cli("train-head", "--cache", small_cache, "--epochs", "1", "--loss-opt", "sub-centers=2", "--out", tmp_path / "r", "--quiet")
     assert json.loads((tmp_path / "r" / "config.json").read_text())["options"]["loss_opts"]["sub_centers"] == 2
+
+
+def test_optimizer_and_warmup_choices(tmp_path, small_cache, cli):
+    from featcache.train.loop import make_optimizer
+
+    o = TrainOptions(lr=0.1, warmup_epochs=1, warmup="exponential", epochs=2)
+    # exponential warm-up from lr / 100 to lr over the first epoch (10 steps), by hand
+    assert lr_at(0, 20, 10, o) == pytest.approx(0.1 * 0.01 ** 0.9)
+    assert lr_at(4, 20, 10, o) == pytest.approx(0.1 * 0.01 ** 0.5)
+    assert lr_at(9, 20, 10, o) == pytest.approx(0.1)
+    assert lr_at(0, 20, 10, TrainOptions(lr=0.1, epochs=2)) == pytest.approx(0.01)  # linear: lr / steps
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    sgd = make_optimizer(p, TrainOptions(optimizer="sgd", momentum=0.5, weight_decay=0.0))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.5
+    assert type(make_optimizer(p, TrainOptions(optimizer="adamw"))) is torch.optim.AdamW
+    assert type(make_optimizer(p, TrainOptions())) is torch.optim.Adam
+    heads = {}
+    for name in ("adam", "adamw", "sgd"):
+        out = tmp_path / name
+        cli("train-head", "--cache", small_cache, "--epochs", "2", "--batch-size", "16", "--optimizer", name,
+            "--weight-decay", "0.01", "--out", out, "--quiet")
+        assert json.loads((out / "config.json").read_text())["options"]["optimizer"] == name
+        heads[name] = head_weights(out)["net.1.weight"]
+    assert not np.array_equal(heads["adam"], heads["adamw"]) and not np.array_equal(heads["adam"], heads["sgd"])
+    r = cli("train-head", "--cache", small_cache, "--optimizer", "rmsprop", "--out", tmp_path / "x", code=2)
+    assert "--optimizer rmsprop: expected one of adam, adamw, sgd" in r.output

@@ -51,6 +51,9 @@ def train_head(
     weight_decay: float = typer.Option(1e-4, help="Adam's (coupled L2) weight decay."),
     warmup_epochs: float = typer.Option(1.0, help="Linear warm-up length, in epochs; cosine decay after it."),
     min_lr: float = typer.Option(1e-3, help="Learning rate at the end of the cosine."),
+    optimizer: str = typer.Option("adam", help="adam (coupled weight decay, the paper's), adamw (decoupled) or sgd."),
+    momentum: float = typer.Option(0.9, help="SGD's momentum."),
+    warmup: str = typer.Option("linear", help="Warm-up shape: linear, or exponential (from lr / 100)."),
     seed: int = typer.Option(42, help="Seed for initialisation, order, dropout and class sampling."),
     sample_classes: float = typer.Option(1.0, help="Partial FC: fraction of the other classes used per step (1 = all)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda. \\[default: cuda when available]"),
@@ -76,6 +79,7 @@ def train_head(
     options = TrainOptions(loss=loss, loss_opts=opts, embed_dim=embed_dim,
                            dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                            warmup_epochs=warmup_epochs, min_lr=min_lr, seed=seed, device=dev,
+                           optimizer=optimizer, momentum=momentum, warmup=warmup,
                            precision=precision or default_precision(dev), sample_classes=sample_classes)
     data = load_train_data(cache, dev)
     check_options(options, data)
@@ -143,6 +147,9 @@ def sweep(
     weight_decay: float = typer.Option(1e-4, help="Adam's weight decay."),
     warmup_epochs: float = typer.Option(1.0, help="Warm-up epochs."),
     min_lr: float = typer.Option(1e-3, help="Final learning rate."),
+    optimizer: str = typer.Option("adam", help="adam (the paper's), adamw or sgd."),
+    momentum: float = typer.Option(0.9, help="SGD's momentum."),
+    warmup: str = typer.Option("linear", help="Warm-up shape: linear or exponential."),
     sample_classes: float = typer.Option(1.0, help="Partial FC fraction."),
     seeds: int = typer.Option(1, help="Seeds per combination (42, 43, ...): scores are mean ± std over them."),
     eval_cache: Optional[Path] = typer.Option(None, help="Cache with query/index rows to score each head on. \\[default: --cache, when it has them]"),
@@ -165,6 +172,7 @@ def sweep(
     combos = grid(loss, {"margin": margin, "scale": scale, "sub_centers": sub_centers},
                   {"embed_dim": embed_dim, "dropout": dropout, "lr": lr, "epochs": epochs, "batch_size": batch_size},
                   {"weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "min_lr": min_lr,
+                   "optimizer": optimizer, "momentum": momentum, "warmup": warmup,
                    "sample_classes": sample_classes, "device": dev, "precision": precision or default_precision(dev)})
     import datetime as dt
 
