@@ -174,15 +174,39 @@ def test_sweep_trains_the_grid_and_scores_it(tmp_path, small_cache, cli):
     res = cli("sweep", "--cache", small_cache, "--loss", "arcface", "--loss", "normface", "--margin", "0.2",
               "--margin", "0.4", "--epochs", "2", "--batch-size", "32", "--seeds", "2", "--out", out, "--json")
     summary = json.loads(res.stdout)
+    zero, trained = summary["results"][:2], summary["results"][2:]
+    # the baselines first, as in the paper's tables, scored as `eval --zero-shot` scores them
+    for row, kind in zip(zero, ("pooled", "raw")):
+        assert row["loss"] == f"zero-shot {kind}" and row["runs"] == []
+        cli("eval", "--cache", small_cache, "--zero-shot", kind, "--json", tmp_path / f"{kind}.json")
+        assert row["mMP@5"] == f"{json.loads((tmp_path / f'{kind}.json').read_text())['overall']['mMP@5']:.4f}"
     # arcface x 2 margins, normface has no margin: 3 combinations, 2 seeds each
-    assert [(r["loss"], r["options"]["loss_opts"]) for r in summary["results"]] == [
+    assert [(r["loss"], r["options"]["loss_opts"]) for r in trained] == [
         ("arcface", {"margin": 0.2}), ("arcface", {"margin": 0.4}), ("normface", {})]
-    for r in summary["results"]:
+    for r in trained:
         assert len(r["runs"]) == 2 and [x["seed"] for x in r["runs"]] == [42, 43]
         scores = [x["mMP@5"] for x in r["runs"]]
         assert r["mMP@5"] == f"{np.mean(scores):.4f} ± {np.std(scores, ddof=1):.4f}"
-    assert (out / "sweep.json").is_file() and "| arcface | margin=0.2 |" in (out / "sweep.md").read_text()
-    assert len(list(out.glob("*/head.safetensors"))) == 6
+    assert (out / "sweep.json").is_file() and "| import | arcface | margin=0.2 |" in (out / "sweep.md").read_text()
+    assert len(list(out.glob("*/head.safetensors"))) == 6 and (out / "sweep.png").is_file()
+
+
+def test_sweep_over_two_caches_adds_a_backbone_column(tmp_path, cli):
+    x, y = blobs(6, 20, dim=32)
+    splits = ["train" if c < 4 else ("query" if i % 4 == 0 else "index") for i, c in enumerate(y)]
+    a = make_cache(tmp_path, x, y, splits, name="a")
+    b = make_cache(tmp_path, x[:, :16] * 2, y, splits, name="b")
+    out = tmp_path / "sweep"
+    summary = json.loads(cli("sweep", "--cache", a, "--cache", b, "--loss", "arcface", "--epochs", "1",
+                             "--batch-size", "32", "--out", out, "--json").stdout)
+    assert [(r["backbone"], r["loss"]) for r in summary["results"]] == [
+        ("import (a)", "zero-shot pooled"), ("import (a)", "zero-shot raw"), ("import (a)", "arcface"),
+        ("import (b)", "zero-shot pooled"), ("import (b)", "zero-shot raw"), ("import (b)", "arcface")]
+    heads = sorted(out.glob("*/*/head.safetensors"))
+    assert [h.parent.parent.name for h in heads] == [f"00-{tmp_path.name}-a", f"01-{tmp_path.name}-b"]  # NN-folder-cache
+    assert head_weights(heads[0].parent)["net.1.weight"].shape == (64, 32)
+    assert head_weights(heads[1].parent)["net.1.weight"].shape == (64, 16)
+    assert (out / "sweep.png").is_file()
 
 
 def test_resume_after_an_interrupt_in_the_first_epoch_starts_over(tmp_path, small_cache):

@@ -134,7 +134,7 @@ def losses(json_out: bool = flag("--json", help="Print JSON instead of a table."
 @app.command(epilog="Example: featcache sweep -c cache/demo/tiny-vit.zarr --loss arcface --loss cosface --margin 0.2 --margin 0.4 --seeds 3")
 @friendly_errors
 def sweep(
-    cache: Path = typer.Option(..., "--cache", "-c", help="Feature cache to train from."),
+    cache: list[Path] = typer.Option(..., "--cache", "-c", help="Feature cache to train from; repeat it to compare backbones (a backbone column, and each cache's zero-shot rows)."),
     loss: list[str] = typer.Option(["subcenter-arcface"], "--loss", "-l", help="Losses to compare (repeatable)."),
     margin: list[float] = typer.Option([], help="Margins to try (repeatable; radians for angular losses)."),
     scale: list[float] = typer.Option([], help="Scales to try (repeatable)."),
@@ -179,24 +179,32 @@ def sweep(
     target = out_path or Path("runs") / f"sweep-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     bar = progress_bar("run", disable=quiet or json_out)
     with bar:
-        task = bar.add_task("sweep", total=len(combos) * seeds)
+        task = bar.add_task("sweep", total=len(combos) * seeds * len(cache))
         try:
-            summary = run_sweep(cache, combos, seeds, target, sweep_scorer(cache, eval_cache),
+            if eval_cache is not None and len(cache) > 1:
+                raise UserError("--eval-cache goes with one --cache (each backbone is scored on its own cache's query/index rows)")
+            summary = run_sweep(cache, combos, seeds, target, [sweep_scorer(c, eval_cache) for c in cache],
                                 on_run=lambda name: bar.update(task, advance=1, description=name))
         except KeyboardInterrupt:
             err.print(f"[yellow]interrupted[/]: the finished combinations are in {target / 'sweep.json'}")
             raise typer.Exit(130) from None
+    chart = None
+    if summary["metric"]:
+        from featcache.evaluate.plots import sweep_chart
+
+        chart = sweep_chart(summary, target / "sweep.png")
     if json_out:
         print_json(summary)
         return
     out.print(summary_table(summary))
-    err.print(f"wrote {target / 'sweep.json'} and {target / 'sweep.md'}")
+    err.print(f"wrote {target / 'sweep.json'}, {target / 'sweep.md'}" + (f" and {chart}" if chart else ""))
 
 
 def summary_table(summary: dict):
     metric = summary.get("metric")
-    cols = ["loss", "options", "final loss", "train acc", *([metric] if metric else []), "seconds"]
+    cols = ["backbone", "loss", "options", "final loss", "train acc", *([metric] if metric else []), "seconds"]
     rows = []
     for r in summary["results"]:
-        rows.append([r["loss"], r["label"], r["final_loss"], r["train_acc"], *([r.get(metric, "-")] if metric else []), r["seconds"]])
+        rows.append([r.get("backbone", "-"), r["loss"], r["label"], r["final_loss"], r["train_acc"],
+                     *([r.get(metric, "-")] if metric else []), r["seconds"]])
     return table(f"featcache sweep ({summary['seeds']} seed{'s' if summary['seeds'] > 1 else ''} each)", cols, rows, justify_numbers=False)

@@ -101,6 +101,39 @@ def domain_scores(results: dict[str, dict], dest: Path, metric: str = "mMP@5") -
     return dest
 
 
+def sweep_chart(summary: dict, dest: Path) -> Path:
+    """The sweep's metric per combination (mean, with ± std over seeds as error bars), grouped by backbone;
+    zero-shot rows are the grey bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = summary["metric"]
+    rows = [r for r in summary["results"] if r.get(metric) not in (None, "-")]
+    means, errs, names, colours = [], [], [], []
+    for r in rows:
+        values = [run[metric] for run in r["runs"]] or [float(r[metric])]
+        means.append(float(np.mean(values)))
+        errs.append(float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
+        names.append(f"{r.get('backbone', '')}\n{r['loss']}" + (f"\n{r['label']}" if r["label"] not in ("-", "defaults") else ""))
+        colours.append("#999999" if r["loss"].startswith("zero-shot") else "#1f77b4")
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 1.5), 4.2), dpi=120)
+    x = np.arange(len(rows))
+    ax.bar(x, means, 0.7, yerr=errs, capsize=3, color=colours)
+    for xi, m in zip(x, means):
+        ax.text(xi, m + 0.01, f"{m:.3f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, names, fontsize=7, rotation=0)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric}, mean ± std over {summary['seeds']} seed(s)")
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    write_file(dest, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return dest
+
+
 def write_plots(ev: EvalOutput, results: dict[str, dict], folder: Path, metric: str = "mMP@5") -> list[Path]:
     """``neighbours.png`` (``ev``'s shown queries) and ``domains.png`` (``results`` side by side) in ``folder``."""
     return [neighbours_grid(ev, folder / "neighbours.png"), domain_scores(results, folder / "domains.png", metric)]

@@ -319,6 +319,9 @@ class RunScorer:
     def __call__(self, run: str | Path) -> dict[str, Any]:
         return run_eval(run=run, eval_set=self.eval_set).result
 
+    def zero_shot(self, kind: str) -> dict[str, Any]:
+        return run_eval(zero_shot=kind, eval_set=self.eval_set).result
+
 
 def sweep_scorer(cache: str | Path, eval_cache: str | Path | None = None) -> RunScorer | None:
     """A scorer on ``eval_cache`` (or ``cache``) when it has query and index rows; None when ``cache``

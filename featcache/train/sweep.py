@@ -12,6 +12,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from featcache.cache import safe_name
 from featcache.files import write_json, write_text
 from featcache.train.loop import TrainOptions, check_options, load_train_data, train
 from featcache.train.losses import LOSSES, canonical_name
@@ -47,33 +48,59 @@ def _mean_std(values: list[float]) -> str:
 
 class Scorer(Protocol):
     """Scores a finished run directory: what a sweep calls after every head it trains. ``metric`` names
-    the score taken from ``result["overall"]``; ``source`` says what was scored (the eval cache)."""
+    the score taken from ``result["overall"]``; ``source`` says what was scored (the eval cache);
+    ``zero_shot(kind)`` scores the baseline without a head ("pooled" or "raw")."""
 
     metric: str
     source: str
 
     def __call__(self, run: Path) -> dict[str, Any]: ...
 
+    def zero_shot(self, kind: str) -> dict[str, Any]: ...
 
-def run_sweep(cache: Path, combos: list[TrainOptions], seeds: int, out: Path, score: Scorer | None = None,
+
+ZERO_SHOT = ("pooled", "raw")
+
+
+def run_sweep(caches: Path | list[Path], combos: list[TrainOptions], seeds: int, out: Path,
+              scorers: Scorer | None | list[Scorer | None] = None,
               on_run: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train every combination ``seeds`` times from one load of the features, scoring each run with
-    ``score`` when given; ``sweep.json`` and ``sweep.md`` in ``out`` hold the finished rows, also after Ctrl-C."""
+    """Train every combination ``seeds`` times on each cache (one load of its features each), scoring each
+    run with that cache's scorer when it has one, beside its zero-shot baselines. ``sweep.json`` and
+    ``sweep.md`` in ``out`` hold the finished rows, also after Ctrl-C."""
+    caches = [caches] if isinstance(caches, (str, Path)) else list(caches)
+    scorers = scorers if isinstance(scorers, list) else [scorers] * len(caches)
     if seeds < 1:
         raise ValueError(f"--seeds {seeds}: need at least 1")
-    data = load_train_data(cache, combos[0].device if combos else "cpu")
-    for o in combos:
-        check_options(o, data)
+    device = combos[0].device if combos else "cpu"
+    datasets = [load_train_data(c, device) for c in caches]  # every cache checked before anything trains
+    for data in datasets:
+        for o in combos:
+            check_options(o, data)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} already exists and is not empty; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     varied_keys = [k for k in ("embed_dim", "dropout", "lr", "epochs", "batch_size") if len({getattr(o, k) for o in combos}) > 1]
-    metric = score.metric if score is not None else None
+    metric = next((s.metric for s in scorers if s is not None), None)
     results: list[dict[str, Any]] = []
-    summary = {"cache": str(cache), "eval_cache": score.source if score is not None else None, "seeds": seeds,
-               "metric": metric, "complete": False, "results": results}
+    summary = {"cache": str(caches[0]), "caches": [str(c) for c in caches],
+               "eval_cache": next((s.source for s in scorers if s is not None), None),
+               "eval_caches": [s.source if s is not None else None for s in scorers],
+               "seeds": seeds, "metric": metric, "complete": False, "results": results}
+    names = [d.backbone for d in datasets]
+    # the backbone column: its registry name, with the cache's own name where two caches share one
+    labels = [n if names.count(n) == 1 else f"{n} ({Path(c).stem})" for n, c in zip(names, caches)]
+    folders = [f"{i:02d}-{safe_name(Path(c).parent.name + '-' + Path(c).stem)}" for i, c in enumerate(caches)]
     try:
-        _train_all(data, combos, seeds, out, score, varied_keys, results, on_run)
+        for data, score, backbone, folder in zip(datasets, scorers, labels, folders):
+            where = out if len(caches) == 1 else out / folder
+            if score is not None:
+                for kind in ZERO_SHOT:
+                    value = score.zero_shot(kind)["overall"][score.metric]
+                    results.append({"backbone": backbone, "loss": f"zero-shot {kind}", "label": "-", "options": {},
+                                    "final_loss": "-", "train_acc": "-", score.metric: f"{value:.4f}", "seconds": 0.0,
+                                    "runs": []})
+            _train_all(data, backbone, combos, seeds, where, score, varied_keys, results, on_run)
         summary["complete"] = True
     finally:  # also on Ctrl-C: the finished combinations are kept
         write_json(out / "sweep.json", summary)
@@ -81,7 +108,7 @@ def run_sweep(cache: Path, combos: list[TrainOptions], seeds: int, out: Path, sc
     return summary
 
 
-def _train_all(data, combos, seeds, out, score, varied_keys, results, on_run) -> None:
+def _train_all(data, backbone, combos, seeds, out, score, varied_keys, results, on_run) -> None:
     for i, base in enumerate(combos):
         per_seed = []
         for s in range(seeds):
@@ -92,13 +119,14 @@ def _train_all(data, combos, seeds, out, score, varied_keys, results, on_run) ->
             r = train(data, o, out / name)
             if not r.complete:  # train() keeps an interrupted head; a sweep stops there
                 raise KeyboardInterrupt
-            entry = {"run": name, "seed": o.seed, "final_loss": r.metrics[-1]["loss"], "train_acc": r.metrics[-1]["train_acc"],
-                     "seconds": round(r.seconds, 3)}
+            entry = {"run": str(out / name), "seed": o.seed, "final_loss": r.metrics[-1]["loss"],
+                     "train_acc": r.metrics[-1]["train_acc"], "seconds": round(r.seconds, 3)}
             if score is not None:
                 entry["eval"] = score(out / name)
                 entry[score.metric] = entry["eval"]["overall"][score.metric]
             per_seed.append(entry)
         row = {
+            "backbone": backbone,
             "loss": base.loss,
             "label": label(base, varied_keys),
             "options": {"loss_opts": base.loss_opts, **{k: getattr(base, k) for k in varied_keys}},
@@ -113,12 +141,15 @@ def _train_all(data, combos, seeds, out, score, varied_keys, results, on_run) ->
 
 
 def markdown(summary: dict[str, Any]) -> str:
+    """The results as a Markdown table, ready to paste (a backbone column, zero-shot rows first per backbone)."""
     metric = summary["metric"]
-    head = ["loss", "options", "final loss", "train acc", *([metric] if metric else []), "seconds"]
-    lines = [f"# featcache sweep on `{summary['cache']}`", "",
+    head = ["backbone", "loss", "options", "final loss", "train acc", *([metric] if metric else []), "seconds"]
+    caches = ", ".join(f"`{c}`" for c in summary.get("caches", [summary["cache"]]))
+    lines = [f"# featcache sweep on {caches}", "",
              f"{summary['seeds']} seed(s) per row; values are mean ± std over seeds.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary["results"]:
-        cells = [r["loss"], r["label"], r["final_loss"], r["train_acc"], *([r[metric]] if metric else []), str(r["seconds"])]
+        cells = [r.get("backbone", "-"), r["loss"], r["label"], r["final_loss"], r["train_acc"],
+                 *([r.get(metric, "-")] if metric else []), str(r["seconds"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
