@@ -272,10 +272,16 @@ def test_a_second_writer_is_refused_while_the_first_finishes_intact(tmp_path):
     import fcntl
     import time
 
+    from featcache.extract.backbones import create_backbone
+    from featcache.extract.pipeline import run_extract
+    from featcache.files import OutputError
+    from featcache.manifest import read_manifest
     from tests.conftest import PYTHON, image_manifest, subprocess_env
 
-    m = image_manifest(tmp_path / "data", 400, size=(320, 240))
+    m = image_manifest(tmp_path / "data", 600, size=(320, 240))
     out = tmp_path / "c.zarr"
+    # the second writer is made ready first, in this process: it must try while the first still runs
+    manifest, backbone = read_manifest(m), create_backbone("tiny-vit")
     cmd = [PYTHON, "-m", "featcache", "extract", "-m", "tiny-vit", "--manifest", str(m), "--out", str(out),
            "--workers", "0", "--batch-size", "1", "--chunk-rows", "8", "--quiet"]
     first = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -290,20 +296,13 @@ def test_a_second_writer_is_refused_while_the_first_finishes_intact(tmp_path):
                     fcntl.flock(f, fcntl.LOCK_UN)
                 except BlockingIOError:
                     held = True
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert held, "the first extract never took its lock"
-    # the second writer, from this process (already warm: a new interpreter would start after the first ended)
-    from featcache.extract.backbones import create_backbone
-    from featcache.extract.pipeline import run_extract
-    from featcache.files import OutputError
-    from featcache.manifest import read_manifest
-
     with pytest.raises(OutputError, match="another featcache process is writing a feature cache"):
-        run_extract(read_manifest(m), create_backbone("tiny-vit"), out, workers=0, chunk_rows=8, batch_size=1)
-    assert first.poll() is None, "the first extract ended before the second one tried"
+        run_extract(manifest, backbone, out, workers=0, chunk_rows=8, batch_size=1)
     assert first.wait(timeout=300) == 0, first.stderr.read()
     c = FeatureCache.open(out)
-    assert c.complete and c.valid().all() and c.rows == 400
+    assert c.complete and c.valid().all() and c.rows == 600
     # and once it is done, the same command is a no-op, not a refusal
     again = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
