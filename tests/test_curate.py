@@ -189,6 +189,22 @@ def test_m4d_recipe_on_tiny_sources(tmp_path, cli):
     assert [c.strip() for c in total.strip("│ ").split("│")] == ["total", "23", "6", "34,800", "18", "328,400"]
 
 
+def test_recipe_builds_the_sources_at_hand_and_names_the_missing_ones(tmp_path, cli):
+    import shutil
+
+    data = write_m4d_data(tmp_path / "DATA")
+    shutil.rmtree(data / "gldv2")
+    shutil.rmtree(data / "stanford-cars")
+    result = cli("manifest", "recipe", RECIPE, "--root", data, "--out", tmp_path / "m4d.csv")
+    assert {r[2] for r in manifest_rows(tmp_path / "m4d.csv")[1:]} == {"products", "apparel"}
+    assert "2 of 4 sources are not under" in result.output and "gldv2 (gldv2/)" in result.output
+    assert "cars (stanford-cars/)" in result.output
+    for folder in ("products10k", "deepfashion"):
+        shutil.rmtree(data / folder)
+    r = cli("manifest", "recipe", RECIPE, "--root", data, "--out", tmp_path / "none.csv", code=2)
+    assert "none of the sources" in r.output and not (tmp_path / "none.csv").exists()
+
+
 def test_recipe_file_is_checked(tmp_path, cli):
     recipe = load_recipe(RECIPE)
     assert [(s.name, s.builder, s.folder) for s in recipe.sources] == [
@@ -205,7 +221,8 @@ def test_recipe_file_is_checked(tmp_path, cli):
     with pytest.raises(ManifestError, match=r"bad.toml: source 1: builder must be one of"):
         load_recipe(bad)
     result = cli("manifest", "recipe", RECIPE, "--root", tmp_path, "--out", tmp_path / "m.csv", code=2)
-    assert result.stderr.strip() == f"error: {tmp_path / 'products10k'}: folder not found (source 'products10k' of {RECIPE})"
+    assert result.stderr.strip() == (f"error: {tmp_path}: none of the sources of {RECIPE} is there "
+                                     "(expected folders products10k, gldv2, deepfashion, stanford-cars)")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -153,13 +153,17 @@ def recipe(
     lines = []
     for res in results:
         p = res.source.published
-        lines.append([res.source.name, sum(c.images for c in res.before.values()),
+        lines.append([res.source.name + (" (missing)" if res.missing else ""), sum(c.images for c in res.before.values()),
                       sum(c.classes for c in res.after.values()), p.classes,
                       sum(c.images for c in res.after.values()), p.images])
     lines.append(["total", sum(x[1] for x in lines), sum(x[2] for x in lines), r.published.classes,
                   sum(x[4] for x in lines), r.published.images])
     out.print(table(f"{r.name} (seed {r.seed}) -> {out_path}",
                     ["source", "built", "classes", "paper classes", "images", "paper images"], lines))
+    missing = [res.source for res in results if res.missing]
+    if missing:
+        err.print(f"[yellow]{len(missing)} of {len(results)} sources are not under {root}[/]: "
+                  + ", ".join(f"{s.name} ({s.folder}/)" for s in missing), highlight=False)
     _root_hint(out_path, root)
 
 

@@ -106,17 +106,25 @@ class SourceResult:
     before: dict[str, DomainCount]
     after: dict[str, DomainCount]
     notes: list[str]
+    missing: bool = False  # its folder is not under the data root: left out, and said so
 
 
 def run_recipe(recipe: Recipe, data_root: str | os.PathLike, progress=None) -> tuple[Rows, list[SourceResult]]:
-    """Build, curate and combine every source. Paths in the result are relative to ``data_root``
-    (``folder/...``). ``progress(message)`` is told what is happening, if given."""
+    """Build, curate and combine every source whose folder is under ``data_root`` (the others come back
+    as ``missing`` results: a recipe of many candidate sources builds from those at hand; none at hand is
+    an error). Paths in the result are relative to ``data_root`` (``folder/...``). ``progress(message)``
+    is told what is happening, if given."""
     data_root = Path(data_root)
     parts, results = [], []
+    absent = [s for s in recipe.sources if not (data_root / s.folder).is_dir()]
+    if len(absent) == len(recipe.sources):
+        raise ManifestError(f"{data_root}: none of the sources of {recipe.path} is there (expected folders "
+                            f"{', '.join(s.folder for s in recipe.sources)})")
     for src in recipe.sources:
         folder = data_root / src.folder
-        if not folder.is_dir():
-            raise ManifestError(f"{folder}: folder not found (source '{src.name}' of {recipe.path})")
+        if src in absent:
+            results.append(SourceResult(src, {}, {}, [f"{folder}: folder not found; left out"], missing=True))
+            continue
         if progress:
             progress(f"{src.name}: building from {folder}")
         options = dict(src.options)
