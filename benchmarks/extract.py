@@ -43,6 +43,7 @@ import torch  # noqa: E402
 from machine import machine_facts, sync  # noqa: E402  (benchmarks/machine.py)
 from PIL import Image  # noqa: E402
 
+from featcache.devices import default_precision  # noqa: E402
 from featcache.extract.backbones import create_backbone  # noqa: E402
 from featcache.extract.pipeline import Progress, _autocast, image_loader, run_extract  # noqa: E402
 from featcache.manifest import read_manifest, write_manifest  # noqa: E402
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    precision = a.precision or ("bf16" if dev.type == "cuda" else "fp32")
+    precision = a.precision or default_precision(dev.type)
     workers = (os.cpu_count() or 1) if a.workers is None else a.workers
     if a.images < 1 or a.batch_size < 1 or workers < 0 or a.repeat < 1:
         p.error("--images, --batch-size and --repeat must be >= 1, --workers >= 0")

@@ -55,13 +55,21 @@ def default_rows_per_chunk(dim: int, dtype: str) -> int:
     return max(1, 2 ** round(math.log2(max(1, TARGET_CHUNK_BYTES / row_bytes))))
 
 
+_DIGESTS: dict[tuple, str] = {}  # (file identity, size, mtime) -> sha256, for this process
+
+
 def file_sha256(path: str | os.PathLike, block: int = 1 << 24) -> str:
-    """The sha256 of a file's bytes (weights and imported arrays are recorded by it)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
+    """The sha256 of a file's bytes (weights and imported arrays are recorded by it). Remembered while the
+    file is unchanged: a multi-GB checkpoint checked by export and then loaded is read once."""
+    st = os.stat(path)
+    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if identity not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(block):
+                h.update(chunk)
+        _DIGESTS[identity] = h.hexdigest()
+    return _DIGESTS[identity]
 
 
 def cache_key(meta: dict[str, Any]) -> str:

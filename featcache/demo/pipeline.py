@@ -21,6 +21,7 @@ def run_demo(model: str = "tiny-vit", weights: Path | None = None, device: str =
     from featcache.demo.data import DEMO_DIR, SEEN, UNSEEN, write_digits
     from featcache.deploy.export import export
     from featcache.deploy.index import Index, build_index, search_images
+    from featcache.devices import default_precision
     from featcache.evaluate.plots import search_grid, write_plots
     from featcache.evaluate.protocols import EvalSet, merge_scores, run_eval
     from featcache.extract.backbones import create_backbone
@@ -40,7 +41,7 @@ def run_demo(model: str = "tiny-vit", weights: Path | None = None, device: str =
     backbone = create_backbone(model, weights, device)
     cache = Path("cache") / "demo" / f"{safe_name(model)}.zarr"
     extracted = run_extract(manifest, backbone, cache, batch_size=128, workers=1, device=device,
-                            precision="bf16" if device.startswith("cuda") else "fp32")
+                            precision=default_precision(device))
     say(f"           {cache}: {extracted.rows:,} rows x {backbone.dim} dims"
         + (" (already there)" if extracted.skipped else f" in {extracted.seconds:.1f} s"))
 
