@@ -49,39 +49,43 @@ def _counts_table(title: str, before: Rows | None, after: Rows) -> None:
     out.print(table(title, ["domain", "classes before", "images before", "classes after", "images after"], rows))
 
 
-@manifest_app.command()
+def _build_help() -> str:
+    from rich.markup import escape
+
+    sources = "\n\n".join(f"[bold]{b.name}[/]: {escape(b.summary)}; reads {escape(b.layout)}" for b in BUILDERS.values())
+    return (
+        "Turn one source dataset's own annotation files into a manifest.\n\n" + sources + "\n\n"
+        "Labels are prefixed with the domain (products/1234), so datasets never share a class when manifests are "
+        "combined. Sources with item boxes (food-rec22, deepfashion2, stanford-cars) write them as x1,y1,x2,y2: "
+        "extract crops each row from its image.\n\n"
+        "Example:\n\n    featcache manifest build gldv2 --root data/gldv2 --out manifests/gldv2.csv\n\n"
+        "    featcache manifest build uned --root data/uned --partition test --out manifests/uned-test.csv"
+    )
+
+
+@manifest_app.command(help=_build_help())
 @friendly_errors
 def build(
     source: Source = typer.Argument(..., help="Which dataset's annotation files to read (see the list above)."),
     root: Path = typer.Option(..., "--root", help="The dataset's folder as downloaded; manifest paths are relative to it."),
     out_path: Path = typer.Option(..., "--out", help="Manifest CSV to write (columns path,label,domain,split[,x1,y1,x2,y2])."),
     domain: Optional[str] = typer.Option(
-        None, "--domain", help="Domain name, also the label prefix (defaults: products, landmarks, apparel, cars; "
+        None, "--domain", help="Domain name, also the label prefix (each source's default is in its summary above; "
         "imagefolder: the folder's name). For uned: which UnED domains, e.g. cars,sop (default all 8)."),
     partition: Optional[str] = typer.Option(
         None, "--partition", help="deepfashion-c2s: evaluation statuses, e.g. train,val (default train). "
-        "stanford-cars and sop: train and/or test (default train). food101: test and/or train (default test, as the "
-        "paper's training). uned: train, val or test (default test)."),
+        "stanford-cars, sop, rp2k and fashion200k: train and/or test (default train). deepfashion2: train and/or validation "
+        "(default train). food101: test and/or train (default test, as the paper's training). uned: train, val or test "
+        "(default test)."),
     annotations: Optional[str] = typer.Option(
         None, "--annotations", help="gldv2: train.csv (id,url,landmark_id) or train_clean.csv (landmark_id,images); "
-        "default train.csv when present. m4d-35k: the list's file name (default m4d-35k_train.csv)."),
+        "default train.csv when present. m4d-35k, furniture180, storefronts146, food-rec22: the list's file name "
+        "(defaults m4d-35k_train.csv, furniture180_train.csv, storefronts146_train.csv, annotations.json)."),
     colors: Optional[Path] = typer.Option(
         None, "--colors", help="stanford-cars: CSV of image,colour pairs; classes become model x colour."),
     info_dir: Optional[Path] = typer.Option(
         None, "--info-dir", help="uned: folder of the split files (default ROOT/info_files)."),
 ) -> None:
-    """Turn one source dataset's own annotation files into a manifest.
-
-    Sources: [bold]products10k[/] (train.csv, train/), [bold]gldv2[/] (train.csv or train_clean.csv, train/a/b/c/), [bold]deepfashion-c2s[/] (Eval/list_eval_partition.txt), [bold]stanford-cars[/] (devkit .mat files), [bold]uned[/] (the UnED benchmark's info_files/<domain>/<split>.json: test gives split query and index), [bold]sop[/] (Ebay_train.txt), [bold]food101[/] (meta/test.json), [bold]shopee[/] (train.csv, train_images/), [bold]m4d-35k[/] (the paper's published m4d-35k_train.csv), [bold]imagefolder[/] (ROOT/CLASS/*.jpg).
-
-    Labels are prefixed with the domain (products/1234), so datasets never share a class when manifests are combined.
-
-    Example:
-
-        featcache manifest build gldv2 --root data/gldv2 --out manifests/gldv2.csv
-
-        featcache manifest build uned --root data/uned --partition test --out manifests/uned-test.csv
-    """
     rows = build_rows(source.value, root, domain=domain, partition=partition, annotations=annotations,
                       colors=colors, info_dir=info_dir)
     for n in rows.notes:

@@ -129,6 +129,9 @@ def _manifest_keys(manifest: Manifest) -> dict[str, int]:
     """Every way an ``image_path`` may name a manifest row: its path as written and its absolute file."""
     keys: dict[str, int] = {}
     for i, p in enumerate(manifest.paths):
+        if os.path.normpath(p) in keys:
+            raise DeployError(f"{manifest.source}: rows {keys[os.path.normpath(p)]} and {i} are crops of one image ({p}); "
+                              "the LAION layout matches rows by image_path alone: import a .npy array instead")
         keys[os.path.normpath(p)] = i
         keys[os.path.abspath(resolve(manifest.root, p))] = i
     return keys

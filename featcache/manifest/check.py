@@ -86,9 +86,9 @@ def check_manifest(
     report = CheckReport(str(m.source), str(m.root), len(m), len(classes), dict(sorted(domains.items())), min_per_class, decode)
 
     files = [m.resolve(i) for i in range(len(m))]
-    by_norm: dict[str, list[int]] = {}
-    for i, f in enumerate(files):
-        by_norm.setdefault(os.path.normpath(f), []).append(i)
+    by_norm: dict[tuple, list[int]] = {}
+    for i, f in enumerate(files):  # crops of one image (rows with other boxes) are not duplicates
+        by_norm.setdefault((os.path.normpath(f), m.box(i)), []).append(i)
     report.duplicate_paths = [[m.paths[i] for i in group] for group in by_norm.values() if len(group) > 1]
 
     reasons: list[str | None] = [None] * len(m)

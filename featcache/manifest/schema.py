@@ -155,7 +155,7 @@ def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
         domains: list[str] = []
         splits: list[str] = []
         boxes: list[tuple[float, float, float, float]] = []
-        seen: dict[str, int] = {}
+        seen: dict[object, int] = {}
         nan_box = (math.nan,) * 4
         width = len(header)
         for row in records:
@@ -169,9 +169,13 @@ def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
                 raise ManifestError(f"{source}:{line}: column 'path': empty path")
             if escapes_root(p):
                 raise ManifestError(f"{source}:{line}: column 'path': '{p}' leaves the root folder with '..'")
-            if p in seen:
-                raise ManifestError(f"{source}:{line}: column 'path': duplicate path '{p}' (first on line {seen[p]})")
-            seen[p] = line
+            box = _parse_box(row, ibox, source, line) if ibox else nan_box
+            # one image may be several rows, each a crop of another item; the same crop twice is a mistake
+            ident = (p, box) if ibox and not math.isnan(box[0]) else p
+            if ident in seen:
+                what = f"duplicate path '{p}'" if ident is p else f"duplicate row: path '{p}' with the same crop box"
+                raise ManifestError(f"{source}:{line}: column 'path': {what} (first on line {seen[ident]})")
+            seen[ident] = line
             lab = row[il].strip()
             if not lab:
                 raise ManifestError(f"{source}:{line}: column 'label': empty label")
@@ -186,7 +190,7 @@ def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
             labels.append(lab)
             domains.append(dom or DEFAULT_DOMAIN)
             splits.append(spl)
-            boxes.append(_parse_box(row, ibox, source, line) if ibox else nan_box)
+            boxes.append(box)
     if not paths:
         raise ManifestError(f"{source}: no rows")
     return Manifest(
@@ -315,9 +319,11 @@ class Rows:
 
         rows = Rows(chain("paths"), chain("labels"), chain("domains"), chain("splits"), boxes, chain("notes"))
         if len(parts) > 1 and len(set(rows.paths)) != n:
-            seen: set[str] = set()
-            dup = next(p for p in rows.paths if p in seen or seen.add(p))
-            raise ManifestError(f"path '{dup}' occurs in more than one input")
+            owner: dict[str, int] = {}  # a path may repeat inside one part (crops of one image), not across parts
+            for k, part in enumerate(parts):
+                for path in part.paths:
+                    if owner.setdefault(path, k) != k:
+                        raise ManifestError(f"path '{path}' occurs in more than one input")
         return rows
 
     def write(self, out: str | os.PathLike) -> Path:

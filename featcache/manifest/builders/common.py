@@ -172,6 +172,64 @@ def check_unique(table: CsvTable, name: str, values: list[str]) -> None:
         first[v] = k
 
 
+def path_label_csv(path: Path, what: str, path_column: str = "img_path", label_column: str = "label",
+                   root_name: str = "dataset folder") -> tuple[list[str], list[str]]:
+    """(paths, labels) of a headed CSV that lists one image per row (UniFEx's ``img_path,label`` files):
+    no empty cells, no path leaving the root, no path listed twice; errors name the file and line."""
+    table = CsvTable(path, (path_column, label_column), what)
+    paths = [s.strip() for s in table.column(path_column)]
+    labels = [s.strip() for s in table.column(label_column)]
+    check_column(table, path_column, paths, lambda s: not s, "empty path")
+    check_column(table, path_column, paths, leaves_root, f"path '{{value}}' leaves the {root_name}; refused")
+    check_column(table, label_column, labels, lambda s: not s, "empty label")
+    check_unique(table, path_column, paths)
+    return paths, labels
+
+
+def image_extensions() -> set[str]:
+    from PIL import Image
+
+    Image.init()
+    return {e.lower() for e in Image.registered_extensions()}
+
+
+def scan_class_folders(folder: Path) -> tuple[list[str], list[str], int, int]:
+    """``FOLDER/CLASS/IMAGE``: (paths relative to FOLDER, class names, files skipped for their extension,
+    files lying directly in FOLDER), in name order."""
+    extensions = image_extensions()
+    paths: list[str] = []
+    classes: list[str] = []
+    skipped = loose = 0
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir():
+            loose += 1
+            continue
+        for f in sorted(os.scandir(entry.path), key=lambda e: e.name):
+            if f.name.startswith(".") or not f.is_file():
+                continue
+            if os.path.splitext(f.name)[1].lower() not in extensions:
+                skipped += 1
+                continue
+            paths.append(f"{entry.name}/{f.name}")
+            classes.append(entry.name)
+    return paths, classes, skipped, loose
+
+
+def read_json(path: Path, what: str):
+    """A JSON file's value; a syntax error names the file and line."""
+    import json
+
+    require_file(path, what)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise ManifestError(f"{path}: not UTF-8 text") from None
+
+
 def single_split(paths: list[str], labels: list[str], domain: str, boxes: np.ndarray | None = None) -> Rows:
     n = len(paths)
     return Rows(paths, labels, [domain] * n, [DEFAULT_SPLIT] * n, boxes)

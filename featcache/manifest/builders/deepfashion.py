@@ -1,4 +1,7 @@
-"""DeepFashion consumer-to-shop: ``Eval/list_eval_partition.txt``, images under ``img/``."""
+"""DeepFashion consumer-to-shop, in either layout it circulates in (detected from the files present):
+the original ``Eval/list_eval_partition.txt`` with images under ``img/``, or the Kaggle copy's
+``deepfashion_train.json`` (``{GROUP: {ITEM_ID: ["train/.../ITEM_ID/IMAGE.jpg", ...]}}``, paths relative
+to ROOT) that the original code (UniFEx) read."""
 
 from __future__ import annotations
 
@@ -6,7 +9,15 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from featcache.manifest.builders.common import Builder, check_inside_root, parse_choices, prefix_labels, require_file
+from featcache.manifest.builders.common import (
+    Builder,
+    check_inside_root,
+    parse_choices,
+    prefix_labels,
+    read_json,
+    require_file,
+    single_split,
+)
 from featcache.manifest.schema import ManifestError, Rows
 
 DEEPFASHION_STATUSES = ("train", "val", "test")
@@ -22,6 +33,11 @@ def deepfashion_c2s(root: str | os.PathLike, *, domain: str = "apparel", partiti
     """
     root = Path(root)
     statuses = set(parse_choices(partition, DEEPFASHION_STATUSES, "partition", ("train",)))
+    if not (root / "Eval" / "list_eval_partition.txt").is_file() and (root / KAGGLE_JSON).is_file():
+        if statuses != {"train"}:
+            raise ManifestError(f"{root / KAGGLE_JSON}: this copy holds the train pairs only; --partition "
+                                f"{','.join(sorted(statuses))} needs the original Eval/list_eval_partition.txt")
+        return _kaggle_json(root / KAGGLE_JSON, domain)
     path = require_file(root / "Eval" / "list_eval_partition.txt", "DeepFashion consumer-to-shop: Eval/list_eval_partition.txt")
     with path.open(encoding="utf-8") as f:
         lines = f.read().splitlines()
@@ -68,5 +84,29 @@ def deepfashion_c2s(root: str | os.PathLike, *, domain: str = "apparel", partiti
     return Rows(paths, labels, [domain] * len(paths), [where[p][2] for p in paths])
 
 
+KAGGLE_JSON = "deepfashion_train.json"
+
+
+def _kaggle_json(path: Path, domain: str) -> Rows:
+    """The Kaggle copy: {group: {item id: [image paths]}}; one row per image, label = item id."""
+    groups = read_json(path, "DeepFashion consumer-to-shop (Kaggle copy)")
+    if not isinstance(groups, dict):
+        raise ManifestError(f"{path}: expected {{GROUP: {{ITEM_ID: [paths]}}}}, found {type(groups).__name__}")
+    item_of: dict[str, str] = {}
+    for group, items in groups.items():
+        if not isinstance(items, dict):
+            raise ManifestError(f"{path}: group '{group}': expected {{ITEM_ID: [paths]}}")
+        for item, images in items.items():
+            where = f"{path}: group '{group}', item '{item}'"
+            if not isinstance(images, list) or not all(isinstance(i, str) and i.strip() for i in images):
+                raise ManifestError(f"{where}: expected a list of image paths")
+            for image in images:
+                image = check_inside_root(image.strip(), where)
+                if item_of.get(image, item) != item:
+                    raise ManifestError(f"{where}: image '{image}' is also listed under item '{item_of[image]}'")
+                item_of[image] = item
+    return single_split(list(item_of), prefix_labels(domain, item_of.values()), domain)
+
+
 SOURCE = Builder("deepfashion-c2s", deepfashion_c2s, "DeepFashion consumer-to-shop (domain apparel)",
-                 "Eval/list_eval_partition.txt, img/")
+                 "Eval/list_eval_partition.txt, img/; or deepfashion_train.json (Kaggle copy)")

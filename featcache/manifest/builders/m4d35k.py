@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from featcache.manifest.builders.common import Builder, CsvTable, check_column, check_unique, leaves_root
+from featcache.manifest.builders.common import Builder, path_label_csv
 from featcache.manifest.schema import DEFAULT_SPLIT, Rows
 
 # The first path component names the source; its domain, as the other builders name it.
@@ -19,13 +19,8 @@ DOMAINS = {"products-10k": "products", "products10k": "products", "google_landma
 def m4d35k(root: str | os.PathLike, *, annotations: str = "m4d-35k_train.csv") -> Rows:
     """The published list; domain from each path's first component, label = ``m4d/<label>`` (one space)."""
     root = Path(root)
-    table = CsvTable(root / annotations, ("img_path", "label"), f"M4D-35k list: {annotations} with columns img_path,label")
-    paths = [s.strip() for s in table.column("img_path")]
-    labels = [s.strip() for s in table.column("label")]
-    check_column(table, "img_path", paths, lambda s: not s, "empty path")
-    check_column(table, "img_path", paths, leaves_root, "path '{value}' leaves the data root; refused")
-    check_column(table, "label", labels, lambda s: not s, "empty label")
-    check_unique(table, "img_path", paths)
+    paths, labels = path_label_csv(root / annotations, f"M4D-35k list: {annotations} with columns img_path,label",
+                                   root_name="data root")
     domains = [DOMAINS.get(p.split("/", 1)[0], p.split("/", 1)[0]) for p in paths]
     full = {lab: f"m4d/{lab}" for lab in dict.fromkeys(labels)}
     return Rows(paths, [full[lab] for lab in labels], domains, [DEFAULT_SPLIT] * len(paths))

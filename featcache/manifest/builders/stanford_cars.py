@@ -1,5 +1,7 @@
-"""Stanford Cars: the devkit's ``.mat`` annotation files, and an optional colour CSV that refines
-classes to model x colour (M4D-35k's cars)."""
+"""Stanford Cars, in either layout it circulates in (detected from the files present): the devkit's
+``.mat`` annotation files, or the CSV copy that the original code (UniFEx) read (``sc_train.csv``:
+``,x1,y1,x2,y2,Label,image``, images in ``cars_train/`` or the Kaggle copy's ``cars_train/cars_train/``);
+and an optional colour CSV that refines classes to model x colour (M4D-35k's cars)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,11 @@ import numpy as np
 
 from featcache.manifest.builders.common import (
     Builder,
+    CsvTable,
+    check_column,
     check_inside_root,
+    check_unique,
+    leaves_root,
     parse_choices,
     prefix_labels,
     require_file,
@@ -44,6 +50,24 @@ def stanford_cars(
     """
     root = Path(root)
     parts = parse_choices(partition, tuple(CARS_PARTITIONS), "partition", ("train",))
+    devkit = any((folder / CARS_PARTITIONS[p][0]).is_file() for p in parts for folder in (root, root / "devkit"))
+    if not devkit and any((root / f"sc_{p}.csv").is_file() for p in parts):
+        paths, models, box_arr = _cars_csv(root, parts)
+    else:
+        paths, models, box_arr = _cars_devkit(root, parts)
+    notes: list[str] = []
+    if colors is not None:
+        colour_of, notes = _car_colours(Path(colors), paths)
+        keep = np.array([p in colour_of for p in paths], dtype=bool)
+        models = [f"{m}/{colour_of[p]}" for m, p in zip(models, paths) if p in colour_of]
+        paths = [p for p in paths if p in colour_of]
+        box_arr = box_arr[keep]
+    rows = single_split(paths, prefix_labels(domain, models), domain, box_arr)
+    rows.notes = notes
+    return rows
+
+
+def _cars_devkit(root: Path, parts: list[str]) -> tuple[list[str], list[str], np.ndarray]:
     class_names = _cars_class_names(_find_devkit_file(root, "cars_meta.mat"))
     paths: list[str] = []
     models: list[str] = []
@@ -67,17 +91,52 @@ def stanford_cars(
         paths += [f"{folder}/{n}" for n in fnames]
         models += [class_names[c - 1] for c in cls]
         boxes.append(box)
-    box_arr = np.concatenate(boxes) if boxes else np.zeros((0, 4))
-    notes: list[str] = []
-    if colors is not None:
-        colour_of, notes = _car_colours(Path(colors), paths)
-        keep = np.array([p in colour_of for p in paths], dtype=bool)
-        models = [f"{m}/{colour_of[p]}" for m, p in zip(models, paths) if p in colour_of]
-        paths = [p for p in paths if p in colour_of]
-        box_arr = box_arr[keep]
-    rows = single_split(paths, prefix_labels(domain, models), domain, box_arr)
-    rows.notes = notes
-    return rows
+    return paths, models, np.concatenate(boxes) if boxes else np.zeros((0, 4))
+
+
+def _cars_csv(root: Path, parts: list[str]) -> tuple[list[str], list[str], np.ndarray]:
+    """``sc_PART.csv``: label = the Label (or Class) column, the model's name when ``cars_meta.mat`` is
+    at hand (refined labels such as ``14_8`` keep their colour part: ``NAME/8``); boxes as listed."""
+    meta = next((f / "cars_meta.mat" for f in (root, root / "devkit") if (f / "cars_meta.mat").is_file()), None)
+    class_names = _cars_class_names(meta) if meta else None
+    paths: list[str] = []
+    models: list[str] = []
+    boxes: list[list[float]] = []
+    for part in parts:
+        path = root / f"sc_{part}.csv"
+        header = CsvTable(path, ("image",), f"Stanford Cars CSV copy: sc_{part}.csv with columns x1,y1,x2,y2,Label,image").header
+        label = "Label" if "Label" in header else "Class"
+        table = CsvTable(path, ("x1", "y1", "x2", "y2", label, "image"), f"Stanford Cars CSV copy: sc_{part}.csv")
+        folder = CARS_PARTITIONS[part][1]
+        folder = f"{folder}/{folder}" if (root / folder / folder).is_dir() else folder
+        images = [s.strip() for s in table.column("image")]
+        labels = [s.strip() for s in table.column(label)]
+        check_column(table, "image", images, leaves_root, "image '{value}' leaves the dataset folder; refused")
+        check_column(table, label, labels, lambda s: not s, "empty label")
+        check_unique(table, "image", images)
+        try:
+            box = np.stack([np.asarray(table.column(c), dtype=np.float64) for c in ("x1", "y1", "x2", "y2")], axis=1)
+        except ValueError:
+            k = next(k for k in range(len(table)) if not all(_is_number(table.column(c)[k]) for c in ("x1", "y1", "x2", "y2")))
+            raise table.error(k, "x1,y1,x2,y2 must be numbers") from None
+        for k, lab in enumerate(labels):
+            model, _, colour = lab.partition("_")
+            if class_names is not None:
+                if not model.isdigit() or not 1 <= int(model) <= len(class_names):
+                    raise table.error(k, f"class {model} is outside 1..{len(class_names)} of {meta}", label)
+                model = class_names[int(model) - 1]
+            models.append(f"{model}/{colour}" if colour else model)
+        paths += [f"{folder}/{i}" for i in images]
+        boxes.append(box)
+    return paths, models, np.concatenate(boxes)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _find_devkit_file(root: Path, name: str) -> Path:
@@ -168,5 +227,6 @@ def _numbered_rows(reader) -> Iterable[tuple[int, list[str]]]:
             yield reader.line_num, row
 
 
-SOURCE = Builder("stanford-cars", stanford_cars, "Stanford Cars devkit (domain cars)",
-                 "[devkit/]cars_meta.mat, cars_train_annos.mat, cars_test_annos_withlabels.mat, cars_train/, cars_test/")
+SOURCE = Builder("stanford-cars", stanford_cars, "Stanford Cars (domain cars)",
+                 "[devkit/]cars_meta.mat, cars_train_annos.mat, cars_test_annos_withlabels.mat, cars_train/, cars_test/; "
+                 "or sc_train.csv (,x1,y1,x2,y2,Label,image)")

@@ -1,0 +1,65 @@
+"""DeepFashion2: one JSON per image, ``PARTITION/annos/NNNNNN.json``, beside ``PARTITION/image/NNNNNN.jpg``
+(PARTITION: train, validation). Each holds ``source`` (shop or user), ``pair_id`` and items ``item1``,
+``item2``, ... with ``style`` and ``bounding_box`` [x1, y1, x2, y2] in pixels. Items of one pair with the
+same style > 0 are one garment; style 0 items have no match and are left out. One row per item, its box as
+the crop (crops happen at extract time, no cropped copies on disk)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from featcache.manifest.builders.common import Builder, parse_choices, prefix_labels, read_json, require_dir
+from featcache.manifest.schema import DEFAULT_SPLIT, ManifestError, Rows
+
+PARTITIONS = ("train", "validation")
+
+
+def deepfashion2(root: str | os.PathLike, *, domain: str = "deepfashion2", partition: str | Sequence[str] | None = None) -> Rows:
+    """Label = ``PAIR_STYLE``. ``partition``: train (default) and/or validation; in validation, user photos
+    are queries and shop photos the index (the benchmark's consumer-to-shop protocol)."""
+    root = Path(root)
+    paths: list[str] = []
+    labels: list[str] = []
+    splits: list[str] = []
+    boxes: list[list[float]] = []
+    unmatched = 0
+    for part in parse_choices(partition, PARTITIONS, "partition", ("train",)):
+        annos = require_dir(root / part / "annos", f"DeepFashion2: {part}/annos/*.json")
+        for name in sorted(n for n in os.listdir(annos) if n.endswith(".json")):
+            f = annos / name
+            record = read_json(f, "DeepFashion2 annotation")
+            if not isinstance(record, dict) or "pair_id" not in record or "source" not in record:
+                raise ManifestError(f"{f}: expected an object with source, pair_id and item1, item2, ...")
+            if record["source"] not in ("shop", "user"):
+                raise ManifestError(f"{f}: source {record['source']!r} is neither shop nor user")
+            items = sorted((k for k in record if k.startswith("item") and k[4:].isdigit()), key=lambda k: int(k[4:]))
+            for key in items:
+                item = record[key]
+                style = item.get("style") if isinstance(item, dict) else None
+                if isinstance(style, bool) or not isinstance(style, int) or style < 0:
+                    raise ManifestError(f"{f}: {key}: style {style!r} is not a number >= 0")
+                if style == 0:
+                    unmatched += 1
+                    continue
+                box = item.get("bounding_box")
+                if (not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, (int, float)) for v in box)
+                        or box[2] <= box[0] or box[3] <= box[1] or min(box) < 0):
+                    raise ManifestError(f"{f}: {key}: bounding_box {box!r} is not [x1, y1, x2, y2] with x1 < x2, y1 < y2")
+                paths.append(f"{part}/image/{name[:-5]}.jpg")
+                labels.append(f"{record['pair_id']}_{style}")
+                splits.append(DEFAULT_SPLIT if part == "train" else ("query" if record["source"] == "user" else "index"))
+                boxes.append([float(v) for v in box])
+    if not paths:
+        raise ManifestError(f"{root}: DeepFashion2 found no items with a style > 0")
+    rows = Rows(paths, prefix_labels(domain, labels), [domain] * len(paths), splits, np.asarray(boxes, dtype=np.float64))
+    if unmatched:
+        rows.notes.append(f"{unmatched} items with style 0 (no matching garment) were left out")
+    return rows
+
+
+SOURCE = Builder("deepfashion2", deepfashion2, "DeepFashion2 garments, one row per item box (domain deepfashion2)",
+                 "{train,validation}/annos/*.json, {train,validation}/image/*.jpg")
