@@ -4,6 +4,9 @@ Layout (see DESIGN.md, "Feature cache contract"):
 
 - ``features`` (N, D) float16/float32, raw backbone output; chunks are whole rows, uncompressed.
 - ``valid`` (N,) bool and ``failures`` (N,) str, chunked like ``features`` rows.
+- ``augmented`` (N, V, D), only in a cache extracted with ``--views V --augment NAME``: V augmented views
+  of every row (``features`` stays the clean eval view), chunked by the same rows; attrs
+  ``augmentation`` say how they were made.
 - ``labels`` (N,) int64 into ``classes``; ``paths``, ``domains``, ``splits`` (N,) str; ``classes`` (C,) str.
 - ``chunk_done`` (n_chunks,) bool, one file per flag: chunk k is done once its flag is set.
 - attrs ``featcache``: provenance and the cache ``key``.
@@ -38,6 +41,8 @@ ATTRS = "featcache"
 TARGET_CHUNK_BYTES = 4 << 20
 # What changes the numbers, and so the key. Everything else in the attrs is provenance.
 KEY_FIELDS = ("format_version", "manifest_sha256", "backbone", "preprocessing", "dtype", "precision")
+# In the key only when set, so that caches made before they existed keep their keys.
+OPTIONAL_KEY_FIELDS = ("augmentation",)
 
 
 class CacheError(ValueError):
@@ -74,23 +79,30 @@ def file_sha256(path: str | os.PathLike, block: int = 1 << 24) -> str:
 
 def cache_key(meta: dict[str, Any]) -> str:
     payload = {k: meta[k] for k in KEY_FIELDS}
+    payload.update({k: meta[k] for k in OPTIONAL_KEY_FIELDS if meta.get(k) is not None})
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def key_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable list of what differs between two caches' key fields."""
     out = []
-    for k in KEY_FIELDS:
+    for k in KEY_FIELDS + OPTIONAL_KEY_FIELDS:
         a, b = old.get(k), new.get(k)
         if a == b:
             continue
-        if isinstance(a, dict) and isinstance(b, dict):
+        if k == "augmentation":
+            out.append(f"augmented views: {_views_text(a)} in the store, {_views_text(b)} requested")
+        elif isinstance(a, dict) and isinstance(b, dict):
             for sub in sorted(set(a) | set(b)):
                 if a.get(sub) != b.get(sub) and sub != "name":
                     out.append(f"{k}.{sub}: {a.get(sub)!r} in the store, {b.get(sub)!r} requested")
         else:
             out.append(f"{k}: {a!r} in the store, {b!r} requested")
     return out or ["the cache key"]
+
+
+def _views_text(augmentation: dict[str, Any] | None) -> str:
+    return f"{augmentation['views']} ({augmentation['augment']})" if augmentation else "none"
 
 
 def feature_space(meta: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +112,7 @@ def feature_space(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_meta(manifest: Manifest, backbone: dict[str, Any], preprocessing: dict[str, Any], dtype: str,
-               precision: str, rows_per_chunk: int) -> dict[str, Any]:
+               precision: str, rows_per_chunk: int, augmentation: dict[str, Any] | None = None) -> dict[str, Any]:
     meta = {
         "format_version": FORMAT_VERSION,
         "manifest_sha256": manifest.content_sha256(),
@@ -118,6 +130,8 @@ def build_meta(manifest: Manifest, backbone: dict[str, Any], preprocessing: dict
         "featcache_version": __version__,
         "complete": False,
     }
+    if augmentation is not None:
+        meta["augmentation"] = augmentation
     meta["key"] = cache_key(meta)
     return meta
 
@@ -137,6 +151,10 @@ def create_store(path: str | os.PathLike, manifest: Manifest, meta: dict[str, An
     checksum = [Crc32cCodec()]
     root.create_array("features", shape=(n, dim), chunks=(rows, dim), dtype=meta["dtype"], fill_value=0,
                       compressors=checksum, config={"write_empty_chunks": True})
+    if meta.get("augmentation"):
+        views = int(meta["augmentation"]["views"])
+        root.create_array("augmented", shape=(n, views, dim), chunks=(rows, views, dim), dtype=meta["dtype"],
+                          fill_value=0, compressors=checksum, config={"write_empty_chunks": True})
     root.create_array("valid", shape=(n,), chunks=(rows,), dtype=bool, fill_value=False, compressors=checksum,
                       config={"write_empty_chunks": True})
     root.create_array("failures", shape=(n,), chunks=(rows,), dtype=str, fill_value="", compressors=checksum)
@@ -152,11 +170,19 @@ def install(tmp: Path, path: Path) -> None:
     replace_dir(tmp, path)
 
 
-def row_arrays(group: zarr.Group) -> tuple[zarr.Array, zarr.Array, zarr.Array]:
-    """``features``, ``valid`` and ``failures`` opened for writing whole chunks, the all-zero ones included:
-    Zarr keeps ``write_empty_chunks`` only for the session that created an array, and a chunk it skips
-    is indistinguishable from a lost one."""
-    return tuple(group[name].with_config({"write_empty_chunks": True}) for name in ("features", "valid", "failures"))
+ROW_ARRAYS = ("features", "valid", "failures", "augmented")  # chunked by rows, written by extract
+
+
+def row_arrays(group: zarr.Group) -> dict[str, zarr.Array]:
+    """The row arrays the store has (``augmented`` only with views), opened for writing whole chunks, the
+    all-zero ones included: Zarr keeps ``write_empty_chunks`` only for the session that created an array,
+    and a chunk it skips is indistinguishable from a lost one."""
+    return {name: group[name].with_config({"write_empty_chunks": True}) for name in ROW_ARRAYS if name in group}
+
+
+def chunk_file(name: str, ndim: int, k: int) -> str:
+    """Row chunk k's file inside array ``name`` (its key under the default chunk key encoding)."""
+    return f"{name}/c/{k}" + "/0" * (ndim - 1)
 
 
 def is_cache(path: Path) -> bool:
@@ -199,8 +225,8 @@ def remove_partial_files(path: str | os.PathLike) -> int:
 
 def fsync_chunk_files(store: Path, k: int) -> None:
     """Flush chunk k of the row arrays to disk before its done flag is set (power-loss safety)."""
-    for name, key in (("features", f"c/{k}/0"), ("valid", f"c/{k}"), ("failures", f"c/{k}")):
-        f = store / name / key
+    for name, ndim in (("features", 2), ("valid", 1), ("failures", 1), ("augmented", 3)):
+        f = store / chunk_file(name, ndim, k)
         if f.exists():
             fd = os.open(f, os.O_RDONLY)
             try:
@@ -279,6 +305,15 @@ class FeatureCache:
         return int(self.meta["dim"])
 
     @property
+    def augmentation(self) -> dict[str, Any] | None:
+        """How the ``augmented`` views were made ({augment, views, seed, ...}), or None without views."""
+        return self.meta.get("augmentation")
+
+    @property
+    def views(self) -> int:
+        return int(self.augmentation["views"]) if self.augmentation else 0
+
+    @property
     def complete(self) -> bool:
         return bool(self.meta.get("complete"))
 
@@ -303,16 +338,24 @@ class FeatureCache:
         """All features, or the rows picked by a boolean mask or sorted index array, in one pass that
         selects block by block: memory peaks at the selection plus one block, not the whole array.
         A chunk whose checksum does not match is a one-line CacheError naming it."""
+        return self._read_rows("features", rows, block_bytes)
+
+    def augmented(self, rows: np.ndarray | None = None, block_bytes: int = 64 << 20) -> np.ndarray:
+        """The augmented views (rows, V, D) of all rows or the selected ones, read like ``features``."""
+        if "augmented" not in self.group:
+            raise CacheError(f"{self.path}: no augmented views; extract with --views V --augment NAME to make them")
+        return self._read_rows("augmented", rows, block_bytes)
+
+    def _read_rows(self, name: str, rows: np.ndarray | None, block_bytes: int) -> np.ndarray:
         try:
-            return self._features(rows, block_bytes)
+            return self._rows_of(self.group[name], rows, block_bytes)
         except ValueError as e:  # zarr's crc32c codec: "Stored and computed checksum do not match"
             problems = self.chunk_problems(read=True)
             if not problems:
                 raise
             raise self._damaged(problems) from e
 
-    def _features(self, rows: np.ndarray | None, block_bytes: int) -> np.ndarray:
-        arr = self.group["features"]
+    def _rows_of(self, arr: zarr.Array, rows: np.ndarray | None, block_bytes: int) -> np.ndarray:
         if rows is None:
             return arr[:]
         rows = np.asarray(rows)
@@ -322,9 +365,10 @@ class FeatureCache:
             mask = np.zeros(self.rows, dtype=bool)
             mask[rows] = True
             rows = mask
-        step = self.meta["rows_per_chunk"] * max(1, block_bytes // (self.meta["rows_per_chunk"] * arr.dtype.itemsize * self.dim))
+        row_bytes = arr.dtype.itemsize * math.prod(arr.shape[1:])
+        step = self.meta["rows_per_chunk"] * max(1, block_bytes // (self.meta["rows_per_chunk"] * row_bytes))
         parts = [arr[i:i + step][rows[i:i + step]] for i in range(0, self.rows, step) if rows[i:i + step].any()]
-        return np.concatenate(parts) if parts else np.zeros((0, self.dim), dtype=arr.dtype)
+        return np.concatenate(parts) if parts else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
 
     def require_complete(self) -> None:
         """Refuse a cache that is not finished, or whose chunk files are missing or of the wrong size."""
@@ -338,8 +382,6 @@ class FeatureCache:
         if problems:
             raise self._damaged(problems)
 
-    ROW_ARRAYS = ("features", "valid", "failures")
-
     def _damaged(self, problems: list["ChunkProblem"]) -> CacheError:
         return CacheError(f"{self.path}: {len(problems)} damaged chunk file(s): {describe_problems(problems)}; run the "
                           "`featcache extract` command that made it again: it redoes exactly these chunks")
@@ -350,14 +392,16 @@ class FeatureCache:
         done = np.flatnonzero(self.chunk_done())
         rows_per_chunk = self.meta["rows_per_chunk"]
         problems = []
-        for name in self.ROW_ARRAYS:
+        for name in ROW_ARRAYS:
+            if name not in self.group:
+                continue
             arr = self.group[name]
             crc = any(isinstance(c, Crc32cCodec) for c in arr.metadata.codecs)  # stores before checksums: none
-            width = arr.shape[1] if arr.ndim == 2 else 1
-            # fixed-size chunks (features, valid): padded to whole chunks, plus the 4-byte checksum
+            width = math.prod(arr.shape[1:])
+            # fixed-size chunks (features, valid, augmented): padded to whole chunks, plus the 4-byte checksum
             size = None if name == "failures" else rows_per_chunk * width * arr.dtype.itemsize + (4 if crc else 0)
             for k in done:
-                f = self.path / name / "c" / (f"{k}/0" if arr.ndim == 2 else f"{k}")
+                f = self.path / chunk_file(name, arr.ndim, int(k))
                 try:
                     have = f.stat().st_size
                 except FileNotFoundError:
@@ -418,6 +462,7 @@ class FeatureCache:
             "backbone": self.meta["backbone"],
             "preprocessing": self.meta["preprocessing"],
             "precision": self.meta.get("precision"),
+            "augmentation": self.augmentation,
             "manifest": self.meta.get("manifest"),
             "created": self.meta.get("created"),
             "completed": self.meta.get("completed"),
@@ -471,7 +516,8 @@ def import_features(features: np.ndarray, manifest: Manifest, out: str | os.Path
         try:
             create_store(tmp, manifest, meta)
             group = zarr.open_group(store=str(tmp), mode="r+", zarr_format=3)
-            features_out, valid_out, failures_out = row_arrays(group)
+            arrays = row_arrays(group)
+            features_out, valid_out, failures_out = arrays["features"], arrays["valid"], arrays["failures"]
             n_chunks = math.ceil(len(manifest) / rows)
             for k in range(n_chunks):
                 sl = slice(k * rows, min(len(manifest), (k + 1) * rows))

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from featcache.cli.console import (
+    UserError,
     err,
     flag,
     friendly_errors,
@@ -27,6 +28,13 @@ DEFAULT_CACHE_ROOT = Path("cache")
 class DType(str, Enum):
     float16 = "float16"
     float32 = "float32"
+
+
+class Augment(str, Enum):
+    flip = "flip"
+    openclip = "openclip"
+    siglip = "siglip"
+    custom = "custom"
 
 
 class Precision(str, Enum):
@@ -76,6 +84,8 @@ def extract(
     chunk_rows: Optional[int] = typer.Option(None, min=1, help="Rows per Zarr chunk, the unit of resume. \\[default: about 4 MB per chunk]"),
     overwrite: bool = flag(help="Replace an existing cache at --out, even a different one."),
     retry_failed: bool = flag("--retry-failed", help="Read the rows that failed again (after fixing the files, or from another --root)."),
+    views: Optional[int] = typer.Option(None, "--views", min=1, help="Also store V augmented views of every image (array `augmented`, for `train-head --views`); needs --augment. \\[default: 1 with --augment]"),
+    augment: Optional[Augment] = typer.Option(None, "--augment", help="How the views are made: flip (the mirrored image, one view), openclip (random square crop of 90-100 % of the area), siglip (random 8-100 % crop + colour jitter 0.6-1.4), custom (the openclip crop, a random flip, the jitter)."),
     quiet: bool = flag("--quiet", "-q", help="No progress bar."),
     json_out: bool = flag("--json", help="Print the summary as JSON."),
 ) -> None:
@@ -85,8 +95,13 @@ def extract(
     Images that are missing or cannot be decoded do not stop the run; they become failure rows
     (see [bold]featcache info[/]). Under [bold]torchrun --nproc-per-node N -m featcache extract ...[/]
     every rank writes its own chunks of the same store.
+
+    With [bold]--views V --augment NAME[/] each image is also augmented V times (each view from its own
+    seed, so resumed and torchrun runs write the same views) and embedded beside its clean features:
+    training-time augmentation for [bold]train-head --views[/] without running the backbone every epoch.
     """
     from featcache.devices import default_precision, default_workers, resolve_device
+    from featcache.extract.augment import Augmentation
     from featcache.extract.backbones import create_backbone
     from featcache.extract.pipeline import Dist, Progress, run_extract
     from featcache.manifest import read_manifest
@@ -95,6 +110,9 @@ def extract(
     dev = dist.local_device(resolve_device(device))
     prec = precision.value if precision else default_precision(dev)
     workers = default_workers(dev) if workers is None else workers
+    if views is not None and augment is None:
+        raise UserError(f"--views {views}: say how the views are made with --augment {'|'.join(a.value for a in Augment)}")
+    augmentation = Augmentation(augment.value, views or 1) if augment else None
     m = read_manifest(manifest, root)
     target = out_path or default_cache_path(manifest, model)
     dist.init(dev)
@@ -111,7 +129,7 @@ def extract(
             try:
                 result = run_extract(m, backbone, target, dtype=dtype.value, batch_size=batch_size, workers=workers,
                                      device=dev, precision=prec, chunk_rows=chunk_rows, overwrite=overwrite, retry_failed=retry_failed,
-                                     progress=Progress(update=update), dist=dist)
+                                     augmentation=augmentation, progress=Progress(update=update), dist=dist)
             except KeyboardInterrupt:
                 _report_interrupted(target)
                 raise typer.Exit(130) from None
@@ -135,6 +153,7 @@ def extract(
         "write_seconds": round(result.write_seconds, 3),
         "dim": summary["dim"],
         "dtype": summary["dtype"],
+        "augmentation": summary["augmentation"],
         "key": summary["key"],
         "bytes_on_disk": summary["bytes_on_disk"],
     }
@@ -153,11 +172,17 @@ def extract(
         ["seconds", report["seconds"]],
         ["images/s", report["images_per_second"]],
         ["features", f"{report['rows']:,} x {report['dim']} {report['dtype']}"],
+        *([["augmented views", _views_text(summary)]] if summary["augmentation"] else []),
         ["size on disk", human_bytes(report["bytes_on_disk"])],
     ]
     out.print(table("featcache extract", ["", "value"], rows))
     if report["failed"]:
         err.print(f"{report['failed']} images failed; `featcache info {target}` lists them.")
+
+
+def _views_text(summary: dict) -> str:
+    a = summary["augmentation"]
+    return f"{summary['rows']:,} x {a['views']} x {summary['dim']} ({a['augment']}, seed {a['seed']})"
 
 
 def _report_interrupted(target: Path) -> None:
@@ -210,6 +235,7 @@ def info(
         ["preprocessing", ", ".join(f"{k}={v}" for k, v in s["preprocessing"].items() if k != "library")],
         ["precision", s["precision"]],
         ["features", f"{s['rows']:,} x {s['dim']} {s['dtype']}"],
+        *([["augmented views", _views_text(s)]] if s["augmentation"] else []),
         ["classes", s["classes"]],
         ["valid / failed", f"{s['valid']:,} / {s['failed']:,}"],
         ["manifest", s["manifest"]],

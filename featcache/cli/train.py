@@ -56,6 +56,7 @@ def train_head(
     warmup: str = typer.Option("linear", help="Warm-up shape: linear, or exponential (from lr / 100)."),
     seed: int = typer.Option(42, help="Seed for initialisation, order, dropout and class sampling."),
     sample_classes: float = typer.Option(1.0, help="Partial FC: fraction of the other classes used per step (1 = all)."),
+    views: bool = flag("--views", help="Each epoch, train every row on one of its clean and augmented views, drawn at random (needs a cache extracted with --views)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda. \\[default: cuda when available]"),
     precision: Optional[str] = typer.Option(None, help="Class-logit matmul precision, fp32 or bf16. \\[default: bf16 on GPU, fp32 on CPU]"),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Run directory. \\[default: runs/<cache>-<loss>-<time>]"),
@@ -80,8 +81,8 @@ def train_head(
                            dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                            warmup_epochs=warmup_epochs, min_lr=min_lr, seed=seed, device=dev,
                            optimizer=optimizer, momentum=momentum, warmup=warmup,
-                           precision=precision or default_precision(dev), sample_classes=sample_classes)
-    data = load_train_data(cache, dev)
+                           precision=precision or default_precision(dev), sample_classes=sample_classes, views=views)
+    data = load_train_data(cache, dev, views=views)
     check_options(options, data)
     target = out_path or default_run_dir(cache, loss)
     total = epochs * -(-len(data.labels) // batch_size)
@@ -151,6 +152,7 @@ def sweep(
     momentum: float = typer.Option(0.9, help="SGD's momentum."),
     warmup: str = typer.Option("linear", help="Warm-up shape: linear or exponential."),
     sample_classes: float = typer.Option(1.0, help="Partial FC fraction."),
+    views: bool = flag("--views", help="Train on the caches' augmented views too (see train-head --views)."),
     seeds: int = typer.Option(1, help="Seeds per combination (42, 43, ...): scores are mean ± std over them."),
     eval_cache: Optional[Path] = typer.Option(None, help="Cache with query/index rows to score each head on. \\[default: --cache, when it has them]"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda. \\[default: cuda when available]"),
@@ -173,7 +175,7 @@ def sweep(
                   {"embed_dim": embed_dim, "dropout": dropout, "lr": lr, "epochs": epochs, "batch_size": batch_size},
                   {"weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "min_lr": min_lr,
                    "optimizer": optimizer, "momentum": momentum, "warmup": warmup,
-                   "sample_classes": sample_classes, "device": dev, "precision": precision or default_precision(dev)})
+                   "sample_classes": sample_classes, "views": views, "device": dev, "precision": precision or default_precision(dev)})
     import datetime as dt
 
     target = out_path or Path("runs") / f"sweep-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"

@@ -1,9 +1,10 @@
 """Stage one: run a frozen backbone once over a manifest and write its features into a cache.
 
 Work is split by whole chunks: chunk k (rows k*C .. (k+1)*C) belongs to rank k mod W. A rank decodes
-its rows in DataLoader workers, runs the model, fills a chunk buffer, and hands each finished chunk to
+its rows in DataLoader workers (with ``--views``, each row's augmented views too: ``augment.py``), runs
+the model, fills a chunk buffer, and hands each finished chunk to
 a writer thread that writes ``features``/``valid``/``failures`` for exactly that chunk, fsyncs it, and
-only then sets ``chunk_done[k]``. Running the same command again redoes every chunk not flagged done.
+only then sets ``chunk_done[k]`` (``augmented`` too, when the cache has views). Running the same command again redoes every chunk not flagged done.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from featcache.cache import (
     remove_partial_files,
     row_arrays,
 )
+from featcache.extract.augment import Augmentation, ViewTransform
 from featcache.extract.backbones import Backbone
 from featcache.files import OutputError, exclusive
 from featcache.images import ImageFailure, load_image
@@ -47,20 +49,25 @@ MAX_PENDING_WRITES = 4
 
 
 class ImageRows(Dataset):
-    """Manifest rows to (row, image tensor or None, failure reason)."""
+    """Manifest rows to (row, images (1 + V, C, H, W) or None, failure reason): the eval view, then the
+    row's V augmented views when ``views`` is given."""
 
-    def __init__(self, manifest: Manifest, rows: np.ndarray, transform: Callable):
+    def __init__(self, manifest: Manifest, rows: np.ndarray, transform: Callable, views: ViewTransform | None = None):
         self.files = [str(manifest.resolve(i)) for i in rows]
         self.boxes = [manifest.box(i) for i in rows]
         self.rows = rows
         self.transform = transform
+        self.views = views
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, j: int):
         try:
-            image = self.transform(load_image(self.files[j], self.boxes[j]))
+            decoded = load_image(self.files[j], self.boxes[j])
+            image = self.transform(decoded).unsqueeze(0)
+            if self.views is not None:
+                image = torch.cat([image, self.views(decoded, int(self.rows[j]))])
             return int(self.rows[j]), image, ""
         except ImageFailure as e:
             return int(self.rows[j]), None, str(e)
@@ -71,7 +78,7 @@ class ImageRows(Dataset):
 def collate_rows(items):
     rows = torch.tensor([r for r, _, _ in items], dtype=torch.int64)
     ok = [i for i, (_, img, _) in enumerate(items) if img is not None]
-    images = torch.stack([items[i][1] for i in ok]) if ok else None
+    images = torch.cat([items[i][1] for i in ok]) if ok else None  # (ok rows x (1 + V), C, H, W)
     reasons = [reason for _, _, reason in items]
     return rows, images, torch.tensor(ok, dtype=torch.int64), reasons
 
@@ -203,16 +210,19 @@ def run_extract(
     chunk_rows: int | None = None,
     overwrite: bool = False,
     retry_failed: bool = False,
+    augmentation: Augmentation | None = None,
     progress: Progress | None = None,
     dist: Dist | None = None,
 ) -> ExtractResult:
-    """Extract features for every row of ``manifest`` not yet done in the store at ``out``."""
+    """Extract features for every row of ``manifest`` not yet done in the store at ``out``; with
+    ``augmentation``, also its augmented views (a forward pass then holds ``batch_size`` images in all)."""
     out = Path(out)
     dist = dist or Dist()
     progress = progress or Progress()
     start = time.perf_counter()
     rows_per_chunk = chunk_rows or default_rows_per_chunk(backbone.dim, dtype)
-    meta = build_meta(manifest, backbone.describe(), backbone.preprocessing, dtype, precision, rows_per_chunk)
+    meta = build_meta(manifest, backbone.describe(), backbone.preprocessing, dtype, precision, rows_per_chunk,
+                      augmentation.describe() if augmentation else None)
 
     status: Any = None
     held = contextlib.ExitStack()  # the coordinator's lock on the store, for the whole run
@@ -248,10 +258,12 @@ def _extract_into(out, manifest, backbone, dtype, batch_size, workers, device, p
     progress.total = len(rows)
     progress.update(progress)
 
+    augmentation = Augmentation.from_meta(meta.get("augmentation"))
+    views = ViewTransform(augmentation, backbone.transform, backbone.preprocessing) if augmentation else None
     writer = ChunkWriter(group, out, rows_per_chunk, n, backbone.dim, dtype)
     try:
         if len(rows):
-            _extract_rows(manifest, backbone, rows, writer, batch_size, workers, device, precision, progress)
+            _extract_rows(manifest, backbone, rows, views, writer, batch_size, workers, device, precision, progress)
     finally:
         writer.close()
 
@@ -272,10 +284,10 @@ def _autocast(device: torch.device, precision: str):
 
 
 def image_loader(manifest: Manifest, rows: np.ndarray, transform: Callable, batch_size: int, workers: int,
-                 device: torch.device) -> DataLoader:
+                 device: torch.device, views: ViewTransform | None = None) -> DataLoader:
     """Decoding and preprocessing in ``workers`` processes, in row order, while the model runs."""
     return DataLoader(
-        ImageRows(manifest, rows, transform),
+        ImageRows(manifest, rows, transform, views),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
@@ -286,12 +298,14 @@ def image_loader(manifest: Manifest, rows: np.ndarray, transform: Callable, batc
     )
 
 
-def _extract_rows(manifest, backbone, rows, writer, batch_size, workers, device, precision, progress) -> None:
+def _extract_rows(manifest, backbone, rows, views, writer, batch_size, workers, device, precision, progress) -> None:
     dev = torch.device(device)
-    loader = image_loader(manifest, rows, backbone.transform, batch_size, workers, dev)
+    per_row = 1 + (views.augmentation.views if views else 0)  # images per row: the eval view and its augmented views
+    loader = image_loader(manifest, rows, backbone.transform, max(1, batch_size // per_row), workers, dev, views)
 
     def collect(batch_rows, feats, ok, reasons) -> None:
-        writer.add(batch_rows.numpy(), None if feats is None else feats.float().cpu().numpy(), ok.numpy(), reasons)
+        feats = None if feats is None else feats.float().cpu().numpy().reshape(len(ok), per_row, -1)
+        writer.add(batch_rows.numpy(), feats, ok.numpy(), reasons)
         progress.done += len(batch_rows)
         progress.failed += sum(1 for r in reasons if r)
         progress.update(progress)
@@ -316,8 +330,10 @@ class ChunkWriter:
 
     def __init__(self, group: zarr.Group, path: Path, rows_per_chunk: int, n: int, dim: int, dtype: str):
         self.group, self.path = group, path
-        self.features, self.valid, self.failures = row_arrays(group)
+        self.arrays = row_arrays(group)
+        self.views = self.arrays["augmented"].shape[1] if "augmented" in self.arrays else 0
         self.rows_per_chunk, self.n, self.dim, self.dtype = rows_per_chunk, n, dim, np.dtype(dtype)
+        # chunk -> (features (rows, 1 + V, D): the eval view then the augmented ones, valid, failures, rows left)
         self.buffers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]] = {}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featcache-writer")
         self.pending: deque[Future] = deque()
@@ -327,7 +343,7 @@ class ChunkWriter:
         if k not in self.buffers:
             lo, hi = k * self.rows_per_chunk, min(self.n, (k + 1) * self.rows_per_chunk)
             self.buffers[k] = (
-                np.zeros((hi - lo, self.dim), dtype=self.dtype),
+                np.zeros((hi - lo, 1 + self.views, self.dim), dtype=self.dtype),
                 np.zeros(hi - lo, dtype=bool),
                 np.full(hi - lo, "", dtype=object),
                 [hi - lo],
@@ -335,10 +351,11 @@ class ChunkWriter:
         return self.buffers[k]
 
     def add(self, rows: np.ndarray, feats: np.ndarray | None, ok: np.ndarray, reasons: list[str]) -> None:
+        """``feats``: (len(ok), 1 + V, D) for the rows at positions ``ok``; the others failed with ``reasons``."""
         ok_set = np.zeros(len(rows), dtype=bool)
         ok_set[ok] = True
         if feats is not None:
-            finite = np.isfinite(feats.astype(self.dtype)).all(axis=1)
+            finite = np.isfinite(feats.astype(self.dtype)).all(axis=(1, 2))
         j = 0
         for i, row in enumerate(rows):
             k = int(row) // self.rows_per_chunk
@@ -367,9 +384,11 @@ class ChunkWriter:
         t = time.perf_counter()
         lo = k * self.rows_per_chunk
         sl = slice(lo, lo + len(v))
-        self.features[sl] = f
-        self.valid[sl] = v
-        self.failures[sl] = why
+        self.arrays["features"][sl] = f[:, 0]
+        if self.views:
+            self.arrays["augmented"][sl] = f[:, 1:]
+        self.arrays["valid"][sl] = v
+        self.arrays["failures"][sl] = why
         fsync_chunk_files(self.path, k)
         self.group["chunk_done"][k] = True
         self.seconds += time.perf_counter() - t

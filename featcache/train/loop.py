@@ -1,7 +1,7 @@
 """Stage two: train a projection head and its margin loss from a feature cache.
 
 The features are read from the cache once, into memory (RAM or GPU, in the cache's dtype) and cast
-per batch; the loop below is the whole training procedure: Adam with coupled weight decay, linear
+per batch (with ``views``, each row's clean and augmented views, one of them drawn per row and epoch); the loop below is the whole training procedure: Adam with coupled weight decay, linear
 warm-up then cosine decay per iteration, the paper's defaults throughout.
 """
 
@@ -51,6 +51,7 @@ class TrainOptions:
     optimizer: str = "adam"  # adam (coupled weight decay, the paper's), adamw (decoupled) or sgd
     momentum: float = 0.9  # sgd only
     warmup: str = "linear"  # linear, or exponential: lr * 0.01 ** (1 - (it + 1) / warm-up steps)
+    views: bool = False  # each epoch, train each row on one of its clean and augmented views (cache `augmented`)
 
     def __post_init__(self) -> None:
         """The training options, checked here once; the loss checks its own (``sample_classes`` is its
@@ -79,7 +80,7 @@ class TrainOptions:
 class TrainData:
     """The training rows of a cache, in memory: split == train and valid."""
 
-    features: torch.Tensor  # (N, D), the cache's dtype
+    features: torch.Tensor  # (N, D), the cache's dtype: the clean (eval) view
     labels: torch.Tensor  # (N,) int64, contiguous over the training classes
     classes: list[str]  # training class names, indexed by label
     cache_path: Path
@@ -87,6 +88,8 @@ class TrainData:
     backbone: str
     skipped_invalid: int
     feature_space: dict[str, Any] = field(default_factory=dict)  # backbone + preprocessing: what the head fits
+    views: torch.Tensor | None = None  # (N, 1 + V, D): the clean view, then the V augmented ones; features = views[:, 0]
+    augmentation: dict[str, Any] | None = None  # how the cache's views were made
 
     @property
     def dim(self) -> int:
@@ -100,10 +103,14 @@ class TrainData:
         return np.bincount(self.labels.cpu().numpy(), minlength=self.num_classes)
 
 
-def load_train_data(cache_path: str | Path, device: str = "cpu") -> TrainData:
-    """Read the cache's training rows once; refuse data that cannot train a head, with one line."""
+def load_train_data(cache_path: str | Path, device: str = "cpu", views: bool = False) -> TrainData:
+    """Read the cache's training rows once (with ``views``, their augmented views too); refuse data that
+    cannot train a head, with one line."""
     cache = FeatureCache.open(cache_path)
     cache.require_complete()
+    if views and not cache.views:
+        raise CacheError(f"{cache.path}: --views needs a cache with augmented views; extract one with "
+                         "`featcache extract ... --views V --augment NAME`")
     splits = cache.strings("splits")
     valid = cache.valid()
     train = splits == "train"
@@ -111,6 +118,11 @@ def load_train_data(cache_path: str | Path, device: str = "cpu") -> TrainData:
     if not rows.any():
         raise CacheError(f"{cache.path}: no valid training rows (split == train): nothing to train on")
     feats = cache.features(rows)
+    if views:
+        stacked = np.empty((len(feats), 1 + cache.views, cache.dim), dtype=feats.dtype)
+        stacked[:, 0] = feats
+        stacked[:, 1:] = cache.augmented(rows)
+        feats = stacked
     bad = _non_finite_rows(feats)
     if bad:
         raise CacheError(f"{cache.path}: {bad} training rows have NaN or infinite features; re-extract with --dtype float32 or drop them")
@@ -119,8 +131,11 @@ def load_train_data(cache_path: str | Path, device: str = "cpu") -> TrainData:
     if len(classes) < 2:
         raise CacheError(f"{cache.path}: the training rows hold a single class; a classification loss needs at least 2")
     names = cache.classes()[classes]
+    stored = torch.from_numpy(np.ascontiguousarray(feats)).to(device)
     return TrainData(
-        features=torch.from_numpy(np.ascontiguousarray(feats)).to(device),
+        features=stored[:, 0] if views else stored,
+        views=stored if views else None,
+        augmentation=cache.augmentation if views else None,
         labels=torch.from_numpy(contiguous.astype(np.int64)).to(device),
         classes=[str(c) for c in names],
         cache_path=cache.path,
@@ -132,7 +147,28 @@ def load_train_data(cache_path: str | Path, device: str = "cpu") -> TrainData:
 
 
 def _non_finite_rows(feats: np.ndarray, block: int = 1 << 16) -> int:
-    return int(sum((~np.isfinite(feats[i:i + block])).any(axis=1).sum() for i in range(0, len(feats), block)))
+    """Rows of an (N, D) or (N, 1 + V, D) array with a value that is not finite."""
+    axes = tuple(range(1, feats.ndim))
+    return int(sum((~np.isfinite(feats[i:i + block])).any(axis=axes).sum() for i in range(0, len(feats), block)))
+
+
+def view_draw(data: TrainData, seed: int, epoch: int) -> torch.Tensor | None:
+    """Per row, which of its 1 + V views (0 = clean) trains in ``epoch``: uniform, seeded by (seed, epoch)
+    alone, so a resumed run draws what an uninterrupted one did."""
+    if data.views is None:
+        return None
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+    return torch.randint(0, data.views.shape[1], (len(data.labels),), generator=g).to(data.views.device)
+
+
+def batch_features(data: TrainData, idx: torch.Tensor, draw: torch.Tensor | None) -> torch.Tensor:
+    """The rows ``idx`` as float32 (B, D): their clean features, or with ``draw`` the view drawn for each."""
+    # index_select, not features[idx]: several times faster on a CPU
+    if draw is None:
+        return data.features.index_select(0, idx).float()
+    per_row = data.views.shape[1]
+    flat = data.views.view(-1, data.views.shape[2])
+    return flat.index_select(0, idx * per_row + draw.index_select(0, idx)).float()
 
 
 def loss_hparams(options: TrainOptions, data: TrainData) -> dict[str, Any]:
@@ -213,6 +249,9 @@ def train(
     """Train a head; with ``out``, write the run directory as it goes (each finished epoch is kept), as its
     only writer (a second process training into it is refused)."""
     out = Path(out) if out is not None else None
+    if options.views and data.views is None:
+        raise CacheError(f"{data.cache_path}: --views needs the cache's augmented views, and they were not loaded "
+                         "(load_train_data(..., views=True))")
     with exclusive(out, "a training run") if out is not None else contextlib.nullcontext():
         head, loss_fn = build_model(options, data)
         opt = make_optimizer([*head.parameters(), *loss_fn.parameters()], options)
@@ -233,6 +272,7 @@ def train(
                 head.train()
                 loss_fn.train()
                 perm = torch.randperm(n, generator=order).to(options.device)
+                draw = view_draw(data, options.seed, epoch) if options.views else None
                 step_losses = torch.zeros(steps_per_epoch, device=options.device)
                 correct = torch.zeros((), dtype=torch.int64, device=options.device)
                 for step in range(steps_per_epoch):
@@ -242,8 +282,7 @@ def train(
                     idx = perm[step * options.batch_size:(step + 1) * options.batch_size]
                     y = data.labels.index_select(0, idx)
                     opt.zero_grad(set_to_none=True)  # before the forward: last step's gradients are freed first
-                    # index_select, not features[idx]: several times faster on a CPU
-                    loss, hits = loss_fn.forward_with_hits(head(data.features.index_select(0, idx).float()), y)
+                    loss, hits = loss_fn.forward_with_hits(head(batch_features(data, idx, draw)), y)
                     loss.backward()
                     opt.step()
                     step_losses[step] = loss.detach() * len(idx)
@@ -291,7 +330,8 @@ def _config(data: TrainData, options: TrainOptions, head: ProjectionHead) -> dic
                   "feature_space": data.feature_space},
         "options": {**asdict(options), "loss": spec.name, "loss_opts": resolved},
         "head": head.config(),
-        "data": {"train_rows": len(data.labels), "classes": data.num_classes, "skipped_invalid": data.skipped_invalid},
+        "data": {"train_rows": len(data.labels), "classes": data.num_classes, "skipped_invalid": data.skipped_invalid,
+                 **({"augmentation": data.augmentation} if options.views else {})},
         "train_seconds": 0.0,
     }
 

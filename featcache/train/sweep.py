@@ -73,7 +73,8 @@ def run_sweep(caches: Path | list[Path], combos: list[TrainOptions], seeds: int,
     if seeds < 1:
         raise ValueError(f"--seeds {seeds}: need at least 1")
     device = combos[0].device if combos else "cpu"
-    datasets = [load_train_data(c, device) for c in caches]  # every cache checked before anything trains
+    views = bool(combos and combos[0].views)
+    datasets = [load_train_data(c, device, views=views) for c in caches]  # every cache checked before anything trains
     for data in datasets:
         for o in combos:
             check_options(o, data)
