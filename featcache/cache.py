@@ -90,7 +90,7 @@ def key_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         a, b = old.get(k), new.get(k)
         if a == b:
             continue
-        if k == "augmentation":
+        if k == "augmentation" and not (a and b):
             out.append(f"augmented views: {_views_text(a)} in the store, {_views_text(b)} requested")
         elif isinstance(a, dict) and isinstance(b, dict):
             for sub in sorted(set(a) | set(b)):
@@ -334,41 +334,54 @@ class FeatureCache:
         """``paths``, ``domains``, ``splits`` or ``failures`` as an object array of str."""
         return np.asarray(self.group[name][:], dtype=object)
 
-    def features(self, rows: np.ndarray | None = None, block_bytes: int = 64 << 20) -> np.ndarray:
+    def features(self, rows: np.ndarray | None = None, block_bytes: int = 64 << 20, out: np.ndarray | None = None) -> np.ndarray:
         """All features, or the rows picked by a boolean mask or sorted index array, in one pass that
-        selects block by block: memory peaks at the selection plus one block, not the whole array.
-        A chunk whose checksum does not match is a one-line CacheError naming it."""
-        return self._read_rows("features", rows, block_bytes)
+        selects block by block: memory peaks at the selection plus one block, not the whole array (with
+        ``out``, an array of the selection's shape to fill, at one block). A chunk whose checksum does not
+        match is a one-line CacheError naming it."""
+        return self._read_rows("features", rows, block_bytes, out)
 
-    def augmented(self, rows: np.ndarray | None = None, block_bytes: int = 64 << 20) -> np.ndarray:
+    def augmented(self, rows: np.ndarray | None = None, block_bytes: int = 64 << 20, out: np.ndarray | None = None) -> np.ndarray:
         """The augmented views (rows, V, D) of all rows or the selected ones, read like ``features``."""
         if "augmented" not in self.group:
             raise CacheError(f"{self.path}: no augmented views; extract with --views V --augment NAME to make them")
-        return self._read_rows("augmented", rows, block_bytes)
+        return self._read_rows("augmented", rows, block_bytes, out)
 
-    def _read_rows(self, name: str, rows: np.ndarray | None, block_bytes: int) -> np.ndarray:
+    def _read_rows(self, name: str, rows: np.ndarray | None, block_bytes: int, out: np.ndarray | None) -> np.ndarray:
         try:
-            return self._rows_of(self.group[name], rows, block_bytes)
+            return self._rows_of(self.group[name], rows, block_bytes, out)
         except ValueError as e:  # zarr's crc32c codec: "Stored and computed checksum do not match"
             problems = self.chunk_problems(read=True)
             if not problems:
                 raise
             raise self._damaged(problems) from e
 
-    def _rows_of(self, arr: zarr.Array, rows: np.ndarray | None, block_bytes: int) -> np.ndarray:
+    def _rows_of(self, arr: zarr.Array, rows: np.ndarray | None, block_bytes: int, out: np.ndarray | None) -> np.ndarray:
         if rows is None:
-            return arr[:]
+            rows = np.ones(self.rows, dtype=bool)
         rows = np.asarray(rows)
         if rows.dtype != bool:
             if rows.size > 1 and not (np.diff(rows) > 0).all():
-                return arr[:][rows]  # arbitrary order or repeats: fancy-index the whole array
+                picked = arr[:][rows]  # arbitrary order or repeats: fancy-index the whole array
+                if out is None:
+                    return picked
+                out[...] = picked
+                return out
             mask = np.zeros(self.rows, dtype=bool)
             mask[rows] = True
             rows = mask
+        if out is None:
+            out = np.empty((int(rows.sum()), *arr.shape[1:]), dtype=arr.dtype)
         row_bytes = arr.dtype.itemsize * math.prod(arr.shape[1:])
         step = self.meta["rows_per_chunk"] * max(1, block_bytes // (self.meta["rows_per_chunk"] * row_bytes))
-        parts = [arr[i:i + step][rows[i:i + step]] for i in range(0, self.rows, step) if rows[i:i + step].any()]
-        return np.concatenate(parts) if parts else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
+        filled = 0
+        for i in range(0, self.rows, step):
+            block = rows[i:i + step]
+            if block.any():
+                n = int(block.sum())
+                out[filled:filled + n] = arr[i:i + step][block]
+                filled += n
+        return out
 
     def require_complete(self) -> None:
         """Refuse a cache that is not finished, or whose chunk files are missing or of the wrong size."""

@@ -182,7 +182,7 @@ def extract(
 
 def _views_text(summary: dict) -> str:
     a = summary["augmentation"]
-    return f"{summary['rows']:,} x {a['views']} x {summary['dim']} ({a['augment']}, seed {a['seed']})"
+    return f"{summary['rows']:,} x {a['views']} x {summary['dim']} ({a['augment']}, seed {a.get('seed', 0)})"
 
 
 def _report_interrupted(target: Path) -> None:

@@ -63,16 +63,18 @@ class ImageRows(Dataset):
         return len(self.rows)
 
     def __getitem__(self, j: int):
+        row, stage = int(self.rows[j]), "preprocessing"
         try:
             decoded = load_image(self.files[j], self.boxes[j])
             image = self.transform(decoded).unsqueeze(0)
             if self.views is not None:
-                image = torch.cat([image, self.views(decoded, int(self.rows[j]))])
-            return int(self.rows[j]), image, ""
+                stage = "augmented views"
+                image = torch.cat([image, self.views(decoded, row)])
+            return row, image, ""
         except ImageFailure as e:
-            return int(self.rows[j]), None, str(e)
+            return row, None, str(e)
         except Exception as e:  # a transform that chokes on an odd image must not stop the run
-            return int(self.rows[j]), None, f"preprocessing error: {type(e).__name__}: {e}"
+            return row, None, f"{stage} error: {type(e).__name__}: {e}"
 
 
 def collate_rows(items):
@@ -215,7 +217,8 @@ def run_extract(
     dist: Dist | None = None,
 ) -> ExtractResult:
     """Extract features for every row of ``manifest`` not yet done in the store at ``out``; with
-    ``augmentation``, also its augmented views (a forward pass then holds ``batch_size`` images in all)."""
+    ``augmentation``, also its V augmented views (a batch is then ``max(1, batch_size // (1 + V))`` rows, each
+    with its 1 + V images). A row is valid when all of its images give finite embeddings."""
     out = Path(out)
     dist = dist or Dist()
     progress = progress or Progress()
@@ -355,7 +358,9 @@ class ChunkWriter:
         ok_set = np.zeros(len(rows), dtype=bool)
         ok_set[ok] = True
         if feats is not None:
-            finite = np.isfinite(feats.astype(self.dtype)).all(axis=(1, 2))
+            with np.errstate(over="ignore"):  # an overflow is what this looks for: the row becomes a failure
+                finite_views = np.isfinite(feats.astype(self.dtype)).all(axis=2)  # (rows, 1 + V)
+            finite = finite_views.all(axis=1)
         j = 0
         for i, row in enumerate(rows):
             k = int(row) // self.rows_per_chunk
@@ -366,7 +371,9 @@ class ChunkWriter:
                     f[local] = feats[j]
                     v[local] = True
                 else:
-                    why[local] = f"non-finite embedding (overflows {self.dtype.name}? try --dtype float32)"
+                    bad = int(np.flatnonzero(~finite_views[j])[0])
+                    where = f" of augmented view {bad}" if bad else ""
+                    why[local] = f"non-finite embedding{where} (overflows {self.dtype.name}? try --dtype float32)"
                 j += 1
             else:
                 why[local] = reasons[i]

@@ -217,10 +217,24 @@ def _parse_box(row: list[str], ibox: list[int], source: Path, line: int) -> tupl
         if not math.isfinite(v) or v < 0:
             raise ManifestError(f"{source}:{line}: column '{name}': box value must be a number >= 0, got '{cell}'")
         values.append(v)
+    problem = box_problem(values)
+    if problem:
+        raise ManifestError(f"{source}:{line}: columns 'x1,y1,x2,y2': {problem}")
     x1, y1, x2, y2 = values
-    if x2 <= x1 or y2 <= y1:
-        raise ManifestError(f"{source}:{line}: columns 'x1,y1,x2,y2': empty box ({x1:g},{y1:g},{x2:g},{y2:g})")
     return x1, y1, x2, y2
+
+
+def box_problem(box) -> str | None:
+    """What is wrong with a crop box (x1, y1, x2, y2 in pixels), or None: the rule every manifest row
+    obeys, checked by builders too so that a bad box is reported in its source file."""
+    if len(box) != 4 or not all(isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) for v in box):
+        return f"a box is 4 numbers x1,y1,x2,y2, got {list(box)!r}"[:120]
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(math.isfinite(v) and v >= 0 for v in (x1, y1, x2, y2)):
+        return f"box values must be finite numbers >= 0, got ({x1:g},{y1:g},{x2:g},{y2:g})"
+    if x2 <= x1 or y2 <= y1:
+        return f"empty box ({x1:g},{y1:g},{x2:g},{y2:g}): needs x1 < x2 and y1 < y2"
+    return None
 
 
 def write_manifest(
@@ -251,7 +265,7 @@ def write_manifest(
             w.writerow(["path", "label", "domain", "split", *(BOX_COLUMNS if with_boxes else ())])
             if with_boxes:
                 for p, lab, d, s, b in zip(paths, labels, domains, splits, box_arr):
-                    box = ["", "", "", ""] if math.isnan(b[0]) else [f"{v:g}" for v in b]
+                    box = ["", "", "", ""] if math.isnan(b[0]) else [f"{v:.10g}" for v in b]
                     w.writerow([p, lab, d, s, *box])
             else:
                 w.writerows(zip(paths, labels, domains, splits))

@@ -117,12 +117,12 @@ def load_train_data(cache_path: str | Path, device: str = "cpu", views: bool = F
     rows = train & valid
     if not rows.any():
         raise CacheError(f"{cache.path}: no valid training rows (split == train): nothing to train on")
-    feats = cache.features(rows)
-    if views:
-        stacked = np.empty((len(feats), 1 + cache.views, cache.dim), dtype=feats.dtype)
-        stacked[:, 0] = feats
-        stacked[:, 1:] = cache.augmented(rows)
-        feats = stacked
+    if views:  # read straight into one (N, 1 + V, D) array: memory holds it and one block, no more
+        feats = np.empty((int(rows.sum()), 1 + cache.views, cache.dim), dtype=cache.meta["dtype"])
+        cache.features(rows, out=feats[:, 0])
+        cache.augmented(rows, out=feats[:, 1:])
+    else:
+        feats = cache.features(rows)
     bad = _non_finite_rows(feats)
     if bad:
         raise CacheError(f"{cache.path}: {bad} training rows have NaN or infinite features; re-extract with --dtype float32 or drop them")

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from featcache.manifest.schema import DEFAULT_SPLIT, ManifestError, Rows, escapes_root
+from featcache.manifest.schema import DEFAULT_SPLIT, ManifestError, Rows, box_problem, escapes_root
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,14 @@ def check_inside_root(path: str, where: str) -> str:
     if leaves_root(path):
         raise ManifestError(f"{where}: path '{path}' leaves the dataset folder (absolute or '..'); refused")
     return path
+
+
+def check_box(box, where: str) -> list[float]:
+    """``box`` (x1, y1, x2, y2) as floats, or a ManifestError naming ``where`` (file and line or entry)."""
+    problem = box_problem(box)
+    if problem:
+        raise ManifestError(f"{where}: {problem}")
+    return [float(v) for v in box]
 
 
 def require_file(path: Path, what: str) -> Path:

@@ -12,15 +12,16 @@ from typing import Sequence
 
 import numpy as np
 
-from featcache.manifest.builders.common import Builder, parse_choices, prefix_labels, read_json, require_dir
+from featcache.manifest.builders.common import Builder, check_box, parse_choices, prefix_labels, read_json, require_dir
 from featcache.manifest.schema import DEFAULT_SPLIT, ManifestError, Rows
 
 PARTITIONS = ("train", "validation")
 
 
 def deepfashion2(root: str | os.PathLike, *, domain: str = "deepfashion2", partition: str | Sequence[str] | None = None) -> Rows:
-    """Label = ``PAIR_STYLE``. ``partition``: train (default) and/or validation; in validation, user photos
-    are queries and shop photos the index (the benchmark's consumer-to-shop protocol)."""
+    """Label = ``PAIR_STYLE`` (``validation/PAIR_STYLE`` in validation: pair ids restart in each
+    partition). ``partition``: train (default) and/or validation; in validation, user photos are queries
+    and shop photos the index (the benchmark's consumer-to-shop protocol)."""
     root = Path(root)
     paths: list[str] = []
     labels: list[str] = []
@@ -46,11 +47,9 @@ def deepfashion2(root: str | os.PathLike, *, domain: str = "deepfashion2", parti
                     unmatched += 1
                     continue
                 box = item.get("bounding_box")
-                if (not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, (int, float)) for v in box)
-                        or box[2] <= box[0] or box[3] <= box[1] or min(box) < 0):
-                    raise ManifestError(f"{f}: {key}: bounding_box {box!r} is not [x1, y1, x2, y2] with x1 < x2, y1 < y2")
+                box = check_box(box if isinstance(box, list) else [box], f"{f}: {key}: bounding_box")
                 paths.append(f"{part}/image/{name[:-5]}.jpg")
-                labels.append(f"{record['pair_id']}_{style}")
+                labels.append(f"{record['pair_id']}_{style}" if part == "train" else f"{part}/{record['pair_id']}_{style}")
                 splits.append(DEFAULT_SPLIT if part == "train" else ("query" if record["source"] == "user" else "index"))
                 boxes.append([float(v) for v in box])
     if not paths:

@@ -30,7 +30,7 @@ def fashion200k(root: str | os.PathLike, *, domain: str = "fashion200k", partiti
     parts = parse_choices(partition, ("train", "test"), "partition", ("train",))
     listed = next((root / n for n in UNIFEX_LISTS if (root / n).is_file()), None)
     if not (root / "labels").is_dir() and listed is not None and parts == ["train"]:
-        header = CsvTable(listed, (), "").header
+        header = CsvTable(listed, (), "Fashion200k list with columns img_path,img_id").header
         label = "img_id" if "img_id" in header else "label"
         paths, labels = path_label_csv(listed, f"Fashion200k list: {listed.name} with columns img_path,img_id", label_column=label)
         return single_split(paths, prefix_labels(domain, labels), domain)
@@ -44,7 +44,11 @@ def fashion200k(root: str | os.PathLike, *, domain: str = "fashion200k", partiti
             raise ManifestError(f"{root / 'labels'}: no *_{part}_detect_all.txt label files (Fashion200k: "
                                 f"labels/{{{','.join(CATEGORIES)}}}_{part}_detect_all.txt)")
         for f in (f for f in files if f.is_file()):
-            for number, text in enumerate(f.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                lines = f.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as e:
+                raise ManifestError(f"{f}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+            for number, text in enumerate(lines, start=1):
                 if not text.strip():
                     continue
                 image = text.split("\t", 1)[0].strip()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.manifest.builders.common import Builder, check_inside_root, prefix_labels, read_json, single_split
+from featcache.manifest.builders.common import Builder, check_box, check_inside_root, prefix_labels, read_json, single_split
 from featcache.manifest.schema import ManifestError, Rows
 
 
@@ -23,11 +23,14 @@ def food_rec22(root: str | os.PathLike, *, domain: str = "food-rec22", annotatio
     if not isinstance(coco, dict) or not all(isinstance(coco.get(k), list) for k in ("images", "annotations", "categories")):
         raise ManifestError(f"{path}: expected a COCO object with lists images, annotations and categories")
     files: dict[object, str] = {}
-    for k, image in enumerate(coco["images"], start=1):
-        if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
-            raise ManifestError(f"{path}: images[{k - 1}]: expected {{\"id\": ..., \"file_name\": ...}}")
-        files[image["id"]] = check_inside_root(f"images/{image['file_name']}", f"{path}: images[{k - 1}]")
-    categories = {c.get("id") for c in coco["categories"] if isinstance(c, dict)}
+    for k, image in enumerate(coco["images"]):
+        where = f"{path}: images[{k}]"
+        if not isinstance(image, dict) or not _is_id(image.get("id")) or not isinstance(image.get("file_name"), str):
+            raise ManifestError(f"{where}: expected {{\"id\": NUMBER, \"file_name\": ...}}")
+        if image["id"] in files:
+            raise ManifestError(f"{where}: id {image['id']!r} is used by another image too")
+        files[image["id"]] = check_inside_root(f"images/{image['file_name']}", where)
+    categories = {c.get("id") for c in coco["categories"] if isinstance(c, dict) and _is_id(c.get("id"))}
     paths: list[str] = []
     labels: list[str] = []
     boxes: list[list[float]] = []
@@ -36,18 +39,17 @@ def food_rec22(root: str | os.PathLike, *, domain: str = "food-rec22", annotatio
         where = f"{path}: annotations[{k}]"
         if not isinstance(ann, dict):
             raise ManifestError(f"{where}: expected an object")
-        if ann.get("image_id") not in files:
+        if not _is_id(ann.get("image_id")) or ann["image_id"] not in files:
             raise ManifestError(f"{where}: image_id {ann.get('image_id')!r} is not in images")
-        if ann.get("category_id") not in categories:
+        if not _is_id(ann.get("category_id")) or ann["category_id"] not in categories:
             raise ManifestError(f"{where}: category_id {ann.get('category_id')!r} is not in categories")
         bbox = ann.get("bbox")
-        if (not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
-                or bbox[2] <= 0 or bbox[3] <= 0):
-            raise ManifestError(f"{where}: bbox {bbox!r} is not [x, y, width, height] with a positive size")
-        x, y, w, h = (float(v) for v in bbox)
-        box = [max(0.0, x), max(0.0, y), x + w, y + h]
-        if box[2] <= box[0] or box[3] <= box[1]:
-            raise ManifestError(f"{where}: bbox {bbox!r} lies left of or above the image")
+        if not isinstance(bbox, list) or len(bbox) != 4:
+            raise ManifestError(f"{where}: bbox {bbox!r} is not [x, y, width, height]")
+        x, y, w, h = bbox
+        # COCO's [x, y, width, height] -> x1, y1, x2, y2, clipped at the image's top-left corner
+        box = check_box([max(0.0, x), max(0.0, y), x + w, y + h] if all(map(_is_number, bbox)) else bbox,
+                        f"{where}: bbox {bbox!r}")
         ident = (files[ann["image_id"]], *box)
         if ident in seen:  # the same item annotated twice: one crop
             continue
@@ -59,6 +61,14 @@ def food_rec22(root: str | os.PathLike, *, domain: str = "food-rec22", annotatio
     if len(paths) < len(coco["annotations"]):
         rows.notes.append(f"{len(coco['annotations']) - len(paths)} annotations repeat another's image and box: one row each")
     return rows
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 SOURCE = Builder("food-rec22", food_rec22, "Food Recognition 2022, one row per annotated item box (domain food-rec22)",

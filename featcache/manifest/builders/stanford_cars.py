@@ -15,6 +15,7 @@ import numpy as np
 from featcache.manifest.builders.common import (
     Builder,
     CsvTable,
+    check_box,
     check_column,
     check_inside_root,
     check_unique,
@@ -24,7 +25,7 @@ from featcache.manifest.builders.common import (
     require_file,
     single_split,
 )
-from featcache.manifest.schema import ManifestError, Rows
+from featcache.manifest.schema import ManifestError, Rows, box_problem
 
 CARS_PARTITIONS = {  # partition -> (annotation file, image folder)
     "train": ("cars_train_annos.mat", "cars_train"),
@@ -88,6 +89,8 @@ def _cars_devkit(root: Path, parts: list[str]) -> tuple[list[str], list[str], np
         if bad.size:
             k = int(bad[0])
             raise ManifestError(f"{mat}: annotation {k + 1} ({fnames[k]}): class {cls[k]} is outside 1..{len(class_names)} of cars_meta.mat")
+        for k, b in enumerate(box):
+            check_box(b, f"{mat}: annotation {k + 1} ({fnames[k]}): bbox")
         paths += [f"{folder}/{n}" for n in fnames]
         models += [class_names[c - 1] for c in cls]
         boxes.append(box)
@@ -111,6 +114,7 @@ def _cars_csv(root: Path, parts: list[str]) -> tuple[list[str], list[str], np.nd
         folder = f"{folder}/{folder}" if (root / folder / folder).is_dir() else folder
         images = [s.strip() for s in table.column("image")]
         labels = [s.strip() for s in table.column(label)]
+        check_column(table, "image", images, lambda s: not s, "empty image name")
         check_column(table, "image", images, leaves_root, "image '{value}' leaves the dataset folder; refused")
         check_column(table, label, labels, lambda s: not s, "empty label")
         check_unique(table, "image", images)
@@ -119,6 +123,9 @@ def _cars_csv(root: Path, parts: list[str]) -> tuple[list[str], list[str], np.nd
         except ValueError:
             k = next(k for k in range(len(table)) if not all(_is_number(table.column(c)[k]) for c in ("x1", "y1", "x2", "y2")))
             raise table.error(k, "x1,y1,x2,y2 must be numbers") from None
+        for k, b in enumerate(box):
+            if box_problem(b):
+                raise table.error(k, box_problem(b))
         for k, lab in enumerate(labels):
             model, _, colour = lab.partition("_")
             if class_names is not None:
