@@ -306,7 +306,10 @@ def done_flags(out: Path) -> int:
 
 
 def stop_part_way(cmd: list[str], out: Path, sig: int, total_chunks: int) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Ctrl-C as a terminal sends it: SIGINT handled by default in the child, even where this test runs with it
+    # ignored (a shell starts background jobs so, and Python then never raises KeyboardInterrupt)
+    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while done_flags(out) < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)

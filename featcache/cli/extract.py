@@ -77,7 +77,7 @@ def extract(
     weights: Optional[Path] = typer.Option(None, help="Local checkpoint file to load instead of downloading the pretrained weights."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Cache to write. \\[default: cache/<manifest stem>/<model>.zarr]"),
     dtype: DType = typer.Option(DType.float16, help="Storage type of the features."),
-    batch_size: int = typer.Option(64, min=1, help="Images per forward pass."),
+    batch_size: int = typer.Option(64, min=1, help="Images per forward pass (with --views, batch-size // (1 + V) rows, each with its 1 + V images)."),
     workers: Optional[int] = typer.Option(None, min=0, help="DataLoader processes that decode images. \\[default: all cores on GPU, half on CPU]"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda[:N]. \\[default: cuda when available]"),
     precision: Optional[Precision] = typer.Option(None, help="Autocast precision of the model. \\[default: bf16 on GPU, fp32 on CPU]"),
