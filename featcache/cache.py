@@ -170,7 +170,7 @@ def install(tmp: Path, path: Path) -> None:
     replace_dir(tmp, path)
 
 
-ROW_ARRAYS = ("features", "valid", "failures", "augmented")  # chunked by rows, written by extract
+ROW_ARRAYS = {"features": 2, "valid": 1, "failures": 1, "augmented": 3}  # chunked by rows, written by extract: name -> ndim
 
 
 def row_arrays(group: zarr.Group) -> dict[str, zarr.Array]:
@@ -225,7 +225,7 @@ def remove_partial_files(path: str | os.PathLike) -> int:
 
 def fsync_chunk_files(store: Path, k: int) -> None:
     """Flush chunk k of the row arrays to disk before its done flag is set (power-loss safety)."""
-    for name, ndim in (("features", 2), ("valid", 1), ("failures", 1), ("augmented", 3)):
+    for name, ndim in ROW_ARRAYS.items():
         f = store / chunk_file(name, ndim, k)
         if f.exists():
             fd = os.open(f, os.O_RDONLY)

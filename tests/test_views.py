@@ -116,6 +116,10 @@ def test_views_are_in_the_key_and_bad_requests_stop_with_one_line(tmp_path, cli)
     res = cli("extract", "-m", "tiny-vit", "--manifest", m, "--out", out, "--quiet", code=2)
     assert "augmented views: 2 (openclip) in the store, none requested" in res.output
     assert "--augment" in cli("extract", "-m", "tiny-vit", "--manifest", m, "--out", out, "--views", "2", code=2).output
+    from featcache.cli.extract import Augment
+    from featcache.extract.augment import AUGMENTS
+
+    assert [a.value for a in Augment] == list(AUGMENTS)  # the CLI's choices (kept import-light) are the recipes
     assert "use --views 1" in cli("extract", "-m", "tiny-vit", "--manifest", m, "--out", out, "--views", "2", "--augment",
                                   "flip", code=2).output
     # a cache without views keeps the key it had before views existed: the hash of the key fields alone

@@ -2,9 +2,9 @@
 
 Work is split by whole chunks: chunk k (rows k*C .. (k+1)*C) belongs to rank k mod W. A rank decodes
 its rows in DataLoader workers (with ``--views``, each row's augmented views too: ``augment.py``), runs
-the model, fills a chunk buffer, and hands each finished chunk to
-a writer thread that writes ``features``/``valid``/``failures`` for exactly that chunk, fsyncs it, and
-only then sets ``chunk_done[k]`` (``augmented`` too, when the cache has views). Running the same command again redoes every chunk not flagged done.
+the model, fills a chunk buffer, and hands each finished chunk to a writer thread that writes
+``features``/``valid``/``failures`` (and ``augmented``, with views) for exactly that chunk, fsyncs it,
+and only then sets ``chunk_done[k]``. Running the same command again redoes every chunk not flagged done.
 """
 
 from __future__ import annotations

@@ -227,8 +227,9 @@ def _parse_box(row: list[str], ibox: list[int], source: Path, line: int) -> tupl
 def box_problem(box) -> str | None:
     """What is wrong with a crop box (x1, y1, x2, y2 in pixels), or None: the rule every manifest row
     obeys, checked by builders too so that a bad box is reported in its source file."""
-    if len(box) != 4 or not all(isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) for v in box):
-        return f"a box is 4 numbers x1,y1,x2,y2, got {list(box)!r}"[:120]
+    if (not isinstance(box, (list, tuple, np.ndarray)) or len(box) != 4
+            or not all(isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) for v in box)):
+        return f"a box is 4 numbers x1,y1,x2,y2, got {box!r}"[:120]
     x1, y1, x2, y2 = (float(v) for v in box)
     if not all(math.isfinite(v) and v >= 0 for v in (x1, y1, x2, y2)):
         return f"box values must be finite numbers >= 0, got ({x1:g},{y1:g},{x2:g},{y2:g})"

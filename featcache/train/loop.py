@@ -1,7 +1,8 @@
 """Stage two: train a projection head and its margin loss from a feature cache.
 
 The features are read from the cache once, into memory (RAM or GPU, in the cache's dtype) and cast
-per batch (with ``views``, each row's clean and augmented views, one of them drawn per row and epoch); the loop below is the whole training procedure: Adam with coupled weight decay, linear
+per batch (with ``views``, each row's clean and augmented views, one of them drawn per row and epoch);
+the loop below is the whole training procedure: Adam with coupled weight decay, linear
 warm-up then cosine decay per iteration, the paper's defaults throughout.
 """
 
@@ -152,11 +153,9 @@ def _non_finite_rows(feats: np.ndarray, block: int = 1 << 16) -> int:
     return int(sum((~np.isfinite(feats[i:i + block])).any(axis=axes).sum() for i in range(0, len(feats), block)))
 
 
-def view_draw(data: TrainData, seed: int, epoch: int) -> torch.Tensor | None:
+def view_draw(data: TrainData, seed: int, epoch: int) -> torch.Tensor:
     """Per row, which of its 1 + V views (0 = clean) trains in ``epoch``: uniform, seeded by (seed, epoch)
     alone, so a resumed run draws what an uninterrupted one did."""
-    if data.views is None:
-        return None
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
     return torch.randint(0, data.views.shape[1], (len(data.labels),), generator=g).to(data.views.device)
 

@@ -125,8 +125,7 @@ class CsvTable:
             lengths = set(map(len, self.rows))
         self.header = [h.strip() for h in header]
         for name in required:
-            if name not in self.header:
-                raise ManifestError(f"{path}:1: missing column '{name}' (header is {','.join(self.header)})")
+            self.first_of((name,))
         width = len(self.header)
         if lengths - {width}:
             k = first_bad(self.rows, lambda r: (r.count(",") + 1 if isinstance(r, str) else len(r)) != width)
@@ -135,6 +134,15 @@ class CsvTable:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def first_of(self, names: Sequence[str]) -> str:
+        """The first of ``names`` (spellings of one column in different copies of a dataset) in the header;
+        else a ManifestError naming the file's header line."""
+        found = next((n for n in names if n in self.header), None)
+        if found is None:
+            others = "".join(f" (or '{n}')" for n in names[1:])
+            raise ManifestError(f"{self.path}:1: missing column '{names[0]}'{others} (header is {','.join(self.header)})")
+        return found
 
     def column(self, name: str) -> list[str]:
         i = self.header.index(name)
@@ -180,11 +188,13 @@ def check_unique(table: CsvTable, name: str, values: list[str]) -> None:
         first[v] = k
 
 
-def path_label_csv(path: Path, what: str, path_column: str = "img_path", label_column: str = "label",
+def path_label_csv(path: Path, what: str, path_column: str = "img_path", label_columns: Sequence[str] = ("label",),
                    root_name: str = "dataset folder") -> tuple[list[str], list[str]]:
-    """(paths, labels) of a headed CSV that lists one image per row (UniFEx's ``img_path,label`` files):
-    no empty cells, no path leaving the root, no path listed twice; errors name the file and line."""
-    table = CsvTable(path, (path_column, label_column), what)
+    """(paths, labels) of a headed CSV that lists one image per row (UniFEx's ``img_path,label`` files; the
+    label column is the first of ``label_columns`` present): no empty cells, no path leaving the root, no
+    path listed twice; errors name the file and line."""
+    table = CsvTable(path, (path_column,), what)
+    label_column = table.first_of(label_columns)
     paths = [s.strip() for s in table.column(path_column)]
     labels = [s.strip() for s in table.column(label_column)]
     check_column(table, path_column, paths, lambda s: not s, "empty path")

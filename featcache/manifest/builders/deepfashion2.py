@@ -46,8 +46,7 @@ def deepfashion2(root: str | os.PathLike, *, domain: str = "deepfashion2", parti
                 if style == 0:
                     unmatched += 1
                     continue
-                box = item.get("bounding_box")
-                box = check_box(box if isinstance(box, list) else [box], f"{f}: {key}: bounding_box")
+                box = check_box(item.get("bounding_box"), f"{f}: {key}: bounding_box")
                 paths.append(f"{part}/image/{name[:-5]}.jpg")
                 labels.append(f"{record['pair_id']}_{style}" if part == "train" else f"{part}/{record['pair_id']}_{style}")
                 splits.append(DEFAULT_SPLIT if part == "train" else ("query" if record["source"] == "user" else "index"))

@@ -11,7 +11,6 @@ from typing import Sequence
 
 from featcache.manifest.builders.common import (
     Builder,
-    CsvTable,
     check_inside_root,
     parse_choices,
     path_label_csv,
@@ -30,13 +29,12 @@ def fashion200k(root: str | os.PathLike, *, domain: str = "fashion200k", partiti
     parts = parse_choices(partition, ("train", "test"), "partition", ("train",))
     listed = next((root / n for n in UNIFEX_LISTS if (root / n).is_file()), None)
     if not (root / "labels").is_dir() and listed is not None and parts == ["train"]:
-        header = CsvTable(listed, (), "Fashion200k list with columns img_path,img_id").header
-        label = "img_id" if "img_id" in header else "label"
-        paths, labels = path_label_csv(listed, f"Fashion200k list: {listed.name} with columns img_path,img_id", label_column=label)
+        paths, labels = path_label_csv(listed, f"Fashion200k list: {listed.name} with columns img_path,img_id",
+                                       label_columns=("img_id", "label"))
         return single_split(paths, prefix_labels(domain, labels), domain)
     paths: list[str] = []
     products: list[str] = []
-    first: dict[str, str] = {}
+    seen: set[str] = set()
     repeated = 0
     for part in parts:
         files = [root / "labels" / f"{c}_{part}_detect_all.txt" for c in CATEGORIES]
@@ -56,15 +54,12 @@ def fashion200k(root: str | os.PathLike, *, domain: str = "fashion200k", partiti
                 check_inside_root(image, where)
                 if image.count("/") < 1:
                     raise ManifestError(f"{where}: path '{image}' has no product folder (expected women/.../PRODUCT/PRODUCT_N.jpeg)")
-                product = image.rsplit("/", 2)[-2]
-                if image in first:
-                    if first[image] != product:  # cannot happen for one path; kept for edited files
-                        raise ManifestError(f"{where}: '{image}' is listed twice with different products")
+                if image in seen:  # its product is its folder: a repeat says nothing new
                     repeated += 1
                     continue
-                first[image] = product
+                seen.add(image)
                 paths.append(image)
-                products.append(product)
+                products.append(image.rsplit("/", 2)[-2])
     rows = single_split(paths, prefix_labels(domain, products), domain)
     if repeated:
         rows.notes.append(f"{repeated} lines repeat an image already listed: one row per image")

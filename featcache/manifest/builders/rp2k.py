@@ -17,7 +17,7 @@ def rp2k(root: str | os.PathLike, *, domain: str = "rp2k", partition: str | Sequ
     root = Path(root)
     parts = parse_choices(partition, ("train", "test"), "partition", ("train",))
     if (root / "train.csv").is_file() and parts == ["train"]:
-        paths, labels = path_label_csv(root / "train.csv", "RP2K list: train.csv with columns img_path,img_id", label_column="img_id")
+        paths, labels = path_label_csv(root / "train.csv", "RP2K list: train.csv with columns img_path,img_id", label_columns=("img_id",))
         return single_split([f"train/{p}" for p in paths], prefix_labels(domain, labels), domain)
     paths, labels, notes = [], [], []
     for part in parts:

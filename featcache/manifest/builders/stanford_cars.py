@@ -107,9 +107,8 @@ def _cars_csv(root: Path, parts: list[str]) -> tuple[list[str], list[str], np.nd
     boxes: list[list[float]] = []
     for part in parts:
         path = root / f"sc_{part}.csv"
-        header = CsvTable(path, ("image",), f"Stanford Cars CSV copy: sc_{part}.csv with columns x1,y1,x2,y2,Label,image").header
-        label = "Label" if "Label" in header else "Class"
-        table = CsvTable(path, ("x1", "y1", "x2", "y2", label, "image"), f"Stanford Cars CSV copy: sc_{part}.csv")
+        table = CsvTable(path, ("x1", "y1", "x2", "y2", "image"), f"Stanford Cars CSV copy: sc_{part}.csv with columns x1,y1,x2,y2,Label,image")
+        label = table.first_of(("Label", "Class"))
         folder = CARS_PARTITIONS[part][1]
         folder = f"{folder}/{folder}" if (root / folder / folder).is_dir() else folder
         images = [s.strip() for s in table.column("image")]
