@@ -11,7 +11,8 @@ import typer
 from featcache.cli.console import err, flag, friendly_errors, out, print_json, progress_bar, table
 from featcache.manifest.builders import BUILDERS
 from featcache.manifest.builders import build as build_rows
-from featcache.manifest.schema import Rows
+from featcache.manifest.builders.common import recording_reads
+from featcache.manifest.schema import Rows, check_manifest_out, file_ids
 
 manifest_app = typer.Typer(
     help=(
@@ -25,6 +26,9 @@ manifest_app = typer.Typer(
 )
 
 Source = Enum("Source", {name: name for name in BUILDERS}, type=str)
+
+OVERWRITE_HELP = ("Replace --out when it is a manifest featcache wrote (never any other file, nor a file this "
+                  "command reads).")
 
 
 def _note(message: str) -> None:
@@ -85,17 +89,29 @@ def build(
         None, "--colors", help="stanford-cars: CSV of image,colour pairs; classes become model x colour."),
     info_dir: Optional[Path] = typer.Option(
         None, "--info-dir", help="uned: folder of the split files (default ROOT/info_files)."),
+    overwrite: bool = flag("--overwrite", help=OVERWRITE_HELP),
 ) -> None:
-    rows = build_rows(source.value, root, domain=domain, partition=partition, annotations=annotations,
-                      colors=colors, info_dir=info_dir)
+    _refuse_foreign_out(out_path, [colors] if colors else [])
+    with recording_reads() as reads:
+        rows = build_rows(source.value, root, domain=domain, partition=partition, annotations=annotations,
+                          colors=colors, info_dir=info_dir)
     for n in rows.notes:
         _note(n)
-    rows.write(out_path)
+    rows.write(out_path, overwrite=overwrite, reads=reads)
     splits = {s: rows.splits.count(s) for s in ("train", "query", "index") if s in set(rows.splits)}
     _counts_table(f"{source.value} -> {out_path}", None, rows)
     if set(splits) != {"train"}:
         out.print("splits: " + ", ".join(f"{s} {n:,}" for s, n in splits.items()))
     _root_hint(out_path, root)
+
+
+def _refuse_foreign_out(out: Path, inputs) -> dict:
+    """Before any work: refuse an --out that no --overwrite could allow (a file featcache did not make, or one of
+    ``inputs``). Whether an earlier manifest there may be replaced is asked when writing (``Rows.write``), after
+    the inputs were found sound. Returns the inputs' file ids."""
+    reads = file_ids(inputs)
+    check_manifest_out(out, overwrite=True, reads=reads)
+    return reads
 
 
 def _root_hint(manifest: Path, root: Path) -> None:
@@ -113,6 +129,7 @@ def curate(
     max_per_class: Optional[int] = typer.Option(None, "--max-per-class", help="Keep at most this many images per class (random, seeded)."),
     max_classes: Optional[int] = typer.Option(None, "--max-classes", help="Keep at most this many classes (random among those big enough, seeded)."),
     seed: int = typer.Option(42, "--seed", help="Seed of numpy's PCG64 generator: same inputs + rule + seed = same result, on any platform."),
+    overwrite: bool = flag("--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Combine manifests and apply a class-size rule; prints classes and images per domain before and after.
 
@@ -126,9 +143,10 @@ def curate(
     from featcache.manifest.curate import curate as curate_rows
 
     rule = Rule(min_per_class, max_per_class, max_classes)
+    reads = _refuse_foreign_out(out_path, inputs)
     rows = read_inputs(inputs)
     kept = curate_rows(rows, rule, seed)
-    kept.write(out_path)
+    kept.write(out_path, overwrite=overwrite, reads=reads)
     _counts_table(f"curated ({rule.describe()}, seed {seed}) -> {out_path}", rows, kept)
 
 
@@ -138,6 +156,7 @@ def recipe(
     recipe_file: Path = typer.Argument(..., help="Recipe TOML, e.g. manifests/m4d-35k.toml."),
     root: Path = typer.Option(..., "--root", help="Data root holding one folder per source (named in the recipe)."),
     out_path: Path = typer.Option(..., "--out", help="Manifest CSV to write; paths are relative to --root."),
+    overwrite: bool = flag("--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Build a whole training set from a recipe: each source's builder, then its curation rule; combined, with the counts next to the published ones.
 
@@ -147,17 +166,20 @@ def recipe(
     """
     from featcache.manifest.recipe import load_recipe, run_recipe
 
-    r = load_recipe(recipe_file)
-    rows, results = run_recipe(r, root, progress=lambda msg: err.print(f"[dim]{msg}[/]", highlight=False))
+    _refuse_foreign_out(out_path, [recipe_file])
+    with recording_reads() as reads:
+        r = load_recipe(recipe_file)
+        rows, results = run_recipe(r, root, progress=lambda msg: err.print(f"[dim]{msg}[/]", highlight=False))
     for res in results:
         for n in res.notes:
             _note(f"{res.source.name}: {n}")
-    rows.write(out_path)
+    rows.write(out_path, overwrite=overwrite, reads=reads)
 
     lines = []
     for res in results:
         p = res.source.published
-        lines.append([res.source.name + (" (missing)" if res.missing else ""), sum(c.images for c in res.before.values()),
+        state = " (missing)" if res.missing else " (empty)" if res.empty else ""
+        lines.append([res.source.name + state, sum(c.images for c in res.before.values()),
                       sum(c.classes for c in res.after.values()), p.classes,
                       sum(c.images for c in res.after.values()), p.images])
     lines.append(["total", sum(x[1] for x in lines), sum(x[2] for x in lines), r.published.classes,
@@ -168,6 +190,10 @@ def recipe(
     if missing:
         err.print(f"[yellow]{len(missing)} of {len(results)} sources are not under {root}[/]: "
                   + ", ".join(f"{s.name} ({s.folder}/)" for s in missing), highlight=False)
+    empty = [res.source for res in results if res.empty]
+    if empty:
+        err.print(f"[yellow]{len(empty)} of {len(results)} sources kept no images and were left out[/]: "
+                  + ", ".join(f"{s.name} (no class passes {s.rule.describe()})" for s in empty), highlight=False)
     _root_hint(out_path, root)
 
 
@@ -192,8 +218,9 @@ def check(
         featcache manifest check manifests/m4d-35k.csv --root DATA --min-per-class 3
     """
     from featcache.manifest import read_manifest
-    from featcache.manifest.check import check_manifest
+    from featcache.manifest.check import check_manifest, default_workers
 
+    workers = default_workers(workers)  # a bad value is refused before the progress bar is drawn
     m = read_manifest(manifest, root)
     with progress_bar("img", disable=json_out) as bar:
         task = bar.add_task("checking images", total=len(m))

@@ -19,7 +19,7 @@ import numpy as np
 
 from featcache.images import ImageFailure, load_image
 from featcache.manifest.curate import class_ids
-from featcache.manifest.schema import Manifest, read_manifest, rows_from_manifest
+from featcache.manifest.schema import Manifest, ManifestError, read_manifest, rows_from_manifest
 
 MISSING = "missing file"
 BATCH = 64
@@ -65,6 +65,13 @@ def inspect_file(path: Path, box: tuple[float, float, float, float] | None, deco
         return f"cannot read file: {e.strerror or e}", None
 
 
+def default_workers(workers: int | None) -> int:
+    """The threads to open images with: ``workers``, or 2 per CPU core (at most 32) when None or 0."""
+    if workers is not None and workers < 0:
+        raise ManifestError(f"--workers must be at least 1 (or 0 for the default), got {workers}")
+    return workers or min(32, 2 * (os.cpu_count() or 1))
+
+
 def check_manifest(
     manifest: str | os.PathLike | Manifest,
     root: str | os.PathLike | None = None,
@@ -100,7 +107,7 @@ def check_manifest(
             reasons[i], digests[i] = inspect_file(files[i], m.box(i), decode)
         return stop - start
 
-    workers = workers or min(32, 2 * (os.cpu_count() or 1))
+    workers = default_workers(workers)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for fut in as_completed([pool.submit(run_batch, s) for s in range(0, len(m), BATCH)]):
             n = fut.result()

@@ -17,6 +17,22 @@ import numpy as np
 from featcache.manifest.schema import ManifestError, Rows, read_manifest, rows_from_manifest
 
 
+class NothingLeft(ManifestError):
+    """Curation filtered out every class: nothing to write (a recipe leaves such a source out)."""
+
+
+def rule_problem(min_per_class, max_per_class, max_classes, name=lambda key: "--" + key.replace("_", "-")) -> str | None:
+    """What is wrong with a curation rule, or None; ``name`` spells a key as the user wrote it (an option, or a
+    recipe key)."""
+    if min_per_class < 1:
+        return f"{name('min_per_class')} must be at least 1, got {min_per_class}"
+    if max_per_class is not None and max_per_class < min_per_class:
+        return f"{name('max_per_class')} {max_per_class} is below {name('min_per_class')} {min_per_class}"
+    if max_classes is not None and max_classes < 1:
+        return f"{name('max_classes')} must be at least 1, got {max_classes}"
+    return None
+
+
 @dataclass(frozen=True)
 class Rule:
     """Keep classes with at least ``min_per_class`` images, at most ``max_classes`` of them (chosen at
@@ -27,12 +43,9 @@ class Rule:
     max_classes: int | None = None
 
     def __post_init__(self) -> None:
-        if self.min_per_class < 1:
-            raise ManifestError(f"--min-per-class must be at least 1, got {self.min_per_class}")
-        if self.max_per_class is not None and self.max_per_class < self.min_per_class:
-            raise ManifestError(f"--max-per-class {self.max_per_class} is below --min-per-class {self.min_per_class}")
-        if self.max_classes is not None and self.max_classes < 1:
-            raise ManifestError(f"--max-classes must be at least 1, got {self.max_classes}")
+        problem = rule_problem(self.min_per_class, self.max_per_class, self.max_classes)
+        if problem:
+            raise ManifestError(problem)
 
     def describe(self) -> str:
         parts = [f"at least {self.min_per_class} per class"]
@@ -72,16 +85,18 @@ def class_ids(rows: Rows) -> tuple[np.ndarray, list[tuple[str, str]]]:
 def curate(rows: Rows, rule: Rule, seed: int = 42) -> Rows:
     """Apply ``rule``: drop small classes, pick at most ``max_classes``, cap each at ``max_per_class``.
 
-    Rows keep their input order. An empty result (every class filtered out) is an error.
+    Rows keep their input order. An empty result (every class filtered out) is an error (``NothingLeft``).
     """
     if not len(rows):
         raise ManifestError("no rows to curate")
+    if seed < 0:
+        raise ManifestError(f"--seed must be a non-negative integer, got {seed}")
     cls, classes = class_ids(rows)
     counts = np.bincount(cls, minlength=len(classes))
     class_seed, row_seed = np.random.SeedSequence(seed).spawn(2)
     eligible = np.flatnonzero(counts >= rule.min_per_class)
     if not eligible.size:
-        raise ManifestError(
+        raise NothingLeft(
             f"no class has at least {rule.min_per_class} images (largest has {counts.max()}): "
             f"all {len(classes):,} classes would be filtered out"
         )

@@ -9,17 +9,19 @@ that a bad row fails in the first second of a run, not hours into it.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import itertools
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from featcache.files import write_file
+from featcache.files import OutputError, write_file
 
 REQUIRED_COLUMNS = ("path", "label")
 BOX_COLUMNS = ("x1", "y1", "x2", "y2")
@@ -27,6 +29,8 @@ OPTIONAL_COLUMNS = ("domain", "split", *BOX_COLUMNS)
 SPLITS = ("train", "query", "index")
 DEFAULT_DOMAIN = "default"
 DEFAULT_SPLIT = "train"
+# The header lines ``write_manifest`` writes: a file that starts with one of them is a manifest featcache made.
+WRITTEN_HEADERS = (("path", "label", "domain", "split"), ("path", "label", "domain", "split", *BOX_COLUMNS))
 
 
 class ManifestError(ValueError):
@@ -109,20 +113,34 @@ def _records(reader, source: Path):
             return
         except csv.Error as e:  # e.g. a field over csv.field_size_limit(): usually a quote never closed
             raise ManifestError(f"{source}:{reader.line_num}: not a readable CSV record ({e}; an unclosed quote?)") from None
-        except UnicodeDecodeError as e:
-            raise ManifestError(f"{source}:{_line_of_byte(source)}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
-                                "save the manifest as UTF-8") from None
+        except UnicodeDecodeError:
+            raise _not_utf8(source) from None
         yield row
 
 
-def _line_of_byte(source: Path) -> int:
-    """The line holding the first byte that is not UTF-8 (found again from the file's bytes)."""
-    data = source.read_bytes()
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def decode_utf8(data: bytes, path: str | os.PathLike, line: bool = False) -> str:
+    """``data`` (a file's bytes) as text, a leading BOM dropped; else a one-line error naming ``path``, the
+    first byte that is not UTF-8 and its offset (and its line, with ``line``)."""
+    start = len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0
     try:
-        data.decode("utf-8-sig")
-    except UnicodeDecodeError as first:
-        return data[: first.start].count(b"\n") + 1
-    return 1
+        return str(memoryview(data)[start:], "utf-8")
+    except UnicodeDecodeError as e:
+        offset = start + e.start
+        lines = data.count(b"\n", 0, offset)
+        where = f"{path}:{lines + 1}" if line else str(path)
+        raise ManifestError(f"{where}: not UTF-8 text (byte 0x{data[offset]:02x} at offset {offset})") from None
+
+
+def _not_utf8(source: Path) -> ManifestError:
+    """The streaming reader only knows the byte's place in its buffer: find it again from the file's bytes."""
+    try:
+        decode_utf8(source.read_bytes(), source, line=True)
+    except ManifestError as e:
+        return ManifestError(f"{e}; save the manifest as UTF-8")
+    return ManifestError(f"{source}: not UTF-8 text; save the manifest as UTF-8")
 
 
 def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Manifest:
@@ -131,7 +149,11 @@ def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
     if not source.is_file():
         raise ManifestError(f"{source}: manifest not found")
     root_dir = Path(root) if root is not None else source.parent
-    with source.open(newline="", encoding="utf-8-sig") as f:
+    try:
+        f = source.open(newline="", encoding="utf-8-sig")
+    except OSError as e:
+        raise ManifestError(f"{source}: cannot read it ({e.strerror or e})") from None
+    with f:
         reader = csv.reader(f)
         records = _records(reader, source)
         try:
@@ -230,7 +252,10 @@ def box_problem(box) -> str | None:
     if (not isinstance(box, (list, tuple, np.ndarray)) or len(box) != 4
             or not all(isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) for v in box)):
         return f"a box is 4 numbers x1,y1,x2,y2, got {box!r}"[:120]
-    x1, y1, x2, y2 = (float(v) for v in box)
+    try:
+        x1, y1, x2, y2 = (float(v) for v in box)
+    except OverflowError:  # an integer too large for a float (JSON allows any length)
+        return "box values must be finite numbers >= 0 (one is too large for a float)"
     if not all(math.isfinite(v) and v >= 0 for v in (x1, y1, x2, y2)):
         return f"box values must be finite numbers >= 0, got ({x1:g},{y1:g},{x2:g},{y2:g})"
     if x2 <= x1 or y2 <= y1:
@@ -249,7 +274,8 @@ def write_manifest(
     """Write a manifest CSV atomically (a half-written file never replaces a good one).
 
     ``boxes`` is an (N, 4) array with NaN rows for images without a box; the box columns are written
-    only when at least one row has one.
+    only when at least one row has one. This writes wherever it is told: commands first ask
+    ``check_manifest_out`` whether ``out`` may be replaced.
     """
     out = Path(out)
     n = len(paths)
@@ -263,7 +289,7 @@ def write_manifest(
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="", encoding="utf-8") as f:
             w = csv.writer(f, lineterminator="\n")
-            w.writerow(["path", "label", "domain", "split", *(BOX_COLUMNS if with_boxes else ())])
+            w.writerow(WRITTEN_HEADERS[1] if with_boxes else WRITTEN_HEADERS[0])
             if with_boxes:
                 for p, lab, d, s, b in zip(paths, labels, domains, splits, box_arr):
                     box = ["", "", "", ""] if math.isnan(b[0]) else [f"{v:.10g}" for v in b]
@@ -271,7 +297,83 @@ def write_manifest(
             else:
                 w.writerows(zip(paths, labels, domains, splits))
 
-    return write_file(out, write)
+    try:
+        return write_file(out, write)
+    except UnicodeEncodeError:
+        raise _not_text(out, {"path": paths, "label": labels, "domain": domains, "split": splits}) from None
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OutputError(f"{out}: cannot write it ({e.strerror or e})") from None
+
+
+def _not_text(out: Path, columns: dict[str, Sequence[str]]) -> ManifestError:
+    """A value that UTF-8 cannot hold (a lone surrogate: an escaped \\udXXX in a JSON file, or a file name that is
+    not UTF-8): name its row and column; nothing was written."""
+    for name, values in columns.items():
+        for k, v in enumerate(values):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return ManifestError(f"{out}: row {k + 1}: {name} {ascii(v)[:120]} is not text UTF-8 can hold "
+                                     "(a lone surrogate); nothing was written")
+    return ManifestError(f"{out}: a value is not text UTF-8 can hold; nothing was written")
+
+
+def is_written_manifest(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a regular file whose first line is a header ``write_manifest`` writes."""
+    headers = {(",".join(h) + "\n").encode() for h in WRITTEN_HEADERS}
+    try:
+        with open(path, "rb") as f:
+            return f.readline(max(map(len, headers)) + 1) in headers
+    except OSError:
+        return False
+
+
+FileIds = Mapping[tuple[int, int], Path]
+
+
+def file_ids(paths: Iterable[str | os.PathLike]) -> dict[tuple[int, int], Path]:
+    """The (device, inode) of each existing file in ``paths``: another name or a link to one is the same file."""
+    ids = {}
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except (OSError, ValueError):
+            continue
+        ids[(st.st_dev, st.st_ino)] = Path(p)
+    return ids
+
+
+def check_manifest_out(out: str | os.PathLike, *, overwrite: bool, reads: FileIds | None = None) -> None:
+    """Refuse to write a manifest at ``out`` unless nothing is there, or a manifest featcache wrote is there and
+    ``overwrite`` was given; never over a file the command reads (``reads``), ``overwrite`` or not."""
+    out = Path(out)
+    try:
+        st = out.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as e:  # e.g. a folder on the way is a file
+        raise OutputError(f"{out}: cannot write there ({e.strerror or e})") from None
+    same = _same_file(out, reads or {})
+    if same is not None:
+        also = "" if same == out else f" (it is {same})"
+        raise OutputError(f"{out} is a file this command reads{also}; nothing was changed: choose another --out")
+    if not stat.S_ISREG(st.st_mode) or not is_written_manifest(out):
+        kind = ("a link" if stat.S_ISLNK(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode)
+                else "a file" if stat.S_ISREG(st.st_mode) else "something")
+        raise OutputError(f"{out} is {kind} that featcache did not make (a manifest goes there); "
+                          "nothing was changed: choose another --out")
+    if not overwrite:
+        raise OutputError(f"{out} already holds a manifest; pass --overwrite to replace it, or choose another --out")
+
+
+def _same_file(out: Path, reads: FileIds) -> Path | None:
+    try:
+        st = os.stat(out)
+    except OSError:
+        return None
+    return reads.get((st.st_dev, st.st_ino))
 
 
 @dataclass
@@ -341,10 +443,12 @@ class Rows:
                         raise ManifestError(f"path '{path}' occurs in more than one input")
         return rows
 
-    def write(self, out: str | os.PathLike) -> Path:
-        """Write a manifest CSV; an empty result is an error, never an empty file."""
+    def write(self, out: str | os.PathLike, *, overwrite: bool = False, reads: FileIds | None = None) -> Path:
+        """Write a manifest CSV where ``check_manifest_out`` allows it; an empty result is an error, never an
+        empty file."""
         if not len(self):
             raise ManifestError(f"{out}: nothing to write (no rows left)")
+        check_manifest_out(out, overwrite=overwrite, reads=reads)
         return write_manifest(out, self.paths, self.labels, self.domains, self.splits, self.boxes)
 
 

@@ -1,4 +1,5 @@
-"""What every dataset builder shares: the source registry entry, a headed CSV reader, path checks.
+"""What every dataset builder shares: the source registry entry, file readers (text, JSON, a headed CSV)
+whose every failure is one line naming the file, path checks.
 
 A builder turns one source dataset's own annotation files into manifest rows: ``builder(root,
 **options) -> Rows``, one file per source in this folder. ``root`` is the dataset's folder as
@@ -10,18 +11,23 @@ line (or JSON entry).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import csv
 import inspect
 import io
 import itertools
+import json
 import os
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from featcache.manifest.schema import DEFAULT_SPLIT, ManifestError, Rows, box_problem, escapes_root
+from featcache.manifest.schema import DEFAULT_SPLIT, ManifestError, Rows, box_problem, decode_utf8, escapes_root
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,10 @@ class Builder:
         params = inspect.signature(self.func).parameters.values()
         return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
+    def takes_list(self, option: str) -> bool:
+        """Whether ``option`` also takes a list of values (``partition = ["train", "test"]`` in a recipe)."""
+        return "Sequence" in str(inspect.signature(self.func).parameters[option].annotation)
+
 
 def prefix_labels(domain: str, labels: Iterable[str]) -> list[str]:
     """``domain/label`` for every label. Repeated labels share one string object (4M rows, 200k classes)."""
@@ -55,10 +65,22 @@ def leaves_root(path: str) -> bool:
 
 
 def check_inside_root(path: str, where: str) -> str:
-    """``path`` unchanged, or a ManifestError (naming ``where``: file and line) when it leaves the root."""
+    """``path`` unchanged, or a ManifestError (naming ``where``: file and line) when it leaves the root or
+    holds a NUL character (no file name does)."""
     if leaves_root(path):
         raise ManifestError(f"{where}: path '{path}' leaves the dataset folder (absolute or '..'); refused")
+    if "\0" in path:
+        raise ManifestError(f"{where}: path {ascii(path)[:120]} holds a NUL character; refused")
     return path
+
+
+def as_int(text: str) -> int | None:
+    """``text`` as a plain decimal integer (ASCII digits, an optional sign), else None: ``int()`` alone also
+    takes '²' as a digit and refuses over 4300 of them."""
+    text = text.strip()
+    if not re.fullmatch(r"[-+]?[0-9]{1,18}", text):
+        return None
+    return int(text)
 
 
 def check_box(box, where: str) -> list[float]:
@@ -71,7 +93,8 @@ def check_box(box, where: str) -> list[float]:
 
 def require_file(path: Path, what: str) -> Path:
     if not path.is_file():
-        raise ManifestError(f"{path}: not found ({what})")
+        problem = "not a regular file" if path.exists() else "not found"
+        raise ManifestError(f"{path}: {problem} ({what})")
     return path
 
 
@@ -79,6 +102,132 @@ def require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise ManifestError(f"{path}: folder not found ({what})")
     return path
+
+
+# While a command records them (``recording_reads``), the files builders read, by (device, inode): the
+# command's --out must never be one of them, under whatever name it is given.
+_READS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("featcache_builder_reads", default=None)
+
+
+@contextlib.contextmanager
+def recording_reads() -> Iterator[dict[tuple[int, int], Path]]:
+    """Within the block, every file read through ``read_bytes`` (and so ``read_text``, ``read_json``,
+    ``CsvTable``) is added to the dict this yields: {(device, inode): path}."""
+    reads: dict[tuple[int, int], Path] = {}
+    token = _READS.set(reads)
+    try:
+        yield reads
+    finally:
+        _READS.reset(token)
+
+
+def read_bytes(path: Path) -> bytes:
+    """A source file's bytes. Anything but a regular file (a folder, a FIFO that would block) and any file
+    that cannot be read is a one-line error naming it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: not found") from None
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read it ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ManifestError(f"{path}: not a regular file")
+        reads = _READS.get()
+        if reads is not None:
+            reads[(st.st_dev, st.st_ino)] = path
+        try:
+            return f.read()
+        except OSError as e:
+            raise ManifestError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
+def read_text(path: Path, what: str) -> str:
+    """A source file as UTF-8 text (a BOM dropped); a missing file names ``what`` was expected there, one that is
+    not UTF-8 gives ``FILE: not UTF-8 text (byte 0x.. at offset N)``."""
+    require_file(path, what)
+    return decode_utf8(read_bytes(path), path)
+
+
+def read_json(path: Path, what: str):
+    """A JSON file's value; a file that is not JSON, or nested too deeply to read, is one line naming it.
+    Builders check the value's shape themselves (``expect``)."""
+    text = read_text(path, what)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise ManifestError(f"{path}: not readable JSON (nested too deeply)") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise ManifestError(f"{path}: not readable JSON ({str(e).splitlines()[0][:100]})") from None
+    if _SURROGATE_ESCAPE.search(text):
+        _check_text(value, path)
+    return value
+
+
+# \ud800-\udfff: half of a UTF-16 pair; alone in a string, not text that a manifest (UTF-8) can hold
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_text(value, path: Path) -> None:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise ManifestError(f"{path}: not readable JSON (nested too deeply)") from None
+    except UnicodeEncodeError:
+        raise ManifestError(f"{path}: a string holds an escaped lone surrogate (\\ud800-\\udfff), which is not text; "
+                            "refused") from None
+
+
+def expect(value, kind: type, where: str, shape: str):
+    """``value`` when it is a ``kind`` (dict, list), else a ManifestError naming ``where`` and the ``shape``
+    expected there."""
+    if isinstance(value, kind):
+        return value
+    raise ManifestError(f"{where}: expected {shape}, found {json_kind(value)}")
+
+
+def json_kind(value) -> str:
+    """What a JSON value is, in words, for error messages."""
+    if isinstance(value, bool):
+        return "true/false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return f"a string ({ascii(value)[:50]})"
+    return "a list" if isinstance(value, list) else "an object" if isinstance(value, dict) else type(value).__name__
+
+
+def shown(value) -> str:
+    """A JSON value in an error message: a number or string as written (cut short), a list or object by kind."""
+    if isinstance(value, (str, int, float)) or value is None:
+        return ascii(value)[:60]
+    if isinstance(value, list) and len(value) <= 8 and all(isinstance(v, (str, int, float)) or v is None for v in value):
+        return "[" + ", ".join(map(shown, value)) + "]"
+    return json_kind(value)
+
+
+def list_dir(folder: Path) -> list[os.DirEntry]:
+    """A folder's entries in name order; one line naming it when it cannot be listed."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise ManifestError(f"{folder}: cannot list it ({e.strerror or e})") from None
+
+
+def check_name(entry: os.DirEntry) -> str:
+    """A file name read from disk, unless it is not UTF-8 (a manifest is UTF-8 text): then one line naming it."""
+    try:
+        entry.name.encode("utf-8")
+    except UnicodeEncodeError:
+        path = os.fsencode(entry.path).decode("utf-8", "backslashreplace")
+        raise ManifestError(f"{path}: file name is not UTF-8 (a manifest is UTF-8 text); rename it") from None
+    return entry.name
 
 
 def parse_choices(value: str | Sequence[str] | None, allowed: Sequence[str], option: str, default: Sequence[str]) -> list[str]:
@@ -103,10 +252,11 @@ class CsvTable:
     """A headed CSV read whole: ``column(name)`` gives a column; ``error(k, ...)`` names record k's line."""
 
     def __init__(self, path: Path, required: Sequence[str], what: str):
-        self.path = require_file(path, what)
-        text = path.read_text(encoding="utf-8-sig")
+        self.path = path
+        text = read_text(path, what)
         if not text.strip():
-            raise ManifestError(f"{path}: empty file (expected a header with columns {','.join(required)})")
+            expected = f"a header with columns {','.join(required)}" if required else what
+            raise ManifestError(f"{path}: empty file (expected {expected})")
         self.lines: list[str] | None = None
         if '"' not in text:
             # Nothing quoted: a record is a line and a cell is what lies between commas. Columns are
@@ -119,13 +269,12 @@ class CsvTable:
             self.rows = self.lines
             lengths = {c + 1 for c in map(str.count, self.lines, itertools.repeat(","))}
         else:
-            reader = csv.reader(io.StringIO(text, newline=""))
-            header = next(reader)
-            self.rows = [r for r in reader if r]
+            records = (row for _, row in csv_records(text, path))
+            header = next(records)
+            self.rows = [r for r in records if r]
             lengths = set(map(len, self.rows))
         self.header = [h.strip() for h in header]
-        for name in required:
-            self.first_of((name,))
+        self.require(required)
         width = len(self.header)
         if lengths - {width}:
             k = first_bad(self.rows, lambda r: (r.count(",") + 1 if isinstance(r, str) else len(r)) != width)
@@ -134,6 +283,11 @@ class CsvTable:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def require(self, names: Sequence[str]) -> None:
+        """Each of ``names`` is a column, else a ManifestError naming the file's header line."""
+        for name in names:
+            self.first_of((name,))
 
     def first_of(self, names: Sequence[str]) -> str:
         """The first of ``names`` (spellings of one column in different copies of a dataset) in the header;
@@ -156,20 +310,33 @@ class CsvTable:
 
     def line_of(self, k: int) -> int:
         """The file line where record k (0-based, blank lines not counted) ends."""
-        with self.path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            next(reader)
-            count = -1
-            for row in reader:
-                if row:
-                    count += 1
-                    if count == k:
-                        return reader.line_num
+        reader = csv.reader(io.StringIO(decode_utf8(read_bytes(self.path), self.path), newline=""))
+        next(reader)
+        count = -1
+        for row in reader:
+            if row:
+                count += 1
+                if count == k:
+                    return reader.line_num
         return reader.line_num
 
     def error(self, k: int, message: str, column: str | None = None) -> ManifestError:
         col = f" column '{column}':" if column else ""
         return ManifestError(f"{self.path}:{self.line_of(k)}:{col} {message}")
+
+
+def csv_records(text: str, path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line where it ends, record) for each CSV record of ``text`` (read from ``path``); a record the csv
+    module cannot read is one line naming the file and line."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:  # a field over csv.field_size_limit(): usually a quote never closed
+            raise ManifestError(f"{path}:{reader.line_num}: not a readable CSV record ({e}; an unclosed quote?)") from None
+        yield reader.line_num, row
 
 
 def check_column(table: CsvTable, name: str, values: list[str], bad: Callable[[str], bool], problem: str) -> None:
@@ -218,34 +385,21 @@ def scan_class_folders(folder: Path) -> tuple[list[str], list[str], int, int]:
     paths: list[str] = []
     classes: list[str] = []
     skipped = loose = 0
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+    for entry in list_dir(folder):
         if entry.name.startswith("."):
             continue
         if not entry.is_dir():
             loose += 1
             continue
-        for f in sorted(os.scandir(entry.path), key=lambda e: e.name):
+        for f in list_dir(Path(entry.path)):
             if f.name.startswith(".") or not f.is_file():
                 continue
             if os.path.splitext(f.name)[1].lower() not in extensions:
                 skipped += 1
                 continue
-            paths.append(f"{entry.name}/{f.name}")
+            paths.append(f"{check_name(entry)}/{check_name(f)}")
             classes.append(entry.name)
     return paths, classes, skipped, loose
-
-
-def read_json(path: Path, what: str):
-    """A JSON file's value; a syntax error names the file and line."""
-    import json
-
-    require_file(path, what)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    except UnicodeDecodeError:
-        raise ManifestError(f"{path}: not UTF-8 text") from None
 
 
 def single_split(paths: list[str], labels: list[str], domain: str, boxes: np.ndarray | None = None) -> Rows:

@@ -12,10 +12,11 @@ from typing import Sequence
 from featcache.manifest.builders.common import (
     Builder,
     check_inside_root,
+    expect,
     parse_choices,
     prefix_labels,
     read_json,
-    require_file,
+    read_text,
     single_split,
 )
 from featcache.manifest.schema import ManifestError, Rows
@@ -38,9 +39,8 @@ def deepfashion_c2s(root: str | os.PathLike, *, domain: str = "apparel", partiti
             raise ManifestError(f"{root / KAGGLE_JSON}: this copy holds the train pairs only; --partition "
                                 f"{','.join(sorted(statuses))} needs the original Eval/list_eval_partition.txt")
         return _kaggle_json(root / KAGGLE_JSON, domain)
-    path = require_file(root / "Eval" / "list_eval_partition.txt", "DeepFashion consumer-to-shop: Eval/list_eval_partition.txt")
-    with path.open(encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    path = root / "Eval" / "list_eval_partition.txt"
+    lines = read_text(path, "DeepFashion consumer-to-shop: Eval/list_eval_partition.txt").splitlines()
     if len(lines) < 2:
         raise ManifestError(f"{path}: too short (expected a count line, a header line, then one line per pair)")
     try:
@@ -89,15 +89,13 @@ KAGGLE_JSON = "deepfashion_train.json"
 
 def _kaggle_json(path: Path, domain: str) -> Rows:
     """The Kaggle copy: {group: {item id: [image paths]}}; one row per image, label = item id."""
-    groups = read_json(path, "DeepFashion consumer-to-shop (Kaggle copy)")
-    if not isinstance(groups, dict):
-        raise ManifestError(f"{path}: expected {{GROUP: {{ITEM_ID: [paths]}}}}, found {type(groups).__name__}")
+    groups = expect(read_json(path, "DeepFashion consumer-to-shop (Kaggle copy)"), dict, str(path),
+                    "an object {GROUP: {ITEM_ID: [paths]}}")
     item_of: dict[str, str] = {}
     for group, items in groups.items():
-        if not isinstance(items, dict):
-            raise ManifestError(f"{path}: group '{group}': expected {{ITEM_ID: [paths]}}")
+        expect(items, dict, f"{path}: group {group!r}", "an object {ITEM_ID: [paths]}")
         for item, images in items.items():
-            where = f"{path}: group '{group}', item '{item}'"
+            where = f"{path}: group {group!r}, item {item!r}"
             if not isinstance(images, list) or not all(isinstance(i, str) and i.strip() for i in images):
                 raise ManifestError(f"{where}: expected a list of image paths")
             for image in images:

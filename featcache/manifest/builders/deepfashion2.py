@@ -7,15 +7,27 @@ the crop (crops happen at extract time, no cropped copies on disk)."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from featcache.manifest.builders.common import Builder, check_box, parse_choices, prefix_labels, read_json, require_dir
+from featcache.manifest.builders.common import (
+    Builder,
+    as_int,
+    check_box,
+    list_dir,
+    parse_choices,
+    prefix_labels,
+    read_json,
+    require_dir,
+    shown,
+)
 from featcache.manifest.schema import DEFAULT_SPLIT, ManifestError, Rows
 
 PARTITIONS = ("train", "validation")
+ITEM_KEY = re.compile(r"item[0-9]{1,6}")
 
 
 def deepfashion2(root: str | os.PathLike, *, domain: str = "deepfashion2", partition: str | Sequence[str] | None = None) -> Rows:
@@ -30,14 +42,17 @@ def deepfashion2(root: str | os.PathLike, *, domain: str = "deepfashion2", parti
     unmatched = 0
     for part in parse_choices(partition, PARTITIONS, "partition", ("train",)):
         annos = require_dir(root / part / "annos", f"DeepFashion2: {part}/annos/*.json")
-        for name in sorted(n for n in os.listdir(annos) if n.endswith(".json")):
+        for name in (e.name for e in list_dir(annos) if e.name.endswith(".json")):
             f = annos / name
             record = read_json(f, "DeepFashion2 annotation")
             if not isinstance(record, dict) or "pair_id" not in record or "source" not in record:
                 raise ManifestError(f"{f}: expected an object with source, pair_id and item1, item2, ...")
             if record["source"] not in ("shop", "user"):
-                raise ManifestError(f"{f}: source {record['source']!r} is neither shop nor user")
-            items = sorted((k for k in record if k.startswith("item") and k[4:].isdigit()), key=lambda k: int(k[4:]))
+                raise ManifestError(f"{f}: source must be shop or user, found {shown(record['source'])}")
+            pair = record["pair_id"]
+            if isinstance(pair, bool) or not isinstance(pair, (int, str)) or as_int(str(pair)) is None:
+                raise ManifestError(f"{f}: pair_id must be an integer, found {shown(pair)}")
+            items = sorted((k for k in record if ITEM_KEY.fullmatch(k)), key=lambda k: int(k[4:]))
             for key in items:
                 item = record[key]
                 style = item.get("style") if isinstance(item, dict) else None

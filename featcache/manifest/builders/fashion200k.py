@@ -15,6 +15,7 @@ from featcache.manifest.builders.common import (
     parse_choices,
     path_label_csv,
     prefix_labels,
+    read_text,
     single_split,
 )
 from featcache.manifest.schema import ManifestError, Rows
@@ -42,10 +43,7 @@ def fashion200k(root: str | os.PathLike, *, domain: str = "fashion200k", partiti
             raise ManifestError(f"{root / 'labels'}: no *_{part}_detect_all.txt label files (Fashion200k: "
                                 f"labels/{{{','.join(CATEGORIES)}}}_{part}_detect_all.txt)")
         for f in (f for f in files if f.is_file()):
-            try:
-                lines = f.read_text(encoding="utf-8").splitlines()
-            except UnicodeDecodeError as e:
-                raise ManifestError(f"{f}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+            lines = read_text(f, "Fashion200k label file").splitlines()
             for number, text in enumerate(lines, start=1):
                 if not text.strip():
                     continue

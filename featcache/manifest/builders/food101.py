@@ -3,12 +3,20 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
 
-from featcache.manifest.builders.common import Builder, check_inside_root, parse_choices, prefix_labels, require_file, single_split
+from featcache.manifest.builders.common import (
+    Builder,
+    check_inside_root,
+    expect,
+    json_kind,
+    parse_choices,
+    prefix_labels,
+    read_json,
+    single_split,
+)
 from featcache.manifest.schema import ManifestError, Rows
 
 
@@ -18,24 +26,19 @@ def food101(root: str | os.PathLike, *, domain: str = "food", partition: str | S
     paths: list[str] = []
     classes: list[str] = []
     for part in parse_choices(partition, ("train", "test"), "partition", ("test",)):
-        path = require_file(root / "meta" / f"{part}.json", f"Food-101: meta/{part}.json")
-        try:
-            table = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(table, dict):
-            raise ManifestError(f"{path}: expected an object {{class: [\"class/id\", ...]}}, found {type(table).__name__}")
+        path = root / "meta" / f"{part}.json"
+        table = expect(read_json(path, f"Food-101: meta/{part}.json"), dict, str(path), 'an object {class: ["class/id", ...]}')
         for cls, items in table.items():
-            if not isinstance(items, list):
-                raise ManifestError(f"{path}: class '{cls}': expected a list of \"class/id\" strings")
+            expect(items, list, f"{path}: class {cls!r}", 'a list of "class/id" strings')
             for k, item in enumerate(items, start=1):
                 where = f"{path}: class '{cls}', entry {k}"
                 if not isinstance(item, str) or not item.startswith(f"{cls}/"):
-                    raise ManifestError(f"{where}: expected \"{cls}/ID\", found {json.dumps(item)[:60]}")
+                    raise ManifestError(f"{where}: expected \"{cls}/ID\", found {json_kind(item)}")
                 paths.append(check_inside_root(f"images/{item}.jpg", where))
                 classes.append(cls)
     if len(set(paths)) != len(paths):
-        dup = next(p for i, p in enumerate(paths) if p in paths[:i])
+        seen: set[str] = set()
+        dup = next(p for p in paths if p in seen or seen.add(p))
         raise ManifestError(f"{root / 'meta'}: image '{dup}' is listed twice")
     return single_split(paths, prefix_labels(domain, classes), domain)
 

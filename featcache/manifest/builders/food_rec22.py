@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.manifest.builders.common import Builder, check_box, check_inside_root, prefix_labels, read_json, single_split
+from featcache.manifest.builders.common import Builder, check_box, check_inside_root, prefix_labels, read_json, shown, single_split
 from featcache.manifest.schema import ManifestError, Rows
 
 
@@ -28,7 +28,9 @@ def food_rec22(root: str | os.PathLike, *, domain: str = "food-rec22", annotatio
         if not isinstance(image, dict) or not _is_id(image.get("id")) or not isinstance(image.get("file_name"), str):
             raise ManifestError(f"{where}: expected {{\"id\": NUMBER, \"file_name\": ...}}")
         if image["id"] in files:
-            raise ManifestError(f"{where}: id {image['id']!r} is used by another image too")
+            raise ManifestError(f"{where}: id {shown(image['id'])} is used by another image too")
+        if not image["file_name"].strip():
+            raise ManifestError(f"{where}: empty file_name")
         files[image["id"]] = check_inside_root(f"images/{image['file_name']}", where)
     categories = {c.get("id") for c in coco["categories"] if isinstance(c, dict) and _is_id(c.get("id"))}
     paths: list[str] = []
@@ -40,16 +42,15 @@ def food_rec22(root: str | os.PathLike, *, domain: str = "food-rec22", annotatio
         if not isinstance(ann, dict):
             raise ManifestError(f"{where}: expected an object")
         if not _is_id(ann.get("image_id")) or ann["image_id"] not in files:
-            raise ManifestError(f"{where}: image_id {ann.get('image_id')!r} is not in images")
+            raise ManifestError(f"{where}: image_id {shown(ann.get('image_id'))} is not in images")
         if not _is_id(ann.get("category_id")) or ann["category_id"] not in categories:
-            raise ManifestError(f"{where}: category_id {ann.get('category_id')!r} is not in categories")
+            raise ManifestError(f"{where}: category_id {shown(ann.get('category_id'))} is not in categories")
         bbox = ann.get("bbox")
-        if not isinstance(bbox, list) or len(bbox) != 4:
-            raise ManifestError(f"{where}: bbox {bbox!r} is not [x, y, width, height]")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(map(_is_number, bbox)):
+            raise ManifestError(f"{where}: bbox {shown(bbox)} is not [x, y, width, height] numbers")
         x, y, w, h = bbox
         # COCO's [x, y, width, height] -> x1, y1, x2, y2, clipped at the image's top-left corner
-        box = check_box([max(0.0, x), max(0.0, y), x + w, y + h] if all(map(_is_number, bbox)) else bbox,
-                        f"{where}: bbox {bbox!r}")
+        box = check_box([max(0.0, x), max(0.0, y), x + w, y + h], f"{where}: bbox {shown(bbox)}")
         ident = (files[ann["image_id"]], *box)
         if ident in seen:  # the same item annotated twice: one crop
             continue

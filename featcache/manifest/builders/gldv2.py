@@ -3,7 +3,6 @@ images at ``train/a/b/c/abc....jpg``."""
 
 from __future__ import annotations
 
-import csv
 import itertools
 import os
 from pathlib import Path
@@ -15,7 +14,6 @@ from featcache.manifest.builders.common import (
     check_column,
     check_unique,
     prefix_labels,
-    require_file,
     single_split,
 )
 from featcache.manifest.schema import Rows
@@ -33,9 +31,9 @@ def gldv2(root: str | os.PathLike, *, domain: str = "landmarks", annotations: st
     root = Path(root)
     if annotations is None:
         annotations = "train.csv" if (root / "train.csv").is_file() or not (root / "train_clean.csv").is_file() else "train_clean.csv"
-    path = root / annotations
-    if "images" in _peek_header(path):
-        table = CsvTable(path, ("landmark_id", "images"), "GLDv2 annotations: train_clean.csv with columns landmark_id,images")
+    table = CsvTable(root / annotations, (), "GLDv2 annotations: train.csv (id,url,landmark_id) or train_clean.csv (landmark_id,images)")
+    if "images" in table.header:  # train_clean.csv
+        table.require(("landmark_id",))
         groups = table.column("images")
         landmarks = table.column("landmark_id")
         if not _all_digits(landmarks):
@@ -54,7 +52,7 @@ def gldv2(root: str | os.PathLike, *, domain: str = "landmarks", annotations: st
             k = next(k for k, g in enumerate(split_groups) if dup in g)
             raise table.error(k, f"image id '{dup}' is listed twice", "images")
     else:
-        table = CsvTable(path, ("id", "landmark_id"), "GLDv2 annotations: train.csv with columns id,url,landmark_id")
+        table.require(("id", "landmark_id"))
         ids = table.column("id")
         landmarks = table.column("landmark_id")
         if not _all_image_ids(ids):
@@ -88,12 +86,6 @@ def _all_digits(values: Sequence[str]) -> bool:
 
 def _not_digits(s: str) -> bool:
     return not _all_digits([s])
-
-
-def _peek_header(path: Path) -> list[str]:
-    require_file(path, "GLDv2 annotations: train.csv (id,url,landmark_id) or train_clean.csv (landmark_id,images)")
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        return [h.strip() for h in next(csv.reader(f), [])]
 
 
 SOURCE = Builder("gldv2", gldv2, "Google Landmarks v2 (domain landmarks)",

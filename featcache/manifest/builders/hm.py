@@ -7,7 +7,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from featcache.manifest.builders.common import Builder, CsvTable, check_column, check_unique, prefix_labels, require_dir, single_split
+from featcache.manifest.builders.common import (
+    Builder,
+    CsvTable,
+    check_column,
+    check_unique,
+    list_dir,
+    prefix_labels,
+    require_dir,
+    single_split,
+)
 from featcache.manifest.schema import Rows
 
 
@@ -29,7 +38,7 @@ def hm(root: str | os.PathLike, *, domain: str = "hm") -> Rows:
     for a in articles:
         folder = a[:3]
         if folder not in present:
-            present[folder] = set(os.listdir(images / folder)) if (images / folder).is_dir() else set()
+            present[folder] = {e.name for e in list_dir(images / folder)} if (images / folder).is_dir() else set()
     keep = [f"{a}.jpg" in present[a[:3]] for a in articles]
     paths = [f"images/{a[:3]}/{a}.jpg" for a, k in zip(articles, keep) if k]
     labels = [p.zfill(7) for p, k in zip(products, keep) if k]

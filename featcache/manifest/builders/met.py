@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from featcache.manifest.builders.common import Builder, check_inside_root, prefix_labels, read_json, single_split
+from featcache.manifest.builders.common import Builder, check_inside_root, expect, prefix_labels, read_json, shown, single_split
 from featcache.manifest.schema import ManifestError, Rows
 
 
@@ -16,9 +16,8 @@ def met(root: str | os.PathLike, *, domain: str = "artwork") -> Rows:
     """The Met's training exhibits; one row per image, label = exhibit id."""
     root = Path(root)
     path = root / "ground_truth" / "MET_database.json"
-    entries = read_json(path, "The Met: ground_truth/MET_database.json")
-    if not isinstance(entries, list):
-        raise ManifestError(f"{path}: expected a list of {{\"id\": ..., \"path\": ...}} entries, found {type(entries).__name__}")
+    entries = expect(read_json(path, "The Met: ground_truth/MET_database.json"), list, str(path),
+                     'a list of {"id": ..., "path": ...} entries')
     nested = (root / "MET" / "MET").is_dir()
     prefix = "MET/" if nested else ""
     paths: list[str] = []
@@ -27,12 +26,12 @@ def met(root: str | os.PathLike, *, domain: str = "artwork") -> Rows:
     for k, entry in enumerate(entries, start=1):
         where = f"{path}: entry {k}"
         if not isinstance(entry, dict) or "id" not in entry or "path" not in entry:
-            raise ManifestError(f"{where}: expected {{\"id\": ..., \"path\": ...}}, found {str(entry)[:60]}")
+            raise ManifestError(f"{where}: expected {{\"id\": ..., \"path\": ...}}, found {shown(entry)}")
         exhibit, image = entry["id"], entry["path"]
         if isinstance(exhibit, bool) or not isinstance(exhibit, (int, str)) or not str(exhibit).strip():
-            raise ManifestError(f"{where}: id {exhibit!r} is not an exhibit id")
+            raise ManifestError(f"{where}: id {shown(exhibit)} is not an exhibit id")
         if not isinstance(image, str) or not image.strip():
-            raise ManifestError(f"{where}: path {image!r} is not a file path")
+            raise ManifestError(f"{where}: path {shown(image)} is not a file path")
         image = prefix + check_inside_root(image.strip(), where)
         if image in first:
             raise ManifestError(f"{where}: image '{image}' is listed twice (first in entry {first[image]})")

@@ -12,7 +12,7 @@ from featcache.manifest.builders.common import (
     check_inside_root,
     parse_choices,
     prefix_labels,
-    require_file,
+    read_text,
     single_split,
 )
 from featcache.manifest.schema import ManifestError, Rows
@@ -28,8 +28,8 @@ def sop(root: str | os.PathLike, *, domain: str = "sop", partition: str | Sequen
     classes: list[str] = []
     seen: dict[str, str] = {}
     for part in parse_choices(partition, tuple(SOP_FILES), "partition", ("train",)):
-        path = require_file(root / SOP_FILES[part], f"Stanford Online Products: {SOP_FILES[part]}")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        path = root / SOP_FILES[part]
+        lines = read_text(path, f"Stanford Online Products: {SOP_FILES[part]}").splitlines()
         if not lines or lines[0].split() != SOP_HEADER:
             raise ManifestError(f"{path}:1: expected header '{' '.join(SOP_HEADER)}'")
         for number, text in enumerate(lines[1:], start=2):

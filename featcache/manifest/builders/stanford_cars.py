@@ -5,24 +5,27 @@ and an optional colour CSV that refines classes to model x colour (M4D-35k's car
 
 from __future__ import annotations
 
-import csv
+import io
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from featcache.manifest.builders.common import (
     Builder,
     CsvTable,
+    as_int,
     check_box,
     check_column,
     check_inside_root,
     check_unique,
+    csv_records,
     leaves_root,
     parse_choices,
     prefix_labels,
-    require_file,
+    read_bytes,
+    read_text,
     single_split,
 )
 from featcache.manifest.schema import ManifestError, Rows, box_problem
@@ -83,7 +86,7 @@ def _cars_devkit(root: Path, parts: list[str]) -> tuple[list[str], list[str], np
         try:
             cls = np.asarray(ann["class"], dtype=np.int64)
             box = np.stack([np.asarray(ann[f], dtype=np.float64) for f in CARS_FIELDS[:4]], axis=1)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ManifestError(f"{mat}: annotations: class and bbox fields must be numbers") from None
         bad = np.flatnonzero((cls < 1) | (cls > len(class_names)))
         if bad.size:
@@ -128,9 +131,10 @@ def _cars_csv(root: Path, parts: list[str]) -> tuple[list[str], list[str], np.nd
         for k, lab in enumerate(labels):
             model, _, colour = lab.partition("_")
             if class_names is not None:
-                if not model.isdigit() or not 1 <= int(model) <= len(class_names):
+                number = as_int(model)
+                if number is None or not 1 <= number <= len(class_names):
                     raise table.error(k, f"class {model} is outside 1..{len(class_names)} of {meta}", label)
-                model = class_names[int(model) - 1]
+                model = class_names[number - 1]
             models.append(f"{model}/{colour}" if colour else model)
         paths += [f"{folder}/{i}" for i in images]
         boxes.append(box)
@@ -155,8 +159,9 @@ def _find_devkit_file(root: Path, name: str) -> Path:
 def _load_mat(path: Path) -> dict:
     import scipy.io
 
+    data = read_bytes(path)
     try:
-        return scipy.io.loadmat(path, squeeze_me=True, struct_as_record=True)
+        return scipy.io.loadmat(io.BytesIO(data), squeeze_me=True, struct_as_record=True)
     except Exception as e:  # scipy raises several types for files that are not MATLAB files
         raise ManifestError(f"{path}: not a readable MATLAB .mat file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
@@ -188,9 +193,8 @@ def _cars_class_names(path: Path) -> list[str]:
 def _car_colours(path: Path, paths: list[str]) -> tuple[dict[str, str], list[str]]:
     """Read the (image, colour) CSV; keys may be manifest paths (cars_train/00001.jpg) or bare file
     names when those are unambiguous. Returns {manifest path: colour} and notes."""
-    require_file(path, "colour refinement: CSV of image,colour pairs")
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        records = [(reader_line, row) for reader_line, row in _numbered_rows(csv.reader(f))]
+    text = read_text(path, "colour refinement: CSV of image,colour pairs")
+    records = list(_numbered_rows(csv_records(text, path)))
     if records and [c.strip().lower() for c in records[0][1]][:2] in (["image", "colour"], ["image", "color"], ["fname", "color"], ["fname", "colour"], ["path", "color"], ["path", "colour"]):
         records = records[1:]
     by_name: dict[str, list[str]] = {}
@@ -227,10 +231,10 @@ def _car_colours(path: Path, paths: list[str]) -> tuple[dict[str, str], list[str
     return colour_of, notes
 
 
-def _numbered_rows(reader) -> Iterable[tuple[int, list[str]]]:
-    for row in reader:
+def _numbered_rows(records: Iterator[tuple[int, list[str]]]) -> Iterable[tuple[int, list[str]]]:
+    for line, row in records:
         if row and any(c.strip() for c in row):
-            yield reader.line_num, row
+            yield line, row
 
 
 SOURCE = Builder("stanford-cars", stanford_cars, "Stanford Cars (domain cars)",

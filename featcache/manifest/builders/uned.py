@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
 
-from featcache.manifest.builders.common import Builder, check_inside_root, parse_choices, require_dir, require_file
+from featcache.manifest.builders.common import (
+    Builder,
+    as_int,
+    check_inside_root,
+    expect,
+    parse_choices,
+    read_json,
+    require_dir,
+    shown,
+)
 from featcache.manifest.schema import ManifestError, Rows
 
 UNED_DOMAINS = ("cars", "sop", "inshop", "inat", "met", "gldv2", "food2k", "rp2k")
@@ -74,39 +82,32 @@ def uned(
 
 
 def _uned_split_file(path: Path, domain: str) -> tuple[list[str], list[str]]:
-    require_file(path, f"UnED split file; download and unzip {UNED_INFO_URL}")
-    try:
-        with path.open(encoding="utf-8") as f:
-            entries = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(entries, list):
-        raise ManifestError(f"{path}: expected a JSON list of {{\"path\", \"class_id\"}} objects, found {type(entries).__name__}")
+    entries = expect(read_json(path, f"UnED split file; download and unzip {UNED_INFO_URL}"), list, str(path),
+                     'a JSON list of {"path", "class_id"} objects')
     paths: list[str] = []
     labels: list[str] = []
     prefix = f"{domain}/"
     for k, e in enumerate(entries, start=1):
         where = f"{path}: entry {k}"
         if not isinstance(e, dict) or "path" not in e or "class_id" not in e:
-            raise ManifestError(f"{where}: expected an object with keys 'path' and 'class_id', found {json.dumps(e)[:80]}")
+            raise ManifestError(f"{where}: expected an object with keys 'path' and 'class_id', found {shown(e)}")
         p, cid = e["path"], e["class_id"]
         if not isinstance(p, str) or not p.strip():
             raise ManifestError(f"{where}: 'path' must be a non-empty string")
         check_inside_root(p, where)
-        ids = cid if isinstance(cid, list) else [cid]
-        if not ids or not all(_is_class_id(c) for c in ids):
-            raise ManifestError(f"{where}: 'class_id' must be an integer or a list of integers, found {json.dumps(cid)}")
+        ids = [_class_id(c) for c in (cid if isinstance(cid, list) else [cid])]
+        if not ids or None in ids:
+            raise ManifestError(f"{where}: 'class_id' must be an integer or a list of integers, found {shown(cid)}")
         paths.append(p)
-        labels.append("|".join(prefix + str(int(c)) for c in ids))
+        labels.append("|".join(prefix + str(c) for c in ids))
     return paths, labels
 
 
-def _is_class_id(c) -> bool:
+def _class_id(c) -> int | None:
+    """A class id written as a JSON integer or a string of digits; None for anything else."""
     if isinstance(c, bool):
-        return False
-    if isinstance(c, int):
-        return True
-    return isinstance(c, str) and c.strip().lstrip("-").isdigit()
+        return None
+    return c if isinstance(c, int) else as_int(c) if isinstance(c, str) else None
 
 
 def _rp2k_escape(path: str) -> str:
