@@ -106,9 +106,32 @@ def _views_text(augmentation: dict[str, Any] | None) -> str:
 
 
 def feature_space(meta: dict[str, Any]) -> dict[str, Any]:
-    """What makes two caches' features comparable: the backbone (weights included) and preprocessing."""
+    """What makes two caches' vectors comparable. For extracted features: the backbone (weights included,
+    its alias left out), the preprocessing and the precision. An imported cache records its own: the
+    space its source declared (a featcache embeddings folder says which cache, and which head, made its
+    vectors; ``import --space NAME`` names any other source's), or else the source file itself."""
+    if isinstance(meta.get("feature_space"), dict):
+        return meta["feature_space"]
     backbone = {k: v for k, v in meta["backbone"].items() if k != "name"}
     return {"backbone": backbone, "preprocessing": meta["preprocessing"], "precision": meta.get("precision")}
+
+
+def head_space(features: dict[str, Any], head_sha256: str) -> dict[str, Any]:
+    """The space of a trained head's embeddings: the head (by the sha256 of its weights file) applied to
+    vectors of the space ``features``."""
+    return {"head": f"sha256:{head_sha256}", "features": features}
+
+
+def describe_space(space: dict[str, Any]) -> str:
+    """A feature space in a few words, for error messages."""
+    if "head" in space:
+        return f"head {space['head'][:19]} on {describe_space(space['features'])}"
+    if "declared" in space:
+        return f"declared space {space['declared']!r}"
+    if "import" in space:
+        return f"imported vectors ({space['import'][:19]})"
+    b = space.get("backbone", {})
+    return f"{b.get('library')}:{b.get('arch')} ({str(b.get('weights'))[:24]})"
 
 
 def build_meta(manifest: Manifest, backbone: dict[str, Any], preprocessing: dict[str, Any], dtype: str,
@@ -121,7 +144,7 @@ def build_meta(manifest: Manifest, backbone: dict[str, Any], preprocessing: dict
         "dtype": dtype,
         "precision": precision,
         "manifest": str(manifest.source),
-        "root": str(manifest.root),
+        "root": os.path.abspath(manifest.root),  # absolute: the cache works from any working directory
         "rows": len(manifest),
         "dim": backbone["dim"],
         "classes": len(manifest.classes),
@@ -166,8 +189,17 @@ def create_store(path: str | os.PathLike, manifest: Manifest, meta: dict[str, An
 
 
 def install(tmp: Path, path: Path) -> None:
-    """Move a finished store into place; an existing one is replaced only once the new one is whole."""
-    replace_dir(tmp, path)
+    """Move a finished store into place; an existing one is replaced only once the new one is whole (files a
+    user added inside the old one are kept)."""
+    replace_dir(tmp, path, owned=_store_owned)
+
+
+STORE_ARRAYS = ("features", "augmented", "valid", "failures", "labels", "classes", "paths", "domains", "splits",
+                "chunk_done")
+
+
+def _store_owned(rel: str) -> bool:
+    return rel == "zarr.json" or rel.split("/")[0] in STORE_ARRAYS
 
 
 ROW_ARRAYS = {"features": 2, "valid": 1, "failures": 1, "augmented": 3}  # chunked by rows, written by extract: name -> ndim
@@ -501,12 +533,15 @@ def mark_complete(path: str | os.PathLike, extra: dict[str, Any] | None = None) 
 def import_features(features: np.ndarray, manifest: Manifest, out: str | os.PathLike, *, source: str,
                     source_sha256: str, dtype: str = "float16", chunk_rows: int | None = None,
                     overwrite: bool = False, missing: np.ndarray | None = None,
-                    missing_reason: str = "no embedding") -> dict[str, Any]:
+                    missing_reason: str = "no embedding", space: dict[str, Any] | str | None = None) -> dict[str, Any]:
     """Build a cache from embeddings computed elsewhere: row i of ``features`` (anything sliced by rows
     into an (n, dim) array) is row i of ``manifest``.
 
-    Rows that are not finite (or overflow ``dtype``) are stored as failures, like undecodable images;
-    so are the rows flagged in ``missing`` (bool, one per manifest row), with ``missing_reason``.
+    Rows that are not finite are stored as failures, like undecodable images (a finite value ``dtype``
+    cannot hold is refused); so are the rows flagged in ``missing`` (bool, one per manifest row), with
+    ``missing_reason``. ``space`` says which vectors these are (see :func:`feature_space`): a dict
+    recorded by the featcache export they came from, a name the user declares, or None (the vectors of
+    this source only). Returns the cache's attributes plus ``non_finite`` and ``missing`` row counts.
     """
     out = Path(out)
     if features.ndim != 2 or features.shape[1] < 1:
@@ -525,6 +560,9 @@ def import_features(features: np.ndarray, manifest: Manifest, out: str | os.Path
         backbone = {"name": "import", "library": "import", "arch": source, "pretrained": None,
                     "weights": f"sha256:{source_sha256}", "dim": dim}
         meta = build_meta(manifest, backbone, {"library": "import"}, dtype, "n/a", rows)
+        meta["feature_space"] = (space if isinstance(space, dict) else {"declared": space} if space
+                                 else {"import": f"sha256:{source_sha256}"})
+        non_finite = 0
         tmp = temp_dir_beside(out)
         try:
             create_store(tmp, manifest, meta)
@@ -540,9 +578,11 @@ def import_features(features: np.ndarray, manifest: Manifest, out: str | os.Path
                 overflow = np.isfinite(exact) & ~np.isfinite(block)
                 if overflow.any():
                     i, j = np.argwhere(overflow)[0]
+                    hint = "import with --dtype float32" if dtype == "float16" else "scale the vectors first"
                     raise CacheError(f"{source}: row {sl.start + i}: value {exact[i, j]:g} does not fit {dtype} (largest "
-                                     f"{np.finfo(dtype).max:g}); nothing was written: import with --dtype float32")
+                                     f"{np.finfo(dtype).max:g}); nothing was written: {hint}")
                 ok = np.isfinite(block).all(axis=1)
+                non_finite += int((~ok & ~(missing[sl] if missing is not None else False)).sum())
                 reasons = np.where(ok, "", f"non-finite embedding in {Path(source).name}")
                 if missing is not None:
                     ok &= ~missing[sl]
@@ -556,18 +596,19 @@ def import_features(features: np.ndarray, manifest: Manifest, out: str | os.Path
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return FeatureCache.open(out).meta
+    return {**FeatureCache.open(out).meta, "non_finite": non_finite,
+            "missing": int(missing.sum()) if missing is not None else 0}
 
 
 def import_npy(path: str | os.PathLike, manifest: Manifest, out: str | os.PathLike, *, dtype: str = "float16",
-               chunk_rows: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+               chunk_rows: int | None = None, overwrite: bool = False, space: str | None = None) -> dict[str, Any]:
     """:func:`import_features` from a ``.npy`` file (memory-mapped, never unpickled)."""
     path = Path(path)
     if not path.is_file():
         raise CacheError(f"--features {path}: file not found")
     try:
         features = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:
-        raise CacheError(f"--features {path}: not a .npy array ({e})") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise CacheError(f"--features {path}: not a .npy array ({type(e).__name__}: {e})") from None
     return import_features(features, manifest, out, source=str(path), source_sha256=file_sha256(path), dtype=dtype,
-                           chunk_rows=chunk_rows, overwrite=overwrite)
+                           chunk_rows=chunk_rows, overwrite=overwrite, space=space)

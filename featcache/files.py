@@ -9,7 +9,9 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -51,36 +53,127 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_file(path, lambda tmp: tmp.write_text(text))
 
 
+def strict_json(obj: Any) -> str:
+    """JSON that strict readers accept: a score that is not a number (no query to average) is ``null``,
+    never the bare ``NaN`` or ``Infinity`` tokens Python's json module writes by default."""
+    return json.dumps(_finite(obj), indent=2, default=str, allow_nan=False)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy scalars
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+    return write_text(path, strict_json(obj) + "\n")
+
+
+def is_featcache_json(path: Path, max_bytes: int = 64 << 20) -> bool:
+    """A JSON file featcache wrote for a user (``--json FILE``): an object carrying ``featcache_version``."""
+    try:
+        if path.stat().st_size > max_bytes:
+            return False
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(obj, dict) and "featcache_version" in obj
 
 
 def temp_dir_beside(out: Path) -> Path:
-    """A new, uniquely named folder beside ``out`` (same filesystem, so it can be renamed onto it)."""
+    """A new, uniquely named folder beside ``out`` (same filesystem, so it can be renamed onto it), with the
+    permissions the user's umask gives a new folder (mkdtemp's 0700 is for secrets)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
 
 
-def check_replaceable(out: Path, ours: Callable[[Path], bool], what: str, overwrite: bool) -> None:
-    """Refuse to write ``what`` at ``out`` unless it is absent or an empty folder, or it is one that
-    featcache made (``ours``) and ``overwrite`` was given."""
+def _leftover(name: str) -> re.Pattern:
+    """The names of what a killed writer of ``name`` leaves beside it: temporaries (``.NAME.XXXXXXXX.tmp``,
+    tempfile's eight random characters) and a replaced folder moved aside (``.NAME.old.XXXXXXXX``)."""
+    return re.compile(rf"\.{re.escape(name)}\.(?:[a-z0-9_]{{8}}\.tmp|old\.[a-z0-9_]{{8}})")
+
+
+def clean_leftovers(out: Path) -> None:
+    """Remove what killed writers of ``out`` left beside it (and, for a folder, its own temporaries inside).
+    Called by the holder of ``out``'s lock: no live writer owns them. A folder moved aside just before a
+    kill, with nothing put in its place, is moved back first."""
+    pattern = _leftover(out.name)
+    for entry in sorted(out.parent.iterdir()) if out.parent.is_dir() else []:
+        if not pattern.fullmatch(entry.name):
+            continue
+        if ".old." in entry.name and not out.exists() and (entry / out.name).is_dir():
+            os.replace(entry / out.name, out)
+        _remove(entry)
+    if out.is_dir() and not out.is_symlink():
+        temporary = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+        for entry in out.iterdir():
+            if temporary.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+                entry.unlink(missing_ok=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _refuse(out: Path, what: str, option: str) -> OutputError:
+    kind = "a file" if out.is_file() else "a folder" if out.is_dir() else "something"
+    return OutputError(f"{out} is {kind} that featcache did not make ({what} goes there); "
+                       f"nothing was changed: choose another {option}")
+
+
+def check_replaceable(out: Path, ours: Callable[[Path], bool], what: str, overwrite: bool, option: str = "--out") -> None:
+    """Refuse to write the folder ``what`` at ``out`` unless it is absent or an empty folder, or it is one
+    that featcache made (``ours``) and ``overwrite`` was given."""
     if not out.exists() and not out.is_symlink():
         return
     if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
         return
     if not out.is_dir() or out.is_symlink() or not ours(out):
-        kind = "a file" if out.is_file() else "a folder" if out.is_dir() else "something"
-        raise OutputError(f"{out} is {kind} that featcache did not make ({what} goes there); "
-                          f"nothing was changed: choose another --out")
+        raise _refuse(out, what, option)
     if not overwrite:
-        raise OutputError(f"{out} already holds {what}; pass --overwrite to replace it, or choose another --out")
+        raise OutputError(f"{out} already holds {what}; pass --overwrite to replace it, or choose another {option}")
 
 
-def replace_dir(tmp: Path, out: Path) -> None:
+def check_file_replaceable(out: Path, ours: Callable[[Path], bool], what: str, overwrite: bool, option: str) -> None:
+    """The same rule for a single file: absent, or one featcache made (``ours``) and ``overwrite`` given."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_file() or not ours(out):
+        raise _refuse(out, what, option)
+    if not overwrite:
+        raise OutputError(f"{out} already holds {what}; pass --overwrite to replace it, or choose another {option}")
+
+
+def write_output(out: str | os.PathLike, write: Callable[[Path], None], *, ours: Callable[[Path], bool], what: str,
+                 overwrite: bool, option: str) -> Path:
+    """A file the user named (``--json F``, ``--plot F``, an export): written atomically by one process at a
+    time, replacing only a file featcache made, and only with ``overwrite``."""
+    out = Path(out)
+    with exclusive(out, what, remove=True):
+        check_file_replaceable(out, ours, what, overwrite, option)
+        return write_file(out, write)
+
+
+def replace_dir(tmp: Path, out: Path, owned: Callable[[str], bool] | None = None) -> None:
     """Move a finished folder into place; an existing one is moved aside first and removed only after the
-    new one is in place."""
+    new one is in place. With ``owned`` (which relative file paths are featcache's in such a folder), the
+    files a user added to the old folder are carried into the new one first (hard links: nothing is lost
+    if the move is interrupted)."""
     old = None
     if out.exists():
+        if owned is not None:
+            _carry_over(out, tmp, owned)
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
         os.replace(out, old / out.name)
     os.replace(tmp, out)
@@ -88,18 +181,42 @@ def replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _carry_over(old: Path, new: Path, owned: Callable[[str], bool]) -> None:
+    for folder, dirs, files in os.walk(old):
+        here = Path(folder).relative_to(old)
+        for name in dirs + files:
+            src, rel = Path(folder) / name, (here / name).as_posix()
+            dst = new / rel
+            if owned(rel) or dst.exists() or dst.is_symlink():
+                continue
+            if src.is_symlink():
+                os.symlink(os.readlink(src), dst)
+            elif src.is_dir():
+                dst.mkdir()
+            else:
+                try:
+                    os.link(src, dst)
+                except OSError:  # a file system without hard links
+                    shutil.copy2(src, dst)
+
+
 def build_dir(out: str | os.PathLike, build: Callable[[Path], None], *, ours: Callable[[Path], bool], what: str,
-              overwrite: bool) -> None:
-    """``build(tmp)`` in a new temporary folder, installed as ``out`` when it returns, removed if it raises."""
+              overwrite: bool, owned: Callable[[str], bool] | None = None) -> None:
+    """``build(tmp)`` in a new temporary folder, installed as ``out`` when it returns, removed if it raises.
+    ``owned`` says which files inside such a folder are featcache's: the others (a user's notes, an index
+    another tool built there) survive ``--overwrite``."""
     out = Path(out)
     with exclusive(out, what):
         check_replaceable(out, ours, what, overwrite)
         tmp = temp_dir_beside(out)
         try:
             build(tmp)
-            replace_dir(tmp, out)
-        except BaseException:
+            replace_dir(tmp, out, owned)
+        except BaseException as e:
+            full = isinstance(e, Exception) and not isinstance(e, OutputError) and is_disk_full(e, out.parent)
             shutil.rmtree(tmp, ignore_errors=True)
+            if full:
+                raise disk_full_error(out) from None
             raise
 
 
@@ -108,6 +225,8 @@ def is_disk_full(e: BaseException, folder: Path) -> bool:
     it as their own error, as torch.save and safetensors do) almost no space left where it was writing."""
     while e is not None:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if os.strerror(errno.ENOSPC) in str(e):  # faiss and arrow put the C library's message in their own errors
             return True
         e = e.__cause__ or e.__context__
     try:
@@ -126,20 +245,34 @@ def lock_file(out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def exclusive(out: str | os.PathLike, what: str) -> Iterator[None]:
+def exclusive(out: str | os.PathLike, what: str, *, remove: bool = False) -> Iterator[None]:
     """One writer at a time for ``out``: an advisory lock on a hidden file beside it, held while the block
     runs and released when the process ends, however it ends (the kernel drops it). A second writer is
-    refused with one line, before it touches anything."""
+    refused with one line, before it touches anything. With ``remove`` (single-file outputs, which leave
+    nothing else beside them), the lock file is deleted when the block ends; a writer that locked a lock
+    file just deleted notices that it is no longer the file at that path and locks the new one."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_file(out), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    path = lock_file(out)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(f"{out}: another featcache process is writing {what} there; wait for it to finish, "
+                              "or choose another --out") from None
+        try:
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
         os.close(fd)
-        raise OutputError(f"{out}: another featcache process is writing {what} there; wait for it to finish, "
-                          "or choose another --out") from None
     try:
+        clean_leftovers(out)
         yield
     finally:
+        if remove:
+            path.unlink(missing_ok=True)  # while still locked: a waiting writer then sees another file
         os.close(fd)  # closing the descriptor releases the lock

@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -109,3 +110,14 @@ def blobs(classes: int, per_class: int, dim: int = 32, noise: float = 0.5, seed:
     centres = rng.normal(size=(classes, dim))
     labels = np.repeat(np.arange(classes), per_class)
     return (centres[labels] + noise * rng.normal(size=(len(labels), dim))).astype(np.float32), labels
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB tmpfs: a real full disk (skipped where mounting is not allowed)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)

@@ -126,7 +126,7 @@ def test_onnx_equals_torch_and_the_zip_holds_saved_model(pipeline, cli, tmp_path
     p = pipeline["open_clip"]
     onnx_file = tmp_path / "m.onnx"
     cli("export", "--run", p["run"], "--weights", p["weights"], "--out", onnx_file)
-    pre = json.loads((tmp_path / "preprocess.json").read_text())
+    pre = json.loads((tmp_path / "m.preprocess.json").read_text())
     assert pre["preprocessing"]["size"] == [32, 32] and pre["preprocessing"]["mode"] == "shortest"
     backbone = create_backbone("tiny-vit", p["weights"])  # its transform is extraction's preprocessing
     m = read_manifest(pipeline["manifest"])

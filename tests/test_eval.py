@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,7 +103,7 @@ def test_run_head_is_applied_and_results_are_stored(tmp_path, cli):
     q, i = np.array(splits) == "query", np.array(splits) == "index"
     want = brute_force(emb[q], y[q], emb[i], y[i])
     assert got["overall"]["mMP@5"] == pytest.approx(want["mMP@5"], abs=1e-6)
-    assert read_json(run / "eval.json")["overall"] == got["overall"]
+    assert read_json(run / "eval.json")["evaluations"][-1]["result"]["overall"] == got["overall"]
     rows = json.loads(cli("runs", tmp_path, "--json").stdout)
     assert len(rows) == 1 and rows[0]["mMP@5"] == pytest.approx(want["mMP@5"], abs=1e-6) and rows[0]["epochs"] == "2/2"
     for name in ("neighbours.png", "domains.png"):
@@ -125,10 +126,11 @@ def test_bad_inputs_say_what_is_wrong(tmp_path, cli):
 
     g = zarr.open_group(str(other16), mode="r+")
     meta = dict(g.attrs["featcache"])
-    meta["backbone"] = dict(meta["backbone"], arch="open_clip-ViT-L-14")
+    meta["feature_space"] = {"backbone": {"library": "open_clip", "arch": "ViT-L-14", "weights": "hub:openai"},
+                             "preprocessing": {}, "precision": "fp32"}
     g.attrs["featcache"] = meta
     r = cli("eval", "--cache", other16, "--run", run, code=2)
-    assert "was trained on features of import:c.npy" in r.output and "open_clip-ViT-L-14" in r.output
+    assert "was trained on features of imported vectors" in r.output and "open_clip:ViT-L-14" in r.output
     r = cli("eval", "--cache", cache, "--zero-shot", "raw", "--k", "50", code=2)
     assert "--k 50 is larger than the index" in r.output
     only_q = make_cache(tmp_path, x, y, ["query"] * len(y), name="onlyq")
@@ -157,7 +159,7 @@ def test_demo_runs_offline_end_to_end(tmp_path, cli, monkeypatch):
     assert (tmp_path / summary["model"]).is_file() and (tmp_path / summary["index"] / "index.json").is_file()
     # searched through the exported model: each query image is in the collection and finds itself first
     for q in summary["search"]:
-        assert q["neighbours"][0]["path"] == q["query"] and q["neighbours"][0]["score"] > 0.999
+        assert Path(q["neighbours"][0]["path"]) == Path(q["query"]).resolve() and q["neighbours"][0]["score"] > 0.999
     # run again with a file of the user's in its run folder: the demo replaces its own files, nothing else
     (tmp_path / "runs" / "demo" / "my-notes.txt").write_text("mine")
     again = json.loads(cli("demo", "--json").stdout)
@@ -221,7 +223,7 @@ def test_multi_label_queries_match_any_of_their_labels(tmp_path, cli):
     y = ["1|2", "1", "2", "0", "0", "0", "9"]
     s = ["query", "index", "index", "index", "index", "query", "index"]
     cache = make_cache(tmp_path, x, y, s)
-    cli("eval", "--cache", cache, "--zero-shot", "raw", "--k", "3", "--json", tmp_path / "r.json")
+    cli("eval", "--cache", cache, "--zero-shot", "raw", "--k", "3", "--label-sep", "|", "--json", tmp_path / "r.json")
     got = read_json(tmp_path / "r.json")
     # query 0 ([1,0]): neighbours by cosine: row1 (1), row2 (2), row3 (0): rel 1,1,0; n_q = 2
     #   mP@3 = (1+1)/2 = 1; AP@3 = (1 + 1)/2 = 1; R@1 = 1
@@ -231,12 +233,16 @@ def test_multi_label_queries_match_any_of_their_labels(tmp_path, cli):
     assert got["overall"]["mMP@3"] == pytest.approx(0.5)
     assert got["overall"]["mAP@3"] == pytest.approx((1 + 1 / 6) / 2)
     assert got["overall"]["R@1"] == pytest.approx(0.5)
+    # undeclared, "1|2" is a label like any other: no index row has it, so its query is not scored
+    cli("eval", "--cache", cache, "--zero-shot", "raw", "--k", "3", "--json", tmp_path / "r.json", "--overwrite")
+    plain = read_json(tmp_path / "r.json")["overall"]
+    assert plain["queries"] == 1 and plain["excluded"] == 1 and plain["R@1"] == 0.0
 
 
 def test_all_queries_multi_label(tmp_path, cli):
     x = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [0.2, 0.8]], dtype=np.float32)
     cache = make_cache(tmp_path, x, ["1|2", "1", "3|4", "4", "5"], ["query", "index", "query", "index", "index"])
-    cli("eval", "--cache", cache, "--zero-shot", "raw", "--k", "2", "--json", tmp_path / "r.json")
+    cli("eval", "--cache", cache, "--zero-shot", "raw", "--k", "2", "--label-sep", "|", "--json", tmp_path / "r.json")
     got = read_json(tmp_path / "r.json")["overall"]
     assert got["queries"] == 2 and got["R@1"] == 1.0 and got["excluded"] == 0
 

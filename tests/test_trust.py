@@ -211,17 +211,6 @@ def test_damaged_inputs_give_one_line_naming_the_file(tmp_path, cache, cli):
     cli("info", cache)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MB tmpfs: a real full disk (skipped where mounting is not allowed)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
-
-
 def test_disk_full_is_one_line_and_keeps_what_was_finished(tmp_path, cli, small_disk):
     mount = small_disk
     x, y = blobs(2000, 3, dim=8, noise=0.1)  # 2,000 classes x 3 sub-centers x 64 dims: 1.5 MB of class weights

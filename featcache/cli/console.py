@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import json
 import sys
 from typing import Any, Callable, Iterator
 
@@ -25,7 +24,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from featcache.files import disk_full_error
+from featcache.files import disk_full_error, strict_json
 
 err = Console(stderr=True, soft_wrap=True)  # progress, notes and errors: one line each, never wrapped
 out = Console()  # results: tables, or JSON with --json
@@ -62,7 +61,7 @@ def flag(*names: str, help: str, default: bool = False, **kwargs: Any) -> Any:
 
 
 def print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.write(strict_json(obj) + "\n")
     sys.stdout.flush()
 
 

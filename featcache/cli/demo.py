@@ -55,7 +55,7 @@ def demo(
     err.print("next:\n"
               f"  {fc} info {cache}\n"
               f"  {fc} sweep --cache {cache} --loss arcface --loss cosface --loss subcenter-arcface --seeds 3\n"
-              f"  {fc} eval --cache {cache} --run {run} --plot {run}/plots\n"
+              f"  {fc} eval --cache {cache} --run {run} --plot {run}/plots --overwrite\n"
               f"  {fc} export --run {run} --out {run}/submission.zip\n"
               f"  {fc} search --index {summary['index']} --model {summary['model']} {summary['queries'][2]}\n"
               f"  {fc} runs")

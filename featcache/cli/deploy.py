@@ -20,6 +20,7 @@ def export(
     weights: Optional[Path] = typer.Option(None, help="The backbone's weights file; its sha256 must be the one the run's cache recorded. \\[needed when the cache was extracted from a local file]"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda: where the model is traced. \\[default: cpu]"),
     precision: str = typer.Option("fp32", help="Weights of the exported model: fp32, fp16 or bf16."),
+    overwrite: bool = flag(help="Replace a model featcache exported at --out before."),
     json_out: bool = flag("--json", help="Print the result as JSON."),
 ) -> None:
     """Export a trained run as one model file: the backbone, rebuilt exactly as its cache recorded it, joined with the head.
@@ -27,17 +28,18 @@ def export(
     [bold].pt[/]: TorchScript; takes (B, 3, H, W) RGB images, float 0..255 or uint8, any size; does the
     backbone's own preprocessing inside and returns L2-normalised embeddings. Needs torch alone.
     [bold].zip[/]: the GUIEC submission (saved_model.pt inside; at most 64 dims).
-    [bold].onnx[/]: the preprocessed (B, 3, S, S) input, with preprocess.json beside it.
+    [bold].onnx[/]: the preprocessed (B, 3, S, S) input, with NAME.preprocess.json beside it.
     Ends with a self-check on a probe image against the eager pipeline.
     """
-    from featcache.deploy.export import export as run_export
+    from featcache.deploy.export import export as run_export, sidecar
     from featcache.devices import resolve_device
 
-    result = run_export(run, out_path, weights=weights, device=resolve_device(device or "cpu"), precision=precision)
+    result = run_export(run, out_path, weights=weights, device=resolve_device(device or "cpu"), precision=precision,
+                        overwrite=overwrite)
     report = {"out": str(result.path), "format": result.format, "bytes": result.bytes, "dim": result.dim,
               "self_check": result.check}
     if result.format == ".onnx":
-        report["preprocess"] = str(result.path.with_name("preprocess.json"))
+        report["preprocess"] = str(sidecar(result.path))
     if json_out:
         print_json(report)
         return
@@ -91,7 +93,8 @@ def search(
     query_cache: Optional[Path] = typer.Option(None, help="Search with every valid row of this cache instead of image files."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda. \\[default: cuda when available]"),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write {queries: [{query, neighbours: [{path, label, score}]}]} to this file."),
-    plot: Optional[Path] = typer.Option(None, help="Draw each query beside its neighbours into this PNG."),
+    plot: Optional[Path] = typer.Option(None, help="Draw each query (the first 16) beside its neighbours (the first 10) into this PNG."),
+    overwrite: bool = flag(help="Replace the --json file or --plot picture featcache wrote there before."),
     quiet: bool = flag("--quiet", "-q", help="No tables (with --json or --plot)."),
 ) -> None:
     """Find an index's nearest rows to query images, embedded exactly as the index's rows were.
@@ -102,8 +105,15 @@ def search(
     from featcache.deploy.index import Index, search_cache, search_images
     from featcache.devices import resolve_device
 
+    from featcache.evaluate.plots import is_our_png
+    from featcache.files import check_file_replaceable, is_featcache_json
+
     if bool(images) == (query_cache is not None):
         raise typer.BadParameter("give query IMAGE files or --query-cache, not both (and not neither)")
+    for file, ours, what, option in ((json_file, is_featcache_json, "search results", "--json"),
+                                     (plot, is_our_png, "a featcache picture", "--plot")):
+        if file is not None:  # refused before the search, not after it
+            check_file_replaceable(file, ours, what, overwrite, option)
     idx = Index.open(index_dir)
     failures: list[str] = []
     if query_cache is not None:
@@ -120,15 +130,17 @@ def search(
         if len(results) > 20:
             err.print(f"... and {len(results) - 20:,} more queries (--json writes them all)")
     if json_file:
-        from featcache.files import write_json
+        from featcache import __version__
+        from featcache.files import strict_json, write_output
 
-        json_file.parent.mkdir(parents=True, exist_ok=True)
-        write_json(json_file, {"queries": results})
+        record = {"featcache_version": __version__, "index": str(idx.path.resolve()), "queries": results}
+        write_output(json_file, lambda tmp: tmp.write_text(strict_json(record) + "\n"), ours=is_featcache_json,
+                     what="search results", overwrite=overwrite, option="--json")
         err.print(f"wrote {json_file}")
     if plot:
         from featcache.evaluate.plots import search_grid
 
-        err.print(f"wrote {search_grid(results[:16], plot)}")
+        err.print(f"wrote {search_grid(results[:16], plot, overwrite)}")
     if failures and not results:
         raise typer.Exit(1)
 

@@ -54,8 +54,10 @@ def eval_(
     index_cache: Optional[Path] = typer.Option(None, help="Index from this cache (all valid rows)."),
     domain: List[str] = typer.Option([], "--domain", help="Score only this domain's rows, queries and index (repeatable)."),
     k: int = typer.Option(5, min=1, help="Neighbours scored per query (the @5)."),
-    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the scores to this JSON file."),
+    label_sep: Optional[str] = typer.Option(None, help="Declare multi-label queries: a query label holding this text is relevant to each of its parts (UnED's GLDv2 queries: --label-sep '|'). \\[default: labels are compared whole]"),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the scores to this JSON file (strict JSON: a score with nothing to average is null)."),
     plot: Optional[Path] = typer.Option(None, help="Write neighbours.png and domains.png into this folder."),
+    overwrite: bool = flag(help="Replace the --json file and --plot pictures featcache wrote there before."),
     max_memory: str = typer.Option("2GB", help="Bound on the search's temporary memory."),
 ) -> None:
     """Score retrieval: mMP@k (GUIEC), mAP@k (UnED) and R@1, overall and per domain, by exact search.
@@ -63,30 +65,44 @@ def eval_(
     Without query/index splits every valid row is a query against all the others (itself excluded).
     A domain with query rows but no index rows is its own index: its queries search each other, each
     skipping itself (UnED's cars, SOP, iNat, Food2k, RP2K). A run's scores are also stored in its
-    directory, where `featcache runs` shows them.
+    directory, the latest of each kind (caches, protocol, k, domains); `featcache runs` shows its full
+    evaluation (every domain, k = 5) and says what was measured.
     """
     from featcache.evaluate.protocols import EvalSet, run_eval
 
     mem = parse_bytes(max_memory)
+    if label_sep == "":
+        raise UserError("--label-sep '': give the text that separates a query's labels, e.g. --label-sep '|'")
+    if plot is not None and plot.exists() and not plot.is_dir():
+        raise UserError(f"--plot {plot}: a file; give a folder for neighbours.png and domains.png")
+    from featcache.evaluate.plots import PLOT_FILES, is_our_png
+    from featcache.files import check_file_replaceable, is_featcache_json
+
+    # refused before the work, not after it
+    if json_file is not None:
+        check_file_replaceable(json_file, is_featcache_json, "scores", overwrite, "--json")
+    for name in PLOT_FILES if plot is not None else ():
+        check_file_replaceable(plot / name, is_our_png, "a featcache picture", overwrite, "--plot")
     es = EvalSet.load(cache, query_cache, index_cache, domain)
     ev = run_eval(run=run, zero_shot=zero_shot.value if zero_shot else None, protocol=protocol.value, k=k,
-                  max_memory=mem, show=8 if plot else 0, eval_set=es)
+                  max_memory=mem, show=8 if plot else 0, eval_set=es, label_sep=label_sep)
     results = {("run" if run else (zero_shot.value if zero_shot else "pooled")): ev.result}
     if plot and run is not None:
-        results["zero-shot"] = run_eval(zero_shot="pooled", protocol=protocol.value, k=k, max_memory=mem, eval_set=es).result
+        results["zero-shot"] = run_eval(zero_shot="pooled", protocol=protocol.value, k=k, max_memory=mem, eval_set=es,
+                                        label_sep=label_sep).result
     out.print(scores_table(f"featcache eval ({protocol.value}, {ev.result['embeddings']})", results, k))
     excluded = ev.result["overall"]["excluded"]
     if excluded:
         err.print(f"{excluded} queries have no relevant index row and are not scored.")
     if json_file:
-        from featcache.files import write_json
+        from featcache.files import is_featcache_json, strict_json, write_output
 
-        json_file.parent.mkdir(parents=True, exist_ok=True)
-        write_json(json_file, ev.result)
+        write_output(json_file, lambda tmp: tmp.write_text(strict_json(ev.result) + "\n"), ours=is_featcache_json,
+                     what="scores", overwrite=overwrite, option="--json")
     if plot:
         from featcache.evaluate.plots import write_plots
 
-        files = write_plots(ev, results, plot, f"mMP@{k}")
+        files = write_plots(ev, results, plot, f"mMP@{k}", overwrite)
         err.print("plots: " + ", ".join(str(f) for f in files))
 
 
@@ -96,7 +112,11 @@ def runs(
     folder: Path = typer.Argument(Path("runs"), help="Where to look for run directories (searched recursively)."),
     json_out: bool = flag("--json", help="Print JSON instead of a table."),
 ) -> None:
-    """List trained runs: loss, key options, epochs, training time and the latest mMP@5, to compare at a glance."""
+    """List trained runs: loss, key options, epochs, training time and mMP@5, to compare at a glance.
+
+    mMP@5 is the run's latest full evaluation (every domain, k = 5); "scored on" names its cache and
+    protocol, or says that the run has only partial evaluations (one domain, another k).
+    """
     from featcache.train.runs import list_runs
 
     rows = list_runs(folder)
@@ -106,6 +126,6 @@ def runs(
     if not rows:
         err.print(f"no runs under {folder}; train one with `featcache train-head`")
         return
-    out.print(table(f"runs under {folder}", ["run", "loss", "options", "epochs", "train s", "mMP@5", "status"],
-                    [[r["run"], r["loss"], r["options"], r["epochs"], r["train_seconds"], r["mMP@5"], r["status"]] for r in rows],
-                    justify_numbers=False))
+    out.print(table(f"runs under {folder}", ["run", "loss", "options", "epochs", "train s", "mMP@5", "scored on", "status"],
+                    [[r["run"], r["loss"], r["options"], r["epochs"], r["train_seconds"], r["mMP@5"], r["scored_on"],
+                      r["status"]] for r in rows], justify_numbers=False))

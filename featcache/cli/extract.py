@@ -266,6 +266,7 @@ def import_(
     out_path: Path = typer.Option(..., "--out", help="Cache to write."),
     dtype: DType = typer.Option(DType.float16, help="Storage type of the features."),
     chunk_rows: Optional[int] = typer.Option(None, min=1, help="Rows per Zarr chunk. \\[default: about 4 MB per chunk]"),
+    space: Optional[str] = typer.Option(None, help="Name the kind of vectors these are (e.g. 'clip-vit-l14 openai'): caches imported with the same --space compare with each other. \\[default: a featcache embeddings folder's own record, else these vectors only]"),
     overwrite: bool = flag(help="Replace an existing cache at --out."),
     json_out: bool = flag("--json", help="Print the cache's attributes as JSON."),
 ) -> None:
@@ -274,7 +275,12 @@ def import_(
     From a .npy array, row i is manifest row i. From a folder in the LAION ecosystem's layout (what
     clip-retrieval and `featcache export-embeddings` write), rows are matched to the manifest by
     image_path, in any order and any number of shards; manifest rows without an embedding become
-    invalid rows, and embeddings of paths not in the manifest are counted.
+    invalid rows, and embeddings of paths not in the manifest are counted. Rows that are not finite
+    become invalid rows too; the command says how many.
+
+    Vectors are compared only with vectors of the same space: an export-embeddings folder says which
+    backbone (and head) made it, so its import compares with that backbone's caches and runs; for
+    other sources, give the same --space to every import of one model's vectors.
 
     Example: featcache import --features feats.npy --manifest train.csv --out cache/train/mine.zarr
     """
@@ -284,11 +290,13 @@ def import_(
     if features.is_dir():
         from featcache.deploy.embeddings import import_embeddings
 
-        meta = import_embeddings(features, m, out_path, dtype=dtype.value, chunk_rows=chunk_rows, overwrite=overwrite)
+        meta = import_embeddings(features, m, out_path, dtype=dtype.value, chunk_rows=chunk_rows, overwrite=overwrite,
+                                 space=space)
     else:
         from featcache.cache import import_npy
 
-        meta = import_npy(features, m, out_path, dtype=dtype.value, chunk_rows=chunk_rows, overwrite=overwrite)
+        meta = import_npy(features, m, out_path, dtype=dtype.value, chunk_rows=chunk_rows, overwrite=overwrite,
+                          space=space)
     if json_out:
         print_json(meta)
         return
@@ -296,3 +304,6 @@ def import_(
     if "matched" in meta:
         err.print(f"matched {meta['matched']:,} manifest rows; {meta['missing']:,} have no embedding in {features} "
                   f"(invalid rows); {meta['extra']:,} embeddings name paths that are not in {manifest}")
+    if meta["non_finite"]:
+        err.print(f"{meta['non_finite']:,} rows hold NaN or infinite values: stored as invalid rows "
+                  f"(`featcache info {out_path}` lists them)")

@@ -168,7 +168,7 @@ def sweep(
     """
     from featcache.devices import default_precision, resolve_device
     from featcache.evaluate.protocols import sweep_scorer
-    from featcache.train.sweep import grid, run_sweep
+    from featcache.train.sweep import grid, run_sweep, same_images
 
     dev = resolve_device(device)
     combos = grid(loss, {"margin": margin, "scale": scale, "sub_centers": sub_centers},
@@ -179,12 +179,13 @@ def sweep(
     import datetime as dt
 
     target = out_path or Path("runs") / f"sweep-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if eval_cache is not None and len(cache) > 1:
+        raise UserError("--eval-cache goes with one --cache (each backbone is scored on its own cache's query/index rows)")
+    same_images(cache)  # refused before the progress bar is drawn
     bar = progress_bar("run", disable=quiet or json_out)
     with bar:
         task = bar.add_task("sweep", total=len(combos) * seeds * len(cache))
         try:
-            if eval_cache is not None and len(cache) > 1:
-                raise UserError("--eval-cache goes with one --cache (each backbone is scored on its own cache's query/index rows)")
             summary = run_sweep(cache, combos, seeds, target, [sweep_scorer(c, eval_cache) for c in cache],
                                 on_run=lambda name: bar.update(task, advance=1, description=name))
         except KeyboardInterrupt:

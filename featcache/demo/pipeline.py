@@ -26,10 +26,9 @@ def run_demo(model: str = "tiny-vit", weights: Path | None = None, device: str =
     from featcache.evaluate.protocols import EvalSet, merge_scores, run_eval
     from featcache.extract.backbones import create_backbone
     from featcache.extract.pipeline import run_extract
-    from featcache.files import write_json
     from featcache.manifest import read_manifest, resolve
     from featcache.train.loop import TrainOptions, load_train_data, train
-    from featcache.train.runs import EVAL
+    from featcache.train.runs import Run
 
     start = time.perf_counter()
     manifest_path = write_digits(DEMO_DIR)
@@ -61,13 +60,15 @@ def run_demo(model: str = "tiny-vit", weights: Path | None = None, device: str =
         trained_parts[domain] = shown.result
     zero = merge_scores(list(zero_parts.values()), "guiec", 5)
     trained_result = {**merge_scores(list(trained_parts.values()), "guiec", 5), "embeddings": f"run {DEMO_RUN}",
-                      "cache": str(cache)}
-    write_json(DEMO_RUN / EVAL, trained_result)  # what `featcache runs` shows for the demo's run
-    plots = write_plots(shown, {"zero-shot": zero, "trained head": trained_result}, DEMO_RUN / "plots")
+                      "cache": str(cache.resolve())}
+    # what `featcache runs` shows for the demo's run: both groups, every domain of the cache, at k = 5
+    Run.load(DEMO_RUN).record_eval({"cache": str(cache.resolve()), "protocol": "guiec", "k": 5, "domains": None,
+                                    "label_sep": None}, trained_result)
+    plots = write_plots(shown, {"zero-shot": zero, "trained head": trained_result}, DEMO_RUN / "plots", overwrite=True)
     scores = {d: {"zero_shot": zero_parts[d]["overall"], "trained_head": trained_parts[d]["overall"]} for d in (SEEN, UNSEEN)}
 
     model_file = DEMO_RUN / "model.pt"
-    exported = export(DEMO_RUN, model_file, weights=weights, device=device)
+    exported = export(DEMO_RUN, model_file, weights=weights, device=device, overwrite=True)
     say(f"[bold]4/5 export[/]   {model_file}: TorchScript, raw images in, {exported.dim}-d embeddings out "
         f"({exported.bytes / 2**20:.1f} MB; cosine {exported.check['cosine']:.6f} to the pipeline on a probe image)")
 
@@ -78,7 +79,7 @@ def run_demo(model: str = "tiny-vit", weights: Path | None = None, device: str =
     queries = [str(resolve(manifest.root, paths[next(i for i in range(c.rows) if labels[i] == str(d) and splits[i] == "query")]))
                for d in SEARCH_DIGITS]
     found, _ = search_images(Index.open(index_dir), queries, k=SEARCH_K, model=model_file)
-    plots.append(search_grid(found, DEMO_RUN / "plots" / "search.png"))
+    plots.append(search_grid(found, DEMO_RUN / "plots" / "search.png", overwrite=True))
     say(f"[bold]5/5 search[/]   {index_dir}: {index_meta['rows']:,} digits; {len(queries)} query images embedded by "
         f"{model_file}, top {SEARCH_K} each")
     return {

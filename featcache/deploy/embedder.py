@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from featcache.cache import CacheError, FeatureCache, file_sha256
+from featcache.cache import CacheError, FeatureCache, feature_space, file_sha256
 from featcache.evaluate.protocols import check_run_fits
 from featcache.extract.backbones import Backbone, create_backbone
 from featcache.train.heads import ProjectionHead
@@ -76,6 +76,10 @@ def check_weights(recorded: str, weights: Path | None) -> None:
 def rebuild_backbone(meta: dict[str, Any], weights: str | os.PathLike | None = None, device: str = "cpu") -> Backbone:
     """The backbone exactly as a cache recorded it, or a one-line DeployError saying what differs."""
     recorded = meta["backbone"]
+    if recorded["library"] == "import":
+        raise DeployError(f"these features were imported from {recorded['arch']}, not extracted by featcache: it cannot "
+                          "rebuild the model that made them to embed images (search with --query-cache, or extract "
+                          "the images with `featcache extract`)")
     weights = Path(weights) if weights is not None else None
     if weights is not None and not weights.is_file():
         raise DeployError(f"--weights {weights}: file not found")
@@ -125,6 +129,10 @@ class Embedder:
     @property
     def dim(self) -> int:
         return self.head.embed_dim if self.head is not None else self.backbone.dim
+
+    def space(self) -> dict[str, Any]:
+        """The feature space of what ``embed_images`` returns (``cache.feature_space``/``head_space``)."""
+        return self.run.embedding_space() if self.run is not None else feature_space(self.cache_meta)
 
     def encoder(self) -> nn.Module:
         return Encoder(self.backbone, self.head) if self.head is not None else self.backbone

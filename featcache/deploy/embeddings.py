@@ -19,16 +19,22 @@ from typing import Any, Callable
 import numpy as np
 
 from featcache import __version__
-from featcache.cache import file_sha256, import_features
+from featcache.cache import feature_space, file_sha256, import_features
 from featcache.deploy.embedder import DeployError, collection
 from featcache.evaluate.search import l2_normalize
-from featcache.files import build_dir
+from featcache.files import build_dir, strict_json
 from featcache.manifest import Manifest, resolve
 
 EMB_DIR, META_DIR = "img_emb", "metadata"
 MARKER = "featcache-embeddings.json"  # what featcache wrote here, and from what
 COLUMNS = ("image_path", "label", "domain", "split")
 SHARD = re.compile(r"img_emb_(\d+)\.npy")
+OWNED = re.compile(rf"{MARKER}|{EMB_DIR}|{META_DIR}|{EMB_DIR}/img_emb_\d+\.npy|{META_DIR}/metadata_\d+\.parquet")
+
+
+def _owned(rel: str) -> bool:
+    """The files ``export-embeddings`` writes: whatever else a user put in the folder survives --overwrite."""
+    return OWNED.fullmatch(rel) is not None
 
 
 def export_embeddings(cache_path: str | os.PathLike, out: str | os.PathLike, *, run: str | os.PathLike | None = None,
@@ -69,15 +75,18 @@ def export_embeddings(cache_path: str | os.PathLike, out: str | os.PathLike, *, 
             "cache_key": cache.key,
             "run": str(head_run.path) if head_run is not None else None,
             "embeddings": "run head, L2-normalised" if head_run is not None else "raw backbone features",
+            # which vectors these are: `featcache import` gives the cache it makes of them this same space
+            "feature_space": head_run.embedding_space() if head_run is not None else feature_space(cache.meta),
             "rows": int(len(rows)),
             "dim": int(emb.shape[1]),
             "dtype": str(emb.dtype),
             "shards": i + 1,
             "root": cache.meta["root"],
         })
-        (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / MARKER).write_text(strict_json(record) + "\n")
 
-    build_dir(out, build, ours=lambda d: (d / MARKER).is_file(), what="an embeddings folder", overwrite=overwrite)
+    build_dir(out, build, ours=lambda d: (d / MARKER).is_file(), what="an embeddings folder", overwrite=overwrite,
+              owned=_owned)
     return record
 
 
@@ -94,14 +103,14 @@ def list_shards(folder: str | os.PathLike) -> list[Shard]:
     emb_dir, meta_dir = folder / EMB_DIR, folder / META_DIR
     if not emb_dir.is_dir() or not meta_dir.is_dir():
         raise DeployError(f"{folder}: expected {EMB_DIR}/img_emb_{{i}}.npy and {META_DIR}/metadata_{{i}}.parquet")
-    numbers = sorted(int(m.group(1)) for f in emb_dir.iterdir() if (m := SHARD.fullmatch(f.name)))
+    numbers = sorted(int(m.group(1)) for f in emb_dir.iterdir() if (m := SHARD.fullmatch(f.name)) and not f.is_dir())
     if not numbers:
         raise DeployError(f"{emb_dir}: no img_emb_{{i}}.npy files")
     shards = []
     for i in numbers:
         meta = meta_dir / f"metadata_{i}.parquet"
         if not meta.is_file():
-            raise DeployError(f"{emb_dir / f'img_emb_{i}.npy'} has no {meta}")
+            raise DeployError(f"{emb_dir / f'img_emb_{i}.npy'} has no {meta}" + (" (a folder)" if meta.exists() else ""))
         shards.append(Shard(emb_dir / f"img_emb_{i}.npy", meta))
     return shards
 
@@ -113,10 +122,13 @@ class _Gathered:
     def __init__(self, arrays: list[np.ndarray], shard_of: np.ndarray, position: np.ndarray, dim: int):
         self.arrays, self.shard_of, self.position = arrays, shard_of, position
         self.shape, self.ndim = (len(shard_of), dim), 2
+        # staged in a type that holds every shard's values exactly (float64 for float64 or integer shards):
+        # import_features decides what fits the cache's dtype, as it does for a .npy
+        self.dtype = np.result_type(np.float32, *(a.dtype for a in arrays))
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         shard_of, position = self.shard_of[rows], self.position[rows]
-        block = np.zeros((len(shard_of), self.shape[1]), dtype=np.float32)
+        block = np.zeros((len(shard_of), self.shape[1]), dtype=self.dtype)
         for s in np.unique(shard_of[shard_of >= 0]):
             take = shard_of == s
             order = np.argsort(position[take])  # ascending offsets: sequential reads of the memory map
@@ -138,12 +150,15 @@ def _manifest_keys(manifest: Manifest) -> dict[str, int]:
 
 
 def import_embeddings(folder: str | os.PathLike, manifest: Manifest, out: str | os.PathLike, *, dtype: str = "float16",
-                      chunk_rows: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+                      chunk_rows: int | None = None, overwrite: bool = False, space: str | None = None) -> dict[str, Any]:
     """Build a cache from embeddings in the LAION layout, matched to ``manifest`` rows by ``image_path``.
 
     Any number of shards, rows in any order. Manifest rows with no embedding become invalid rows
     ("no embedding in FOLDER"); embeddings whose path is not in the manifest are counted (``extra``).
-    Returns the cache's attributes plus ``matched``, ``missing`` and ``extra``.
+    A folder ``export-embeddings`` wrote says which vectors it holds (its marker's ``feature_space``): the
+    cache gets that space, so it compares with the caches and runs of the same vectors; ``space`` names it
+    for a folder from elsewhere. Returns the cache's attributes plus ``matched``, ``missing``, ``extra``
+    and ``non_finite``.
     """
     import pyarrow.parquet as pq
 
@@ -157,18 +172,21 @@ def import_embeddings(folder: str | os.PathLike, manifest: Manifest, out: str | 
     for s, shard in enumerate(shards):
         try:
             emb = np.load(shard.embeddings, mmap_mode="r", allow_pickle=False)
-        except ValueError as e:
-            raise DeployError(f"{shard.embeddings}: not a .npy array ({e})") from None
-        table = pq.read_table(shard.metadata, columns=["image_path"])
-        if emb.ndim != 2 or emb.shape[0] != table.num_rows:
-            raise DeployError(f"{shard.embeddings}: shape {emb.shape} does not match {table.num_rows} rows of {shard.metadata}")
+        except (ValueError, OSError, EOFError) as e:
+            raise DeployError(f"{shard.embeddings}: not a .npy array ({type(e).__name__}: {e})") from None
+        image_paths = _image_paths(shard.metadata)
+        if emb.ndim != 2 or emb.shape[0] != image_paths.num_rows:
+            raise DeployError(f"{shard.embeddings}: shape {emb.shape} does not match {image_paths.num_rows} rows of "
+                              f"{shard.metadata}")
         if dim is not None and emb.shape[1] != dim:
             raise DeployError(f"{shard.embeddings}: {emb.shape[1]}-d rows, earlier shards hold {dim}-d")
         dim = int(emb.shape[1])
         if emb.dtype.kind not in "fiu":
             raise DeployError(f"{shard.embeddings}: dtype {emb.dtype} is not real numbers")
-        for j, path in enumerate(table.column("image_path").to_pylist()):
-            key = os.path.abspath(path) if path and os.path.isabs(path) else os.path.normpath(path or "")
+        for j, path in enumerate(image_paths.column("image_path").to_pylist()):
+            if not path:
+                raise DeployError(f"{shard.metadata}: row {j} has no image_path")
+            key = os.path.abspath(path) if os.path.isabs(path) else os.path.normpath(path)
             i = keys.get(key)
             if i is None:
                 extra += 1
@@ -183,5 +201,33 @@ def import_embeddings(folder: str | os.PathLike, manifest: Manifest, out: str | 
     missing = shard_of < 0
     meta = import_features(_Gathered(arrays, shard_of, position, dim), manifest, out, source=str(folder),
                            source_sha256=digest.hexdigest(), dtype=dtype, chunk_rows=chunk_rows, overwrite=overwrite,
-                           missing=missing, missing_reason=f"no embedding in {folder}")
-    return {**meta, "matched": int(n - missing.sum()), "missing": int(missing.sum()), "extra": extra}
+                           missing=missing, missing_reason=f"no embedding in {folder}",
+                           space=space or _recorded_space(folder))
+    return {**meta, "matched": int(n - missing.sum()), "extra": extra}
+
+
+def _image_paths(metadata: Path):
+    """A shard's ``image_path`` column, checked to be text; one line naming the file otherwise."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(metadata)
+    except (OSError, pa.ArrowException) as e:
+        raise DeployError(f"{metadata}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    if "image_path" not in table.column_names:
+        raise DeployError(f"{metadata}: no image_path column (it has {', '.join(table.column_names) or 'none'})")
+    column = table.schema.field("image_path").type
+    if not (pa.types.is_string(column) or pa.types.is_large_string(column)):
+        raise DeployError(f"{metadata}: image_path holds {column}, expected text (the images' paths)")
+    return table.select(["image_path"])
+
+
+def _recorded_space(folder: Path) -> dict[str, Any] | None:
+    """The feature space ``export-embeddings`` recorded in the folder's marker, if it wrote one."""
+    try:
+        record = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    space = record.get("feature_space") if isinstance(record, dict) else None
+    return space if isinstance(space, dict) and space else None

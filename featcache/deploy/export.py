@@ -5,7 +5,11 @@
   (B, E) L2-normalised embeddings: the GUIEC submission contract. ``torch.jit.load`` alone runs it.
 - ``.zip``: the GUIEC submission, a zip holding that module as ``saved_model.pt`` (E <= 64).
 - ``.onnx``: backbone and head on the preprocessed (B, 3, S, S) input (dynamic batch), L2-normalised,
-  with ``preprocess.json`` beside it.
+  with ``NAME.preprocess.json`` beside it (named after the model: two exports in one folder keep their own).
+
+Every file records what it was exported from (``featcache.json`` inside the TorchScript archive, the
+ONNX model's ``metadata_props``): the run, and the feature space its embeddings are in (the head by its
+sha256). An existing file is replaced only when featcache exported it and ``overwrite`` is given.
 
 The backbone and head are traced on a (2, 3, S, S) batch (the model's own code, any open_clip or timm
 architecture); the preprocessing is scripted (it branches on the input's size). Every export ends with
@@ -33,7 +37,7 @@ from torch import Tensor, nn
 from featcache import __version__
 from featcache.deploy.embedder import DeployError, Embedder
 from featcache.deploy.preprocess import Preprocess, plan
-from featcache.files import write_file
+from featcache.files import check_file_replaceable, exclusive, is_featcache_json, strict_json, write_file
 
 FORMATS = (".pt", ".zip", ".onnx")
 GUIEC_MAX_DIM = 64
@@ -116,13 +120,14 @@ def export_metadata(embedder: Embedder, fmt: str, precision: str) -> dict[str, A
         "featcache_version": __version__,
         "format": fmt,
         "precision": precision,
-        "run": str(run.path) if run else None,
+        "run": str(run.path.resolve()) if run else None,  # provenance; `space` is what is checked
+        "space": embedder.space(),
         "cache_key": run.cache_key if run else embedder.cache_meta["key"],
         "backbone": embedder.cache_meta["backbone"],
         "preprocessing": plan(embedder.cache_meta["preprocessing"]),
         "embed_dim": embedder.dim,
         "input": "(B, 3, H, W) RGB, float 0..255 or uint8, any H and W" if fmt != ".onnx"
-                 else "(B, 3, S, S) float: (pixel / 255 - mean) / std after the resize and crop in preprocess.json",
+                 else "(B, 3, S, S) float: (pixel / 255 - mean) / std after the resize and crop in NAME.preprocess.json",
         "output": "(B, E) float32, L2-normalised",
     }
 
@@ -133,10 +138,28 @@ def _save_torchscript(module: torch.jit.ScriptModule, meta: dict[str, Any]) -> b
     return buf.getvalue()
 
 
+def sidecar(out: Path) -> Path:
+    """The preprocessing record beside an ONNX export, named after it: ``model.onnx`` -> ``model.preprocess.json``."""
+    return out.with_name(f"{out.stem}.preprocess.json")
+
+
+def is_export(path: Path) -> bool:
+    """A model file featcache exported (its own record inside), so one it may replace."""
+    if path.suffix.lower() == ".onnx":
+        return onnx_metadata(path) is not None
+    try:
+        read_export_metadata(path)
+    except DeployError:
+        return False
+    return True
+
+
 def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, weights=None, device: str = "cpu",
-           precision: str = "fp32") -> ExportResult:
+           precision: str = "fp32", overwrite: bool = False) -> ExportResult:
     """Export a finished run to ``out`` (.pt, .zip or .onnx); refuses before writing anything when the run,
-    its cache or the weights do not check out. Returns the file's size and the self-check."""
+    its cache or the weights do not check out, or when ``out`` (or an ONNX model's preprocessing file) is
+    there and is not a featcache export, or is one and ``overwrite`` is not given. Returns the file's size
+    and the self-check."""
     out = Path(out)
     fmt = out.suffix.lower()
     if fmt not in FORMATS:
@@ -144,6 +167,14 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, weights=None, 
     if precision not in DTYPES or (fmt == ".onnx" and precision != "fp32"):
         allowed = "fp32 (ONNX)" if fmt == ".onnx" else ", ".join(DTYPES)
         raise DeployError(f"--precision {precision}: expected {allowed}")
+    with exclusive(out, "a model export", remove=True):
+        check_file_replaceable(out, is_export, "a model export", overwrite, "--out")
+        if fmt == ".onnx":
+            check_file_replaceable(sidecar(out), is_featcache_json, f"{out.name}'s preprocessing", overwrite, "--out")
+        return _export(run_dir, out, fmt, weights, device, precision)
+
+
+def _export(run_dir, out: Path, fmt: str, weights, device: str, precision: str) -> ExportResult:
     embedder = Embedder.from_run(run_dir, weights, device)
     if fmt == ".zip" and embedder.dim > GUIEC_MAX_DIM:
         raise DeployError(f"--out {out}: a GUIEC submission takes embeddings of at most {GUIEC_MAX_DIM} dims; "
@@ -154,11 +185,12 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, *, weights=None, 
     # leaves nothing behind.
     if fmt == ".onnx":
         def write_onnx(tmp: Path) -> None:
-            _write_onnx(embedder, tmp)
+            _write_onnx(embedder, tmp, meta)
             checks.update(check_onnx(tmp, embedder))
 
+        # the preprocessing first: a model file never stands beside another model's preprocessing
+        write_file(sidecar(out), lambda tmp: tmp.write_text(strict_json(meta) + "\n"))
         write_file(out, write_onnx)
-        write_file(out.with_name("preprocess.json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
     else:
         data = _save_torchscript(build_module(embedder, precision), meta)
         checks.update(check_torchscript(torch.jit.load(io.BytesIO(data), map_location="cpu"), embedder, precision))
@@ -212,7 +244,19 @@ def check_torchscript(module: torch.jit.ScriptModule, embedder: Embedder, precis
     return {"probe": f"{image.width}x{image.height} synthetic image", "cosine": round(cosine, 6), "floor": floor}
 
 
-def _write_onnx(embedder: Embedder, tmp: Path) -> None:
+def onnx_metadata(path: Path) -> dict[str, Any] | None:
+    """What ``export`` recorded in an ONNX model's ``metadata_props``; None for any other file."""
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        text = next((p.value for p in model.metadata_props if p.key == META_FILE), None)
+        return json.loads(text) if text else None
+    except Exception:  # not ONNX at all: protobuf's decode errors, or garbage in our own field
+        return None
+
+
+def _write_onnx(embedder: Embedder, tmp: Path, meta: dict[str, Any]) -> None:
     size = plan(embedder.cache_meta["preprocessing"])["size"][0]
     model = NormalisedEncoder(embedder.encoder()).eval()
     example = torch.zeros(2, 3, size, size, device=embedder.device)
@@ -227,6 +271,11 @@ def _write_onnx(embedder: Embedder, tmp: Path) -> None:
                               opset_version=17)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
+    import onnx
+
+    model = onnx.load(str(tmp))
+    model.metadata_props.add(key=META_FILE, value=json.dumps(meta))
+    onnx.save(model, str(tmp))
 
 
 @torch.inference_mode()

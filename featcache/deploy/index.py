@@ -3,9 +3,13 @@
 An index directory holds
 - ``index.faiss``: the rows' embeddings (the run's head, or the raw features), L2-normalised, inner product;
 - ``rows.parquet``: per index row, the cache row it came from and its ``path``, ``label``, ``domain``, ``split``;
-- ``index.json``: what a query needs to be embedded the same way (the run directory, the backbone and
-  preprocessing the cache recorded, the cache key), the index kind and, for approximate kinds, their
-  recall@10 against exact search on a sample.
+- ``head.safetensors``: with a run, a copy of the head the rows were embedded with (the index embeds its
+  queries with its own copy: retraining or moving the run does not change what the index means);
+- ``index.json``: what a query needs to be embedded the same way (the backbone and preprocessing the
+  cache recorded, the head's sha256 and the feature spaces of the rows and of the features the head
+  takes), the sha256 of each file above (a damaged or swapped file is refused), the index kind and, for
+  approximate kinds, their recall@10 against exact search on a sample. The run, cache and root are
+  recorded as absolute paths: the index works from any working directory, and moved.
 
 Rows are embedded and added a block at a time, so memory stays bounded whatever the cache's size.
 Exact (flat) search is the default; ``ivf`` and ``hnsw`` only on request (DESIGN.md: on this data they
@@ -14,6 +18,7 @@ trade a lot of recall for little time).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -23,15 +28,17 @@ from typing import Any, Callable
 import numpy as np
 
 from featcache import __version__
-from featcache.cache import FeatureCache, feature_space
+from featcache.cache import FeatureCache, describe_space, feature_space, file_sha256, head_space
 from featcache.deploy.embedder import DeployError, Embedder, collection, rebuild_backbone
 from featcache.evaluate.search import l2_normalize
-from featcache.files import build_dir
+from featcache.files import build_dir, strict_json
 from featcache.images import ImageFailure, load_image
-from featcache.train.runs import Run
+from featcache.train.heads import ProjectionHead
+from featcache.train.runs import HEAD, damage, load_head
 
-INDEX_FILE, ROWS_FILE, META_FILE = "index.faiss", "rows.parquet", "index.json"
-FORMAT_VERSION = 1
+INDEX_FILE, ROWS_FILE, META_FILE, HEAD_FILE = "index.faiss", "rows.parquet", "index.json", HEAD
+FORMAT_VERSION = 2  # 2: the head is copied into the index, files carry their sha256
+MAX_HNSW_M = 256
 BLOCK_ROWS = 1 << 16
 RECALL_QUERIES = 1000
 RECALL_K = 10
@@ -76,13 +83,17 @@ def _empty_index(spec: IndexSpec, dim: int):
 def index_spec(ivf: int | None = None, hnsw: int | None = None, nprobe: int | None = None) -> IndexSpec:
     if ivf is not None and hnsw is not None:
         raise DeployError("give --ivf or --hnsw, not both")
+    if nprobe is not None and ivf is None:
+        raise DeployError(f"--nprobe {nprobe}: only an IVF index (--ivf NLIST) probes lists")
     if ivf is not None:
         if ivf < 1:
             raise DeployError(f"--ivf {ivf}: the number of lists must be at least 1")
-        return IndexSpec("ivf", nlist=ivf, nprobe=min(ivf, nprobe or max(1, ivf // 16)))
+        if nprobe is not None and not 1 <= nprobe <= ivf:
+            raise DeployError(f"--nprobe {nprobe}: lists searched per query, between 1 and --ivf ({ivf})")
+        return IndexSpec("ivf", nlist=ivf, nprobe=nprobe or max(1, ivf // 16))
     if hnsw is not None:
-        if hnsw < 2:
-            raise DeployError(f"--hnsw {hnsw}: links per node must be at least 2")
+        if not 2 <= hnsw <= MAX_HNSW_M:
+            raise DeployError(f"--hnsw {hnsw}: links per node, between 2 and {MAX_HNSW_M}")
         return IndexSpec("hnsw", m=hnsw)
     return IndexSpec()
 
@@ -112,6 +123,9 @@ def build_index(cache_path: str | os.PathLike, out: str | os.PathLike, *, run: s
     spec = spec or IndexSpec()
     out = Path(out)
     cache, rows, head_run = collection(cache_path, run)
+    # the head as it is now, read once: the bytes hashed are the bytes copied and the weights used
+    head_bytes = (head_run.path / HEAD).read_bytes() if head_run is not None else b""
+    head_sha = hashlib.sha256(head_bytes).hexdigest() if head_run is not None else None
     if spec.kind == "ivf" and spec.nlist > len(rows):
         raise DeployError(f"--ivf {spec.nlist}: more lists than rows to index ({len(rows)})")
 
@@ -159,6 +173,9 @@ def build_index(cache_path: str | os.PathLike, out: str | os.PathLike, *, run: s
             _, found = index.search(truth.queries, truth.k)
             recall = float(np.mean([len(set(a) & set(b)) / truth.k for a, b in zip(found, truth.ids)]))
         _faiss().write_index(index, str(tmp / INDEX_FILE))
+        if head_run is not None:
+            (tmp / HEAD_FILE).write_bytes(head_bytes)
+        features = feature_space(cache.meta)
         meta.update({
             "featcache_version": __version__,
             "format_version": FORMAT_VERSION,
@@ -167,19 +184,26 @@ def build_index(cache_path: str | os.PathLike, out: str | os.PathLike, *, run: s
             "dim": int(dim),
             "metric": "inner product of L2-normalised embeddings (cosine)",
             "embeddings": "run" if head_run is not None else "raw",
-            "run": str(head_run.path) if head_run is not None else None,
-            "cache": str(cache.path),
+            # what the rows are, and what a query's features must be to be embedded like them
+            "space": head_space(features, head_sha) if head_run is not None else features,
+            "features_space": features,
+            "head": head_run.head.config() if head_run is not None else None,
+            "head_sha256": head_sha,
+            "run": str(head_run.path.resolve()) if head_run is not None else None,  # provenance only
+            "cache": str(cache.path.resolve()),
             "cache_key": cache.key,
-            "root": cache.meta["root"],
+            "root": os.path.abspath(cache.meta["root"]),
             "backbone": cache.meta["backbone"],
             "preprocessing": cache.meta["preprocessing"],
             "precision": cache.meta.get("precision"),
             "recall_at_10": recall,
             "recall_sample": len(sample) if sample is not None else None,
+            "files": {name: file_sha256(tmp / name) for name in (INDEX_FILE, ROWS_FILE, HEAD_FILE) if (tmp / name).exists()},
         })
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / META_FILE).write_text(strict_json(meta) + "\n")
 
-    build_dir(out, build, ours=lambda d: (d / META_FILE).is_file(), what="an index", overwrite=overwrite)
+    build_dir(out, build, ours=lambda d: (d / META_FILE).is_file(), what="an index", overwrite=overwrite,
+              owned=lambda rel: rel in (INDEX_FILE, ROWS_FILE, META_FILE, HEAD_FILE))
     return meta
 
 
@@ -191,41 +215,58 @@ class Index:
     meta: dict[str, Any]
     faiss_index: Any
     rows: Any  # pyarrow Table: row, path, label, domain, split
-    run: Run | None = None
+    head: ProjectionHead | None = None
     _embedder: Embedder | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Index":
-        import pyarrow.parquet as pq
-
+        """Open an index, checking every file against index.json; anything damaged, swapped or of another
+        format is one line naming the file."""
         path = Path(path)
         if not (path / META_FILE).is_file():
             raise DeployError(f"{path}: not a featcache index (no {META_FILE}); build one with `featcache index`")
-        meta = json.loads((path / META_FILE).read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise DeployError(f"{path}: index format {meta.get('format_version')}, this featcache reads {FORMAT_VERSION}")
-        rows = pq.read_table(path / ROWS_FILE)
-        index = _faiss().read_index(str(path / INDEX_FILE))
-        if index.ntotal != meta["rows"] or rows.num_rows != meta["rows"]:
-            raise DeployError(f"{path}: {INDEX_FILE} holds {index.ntotal} rows, {ROWS_FILE} {rows.num_rows}, "
-                              f"{META_FILE} says {meta['rows']}")
+        meta = _read_meta(path / META_FILE)
+        for name, digest in meta["files"].items():
+            if not (path / name).is_file():
+                raise DeployError(f"{path / name}: missing; rebuild the index with `featcache index`")
+            if file_sha256(path / name) != digest:
+                raise DeployError(f"{path / name}: not the file this index was built with (its sha256 differs from "
+                                  f"{META_FILE}'s); rebuild the index with `featcache index`")
+        rows = _read_rows(path / ROWS_FILE)
+        try:
+            index = _faiss().read_index(str(path / INDEX_FILE))
+        except Exception as e:  # faiss reports a damaged file as a RuntimeError with a C++ trace
+            raise DeployError(f"{path / INDEX_FILE}: not a readable faiss index ({type(e).__name__})") from None
+        if index.ntotal != meta["rows"] or rows.num_rows != meta["rows"] or index.d != meta["dim"]:
+            raise DeployError(f"{path}: {INDEX_FILE} holds {index.ntotal} rows of {index.d} dims, {ROWS_FILE} "
+                              f"{rows.num_rows} rows, {META_FILE} says {meta['rows']} of {meta['dim']}")
         if "nprobe" in meta["index"]:
             index.nprobe = meta["index"]["nprobe"]
         if meta["index"]["kind"] == "hnsw":
             index.hnsw.efSearch = HNSW_EF_SEARCH
-        run = None
-        if meta["run"] is not None:
-            run = Run.load(meta["run"])
-            if run.cache_key != meta["cache_key"]:
-                raise DeployError(f"{path}: its run {meta['run']} was retrained on another cache since the index was built")
-        return cls(path, meta, index, rows, run)
+        head = None
+        if meta["head"] is not None:
+            try:
+                head = load_head(path / HEAD_FILE, meta["head"])
+            except Exception as e:  # safetensors and torch report a damaged file in their own ways
+                raise DeployError(f"{path / HEAD_FILE}: not the head recorded in {META_FILE} ({damage(e)})") from None
+        return cls(path, meta, index, rows, head)
+
+    def embed_features(self, features: np.ndarray) -> np.ndarray:
+        """Backbone features of the index's feature space -> L2-normalised vectors like the index's rows."""
+        if self.head is None:
+            return l2_normalize(features)
+        import torch
+
+        with torch.inference_mode():
+            return l2_normalize(self.head(torch.as_tensor(np.asarray(features)).float()).numpy())
 
     def embedder(self, weights=None, device: str = "cpu") -> Embedder:
         """The backbone (rebuilt as the index recorded it) and the run's head: queries embedded like the rows."""
         if self._embedder is None:
             backbone = rebuild_backbone(self.meta, weights, device)
-            head = self.run.head.to(device).eval() if self.run is not None else None
-            self._embedder = Embedder(backbone, head, self.run, self.meta, device)
+            head = self.head.to(device).eval() if self.head is not None else None
+            self._embedder = Embedder(backbone, head, None, self.meta, device)
         return self._embedder
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -282,9 +323,11 @@ def _module_embedder(index: Index, model: str | os.PathLike) -> Callable[[list],
     from featcache.deploy.export import image_tensor, load_torchscript, read_export_metadata
 
     meta = read_export_metadata(model)
-    if meta.get("cache_key") != index.meta["cache_key"] or meta.get("run") != index.meta["run"]:
-        raise DeployError(f"--model {model} was exported from run {meta.get('run')} (cache {meta.get('cache_key')}), "
-                          f"the index holds run {index.meta['run']} (cache {index.meta['cache_key']})")
+    if meta.get("space") != index.meta["space"]:
+        raise DeployError(f"--model {model} embeds into {describe_space(meta.get('space') or {})} (run "
+                          f"{meta.get('run')}), but {index.path} holds {describe_space(index.meta['space'])} (run "
+                          f"{index.meta['run']}): its neighbours would be wrong; export the run the index was built with, "
+                          "or rebuild the index")
     module = load_torchscript(model)
 
     def embed(images: list) -> np.ndarray:
@@ -296,21 +339,68 @@ def _module_embedder(index: Index, model: str | os.PathLike) -> Callable[[list],
 
 def search_cache(index: Index, query_cache: str | os.PathLike, *, k: int = 10,
                  block_rows: int = BLOCK_ROWS) -> list[dict[str, Any]]:
-    """Neighbours of every valid row of another cache, whose features must be the index's kind."""
+    """Neighbours of every valid row of another cache. Its vectors must be of the index's feature space
+    (embedded here by the index's head) or already of the index's own space (e.g. a run's embeddings
+    exported and imported elsewhere: used as they are)."""
     cache = FeatureCache.open(query_cache)
     cache.require_complete()
-    if feature_space(cache.meta) != feature_space(index.meta):
-        raise DeployError(f"--query-cache {cache.path}: its features ({cache.meta['backbone']['name']}) are not the "
-                          f"index's ({index.meta['backbone']['name']}); extract them with the same backbone")
+    space = feature_space(cache.meta)
+    if space == index.meta["space"]:
+        embed = l2_normalize
+    elif space == index.meta["features_space"]:
+        embed = index.embed_features
+    else:
+        raise DeployError(f"--query-cache {cache.path}: holds {describe_space(space)}, the index {index.path} "
+                          f"{describe_space(index.meta['space'])}: they cannot be compared")
     rows = np.flatnonzero(cache.valid())
     paths = cache.strings("paths")
     to_file = _resolver(cache.meta["root"])
     results = []
     for lo in range(0, len(rows), block_rows):
-        block = cache.features(rows[lo:lo + block_rows])
-        queries = l2_normalize(index.run.embed(block) if index.run is not None else block)
-        scores, positions = index.search(queries, k)
+        scores, positions = index.search(embed(cache.features(rows[lo:lo + block_rows])), k)
         queries = to_file(paths[rows[lo:lo + block_rows]].tolist())
         for q, found in zip(queries, index.neighbours(scores, positions)):
             results.append({"query": q, "neighbours": found})
     return results
+
+
+META_SHAPE = {"format_version": int, "index": dict, "rows": int, "dim": int, "space": dict, "features_space": dict,
+              "head": (dict, type(None)), "files": dict, "root": str, "backbone": dict, "preprocessing": dict,
+              "cache_key": str}
+
+
+def _read_meta(file: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise DeployError(f"{file}: not readable as an index's record ({type(e).__name__})") from None
+    if not isinstance(meta, dict):
+        raise DeployError(f"{file}: not an index's record (a JSON {type(meta).__name__}, not an object)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DeployError(f"{file.parent}: index format {meta.get('format_version')!r}, this featcache reads "
+                          f"{FORMAT_VERSION}; rebuild it with `featcache index`")
+    for key, kind in META_SHAPE.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise DeployError(f"{file}: damaged ({key} = {str(meta.get(key))[:60]!r})")
+    if meta["index"].get("kind") not in ("flat", "ivf", "hnsw") or not all(
+            isinstance(v, str) and k in (INDEX_FILE, ROWS_FILE, HEAD_FILE) for k, v in meta["files"].items()) \
+            or {INDEX_FILE, ROWS_FILE} - set(meta["files"]) or (meta["head"] is not None) != (HEAD_FILE in meta["files"]):
+        raise DeployError(f"{file}: damaged (index kind or file list)")
+    return meta
+
+
+def _read_rows(file: Path):
+    """rows.parquet, with every column present, of text, and without nulls."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(file)
+    except (OSError, pa.ArrowException) as e:
+        raise DeployError(f"{file}: not readable ({type(e).__name__})") from None
+    for name in ("path", "label", "domain", "split"):
+        if name not in rows.column_names or not pa.types.is_string(rows.schema.field(name).type):
+            raise DeployError(f"{file}: no text column {name!r}")
+        if rows.column(name).null_count:
+            raise DeployError(f"{file}: {rows.column(name).null_count} rows have no {name}")
+    return rows

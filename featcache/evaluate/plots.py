@@ -8,10 +8,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from featcache.evaluate.protocols import EvalOutput
-from featcache.files import write_file
+from featcache.files import write_output
 from featcache.images import ImageFailure, load_image
 from featcache.manifest import resolve
 
+PNG_SOFTWARE = "featcache"  # the PNG text chunk that marks a picture featcache drew (and so may replace)
+PLOT_FILES = ("neighbours.png", "domains.png")  # what write_plots draws into its folder
+MAX_COLUMNS = 10  # neighbours drawn per query: a picture of --k 1000 would be 100,000 px wide
 THUMB = 112
 BORDER = 6
 GREEN, RED, BLUE, GREY = (40, 170, 60), (210, 40, 40), (40, 90, 200), (200, 200, 200)
@@ -25,11 +28,39 @@ def _thumb(root: Path, path: str, colour: tuple[int, int, int]) -> Image.Image:
     return ImageOps.expand(im, border=BORDER, fill=colour)
 
 
-def neighbours_grid(ev: EvalOutput, dest: Path) -> Path:
-    """One row per shown query: the query (blue frame), then its top-k neighbours, green if relevant, red if not."""
+def is_our_png(path: Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.text.get("Software", "").startswith(PNG_SOFTWARE)
+    except Exception:  # not a picture, or a damaged one: not ours
+        return False
+
+
+def save_png(dest: Path, save, overwrite: bool, option: str) -> Path:
+    """``save(file)`` writes a PNG; it replaces ``dest`` only when featcache drew it and ``overwrite`` is given."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return write_output(dest, save, ours=is_our_png, what="a featcache picture", overwrite=overwrite, option=option)
+
+
+def _save_sheet(sheet: Image.Image, dest: Path, overwrite: bool, option: str) -> Path:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", PNG_SOFTWARE)
+    return save_png(dest, lambda tmp: sheet.save(tmp, format="PNG", pnginfo=info), overwrite, option)
+
+
+def _save_figure(fig, dest: Path, overwrite: bool, option: str) -> Path:
+    return save_png(dest, lambda tmp: fig.savefig(tmp, format="png", metadata={"Software": PNG_SOFTWARE}), overwrite, option)
+
+
+def neighbours_grid(ev: EvalOutput, dest: Path, overwrite: bool = False, option: str = "--plot") -> Path:
+    """One row per shown query: the query (blue frame), then its top neighbours (at most ``MAX_COLUMNS``),
+    green if relevant, red if not."""
     q_root, i_root = Path(ev.queries.cache.meta["root"]), Path(ev.index.cache.meta["root"])
     q_paths, i_paths = ev.queries.cache.strings("paths"), ev.index.cache.strings("paths")
     rows, k = ev.neighbours.shape
+    k = min(k, MAX_COLUMNS)
     gap, label_h = 12, 18
     sheet = Image.new("RGB", ((k + 1) * THUMB + gap, rows * (THUMB + label_h)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -42,16 +73,14 @@ def neighbours_grid(ev: EvalOutput, dest: Path) -> Path:
             x = gap + (j + 1) * THUMB
             sheet.paste(_thumb(i_root, i_paths[ev.index.rows[pos]], GREEN if ev.relevant[r, j] else RED), (x, y))
             draw.text((x + 2, y + THUMB + 2), str(ev.index.labels[pos])[:18], fill="black")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    write_file(dest, lambda tmp: sheet.save(tmp, format="PNG"))
-    return dest
+    return _save_sheet(sheet, dest, overwrite, option)
 
 
-def search_grid(results: list[dict], dest: Path) -> Path:
-    """One row per query of ``featcache search``: the query (blue frame), then its neighbours, each with its
-    label and cosine score."""
+def search_grid(results: list[dict], dest: Path, overwrite: bool = False, option: str = "--plot") -> Path:
+    """One row per query of ``featcache search``: the query (blue frame), then its neighbours (at most
+    ``MAX_COLUMNS``), each with its label and cosine score."""
     rows = len(results)
-    k = max((len(r["neighbours"]) for r in results), default=0)
+    k = min(MAX_COLUMNS, max((len(r["neighbours"]) for r in results), default=0))
     gap, label_h = 12, 30
     sheet = Image.new("RGB", ((k + 1) * THUMB + gap, max(1, rows) * (THUMB + label_h)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -60,17 +89,16 @@ def search_grid(results: list[dict], dest: Path) -> Path:
         y = r * (THUMB + label_h)
         sheet.paste(_thumb(here, result["query"], BLUE), (0, y))
         draw.text((2, y + THUMB + 2), Path(result["query"]).name[:18], fill="black")
-        for j, n in enumerate(result["neighbours"]):
+        for j, n in enumerate(result["neighbours"][:k]):
             x = gap + (j + 1) * THUMB
             sheet.paste(_thumb(here, n["path"], GREY), (x, y))
             draw.text((x + 2, y + THUMB + 2), str(n["label"])[:18], fill="black")
             draw.text((x + 2, y + THUMB + 15), f"{n['score']:.3f}", fill="black")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    write_file(dest, lambda tmp: sheet.save(tmp, format="PNG"))
-    return dest
+    return _save_sheet(sheet, dest, overwrite, option)
 
 
-def domain_scores(results: dict[str, dict], dest: Path, metric: str = "mMP@5") -> Path:
+def domain_scores(results: dict[str, dict], dest: Path, metric: str = "mMP@5", overwrite: bool = False,
+                  option: str = "--plot") -> Path:
     """Grouped bars: ``metric`` per domain (and overall) for each named result, e.g. run vs zero-shot."""
     import matplotlib
 
@@ -96,9 +124,10 @@ def domain_scores(results: dict[str, dict], dest: Path, metric: str = "mMP@5") -
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    write_file(dest, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-    return dest
+    try:
+        return _save_figure(fig, dest, overwrite, option)
+    finally:
+        plt.close(fig)
 
 
 def sweep_chart(summary: dict, dest: Path) -> Path:
@@ -129,11 +158,15 @@ def sweep_chart(summary: dict, dest: Path) -> Path:
     ax.set_title(f"{metric}, mean ± std over {summary['seeds']} seed(s)")
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
-    write_file(dest, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-    return dest
+    try:
+        return _save_figure(fig, dest, False, "--out")  # the sweep's own new folder
+    finally:
+        plt.close(fig)
 
 
-def write_plots(ev: EvalOutput, results: dict[str, dict], folder: Path, metric: str = "mMP@5") -> list[Path]:
-    """``neighbours.png`` (``ev``'s shown queries) and ``domains.png`` (``results`` side by side) in ``folder``."""
-    return [neighbours_grid(ev, folder / "neighbours.png"), domain_scores(results, folder / "domains.png", metric)]
+def write_plots(ev: EvalOutput, results: dict[str, dict], folder: Path, metric: str = "mMP@5",
+                overwrite: bool = False) -> list[Path]:
+    """``neighbours.png`` (``ev``'s shown queries) and ``domains.png`` (``results`` side by side) in ``folder``;
+    each replaces only a picture featcache drew, and only with ``overwrite``."""
+    neighbours, domains = (folder / name for name in PLOT_FILES)
+    return [neighbours_grid(ev, neighbours, overwrite), domain_scores(results, domains, metric, overwrite)]

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from featcache.cache import FeatureCache, feature_space
+from featcache.cache import FeatureCache, describe_space, feature_space
 from featcache.evaluate.metrics import evaluate, query_metrics, summarize
 from featcache.evaluate.search import l2_normalize, search
-from featcache.files import write_json
-from featcache.train.runs import EVAL, Run, RunError
+from featcache import __version__
+from featcache.train.runs import Run, RunError
 
 ZERO_SHOT = ("pooled", "raw")
 POOLED_DIM = 64
@@ -71,11 +71,11 @@ def select(cache: FeatureCache, query_cache: FeatureCache | None, index_cache: F
         return valid if not domains else valid & np.isin(c.strings("domains"), domains)
 
     if query_cache is not None:
-        if feature_space(query_cache.meta) != feature_space(index_cache.meta):
-            qb, ib = query_cache.meta["backbone"], index_cache.meta["backbone"]
-            raise EvalError(f"--query-cache {query_cache.path} ({qb['name']}, {qb['weights']}) and --index-cache "
-                            f"{index_cache.path} ({ib['name']}, {ib['weights']}) hold features of different backbones, "
-                            "weights or preprocessing: their embeddings cannot be compared")
+        qs, is_ = feature_space(query_cache.meta), feature_space(index_cache.meta)
+        if qs != is_:
+            raise EvalError(f"--query-cache {query_cache.path} ({describe_space(qs)}) and --index-cache "
+                            f"{index_cache.path} ({describe_space(is_)}) hold different kinds of vectors (backbone, "
+                            "weights, preprocessing, head or declared space): they cannot be compared")
         queries, index = Side.of(query_cache, usable(query_cache)), Side.of(index_cache, usable(index_cache))
         if query_cache.key != index_cache.key:
             return queries, index, None
@@ -101,13 +101,14 @@ def select(cache: FeatureCache, query_cache: FeatureCache | None, index_cache: F
     return both, both, np.arange(len(both.rows), dtype=np.int64)
 
 
-MULTI_LABEL_SEP = "|"  # a query label "a|b" is relevant to index rows labelled a or b (UnED's GLDv2 queries)
-
-
-def scores(xq, queries: Side, xb, index: Side, self_ids, protocol: str, k: int, max_memory: int) -> dict[str, Any]:
-    """``retrieval.evaluate``, extended to queries that are only partly index rows (``self_ids`` -1 for the
-    others) and to multi-label queries: each kind is scored on its own against the same index, then merged."""
-    multi = np.fromiter((MULTI_LABEL_SEP in str(x) for x in queries.labels), dtype=bool, count=len(queries.labels))
+def scores(xq, queries: Side, xb, index: Side, self_ids, protocol: str, k: int, max_memory: int,
+           label_sep: str | None = None) -> dict[str, Any]:
+    """``metrics.evaluate``, extended to queries that are only partly index rows (``self_ids`` -1 for the
+    others) and, with ``label_sep``, to multi-label queries (a query labelled ``a|b`` with ``label_sep="|"``
+    is relevant to index rows labelled a or b, as UnED's GLDv2 queries are): each kind is scored on its own
+    against the same index, then merged. Labels are data: without ``label_sep`` no character means anything."""
+    multi = np.zeros(len(queries.labels), dtype=bool) if not label_sep else np.fromiter(
+        (label_sep in str(x) for x in queries.labels), dtype=bool, count=len(queries.labels))
     ids = np.full(len(queries.rows), -1, dtype=np.int64) if self_ids is None else self_ids
     parts = []
     for group in (~multi & (ids < 0), ~multi & (ids >= 0)):
@@ -118,11 +119,17 @@ def scores(xq, queries: Side, xb, index: Side, self_ids, protocol: str, k: int, 
                                   protocol=protocol, k=k, max_memory=max_memory))
     if multi.any():
         parts.append(multi_label_scores(xq[multi], queries.labels[multi], queries.domains[multi], xb, index,
-                                        ids[multi], protocol, k, max_memory))
+                                        ids[multi], protocol, k, max_memory, label_sep))
     return merge_scores(parts, protocol, k) if multi.any() or len(parts) > 1 else parts[0]
 
 
-def multi_label_scores(xq, labels, domains, xb, index: Side, self_ids, protocol: str, k: int, max_memory: int) -> dict[str, Any]:
+def query_labels(label: Any, label_sep: str | None) -> set[str]:
+    """The labels a query is relevant to: its own, or its parts with ``label_sep``."""
+    return set(str(label).split(label_sep)) if label_sep else {str(label)}
+
+
+def multi_label_scores(xq, labels, domains, xb, index: Side, self_ids, protocol: str, k: int, max_memory: int,
+                       label_sep: str) -> dict[str, Any]:
     """Per-domain scores of queries with several labels ("a|b"): a neighbour is relevant when its label is
     one of them (and, under uned, its domain is the query's). Index rows carry one label each."""
     neighbours = neighbours_of(xq, xb, k, self_ids, max_memory)
@@ -131,7 +138,7 @@ def multi_label_scores(xq, labels, domains, xb, index: Side, self_ids, protocol:
     rel = np.zeros(neighbours.shape, dtype=bool)
     n_rel = np.zeros(len(labels), dtype=np.int64)
     for i, (label, dom) in enumerate(zip(labels, domains)):
-        wanted = set(str(label).split(MULTI_LABEL_SEP))
+        wanted = query_labels(label, label_sep)
 
         def relevant(j: int) -> bool:
             return index.labels[j] in wanted and (not same_domain or index.domains[j] == dom)
@@ -185,17 +192,13 @@ def merge_scores(parts: list[dict[str, Any]], protocol: str, k: int) -> dict[str
 
 
 def check_run_fits(run: Run, cache: FeatureCache) -> None:
-    want = run.config["cache"].get("feature_space", {})
-    have = feature_space(cache.meta)
+    """Refuse, in one line naming both, a cache whose vectors are not the ones the run's head was trained on."""
+    want, have = run.features_space, feature_space(cache.meta)
     if run.config["head"]["in_dim"] != cache.dim:
         raise EvalError(f"{run.path}: the head takes {run.config['head']['in_dim']}-d features but {cache.path} holds {cache.dim}-d")
     if want and want != have:
-        diffs = [k for k in ("backbone", "preprocessing", "precision") if want.get(k) != have.get(k)]
-        wb, hb = want.get("backbone", {}), have["backbone"]
-        raise EvalError(
-            f"{run.path} was trained on features of {wb.get('library')}:{wb.get('arch')} ({wb.get('weights')}), "
-            f"but {cache.path} holds {hb.get('library')}:{hb.get('arch')} ({hb.get('weights')}); differs in {', '.join(diffs)}"
-        )
+        raise EvalError(f"{run.path} was trained on features of {describe_space(want)}, but {cache.path} holds "
+                        f"{describe_space(have)}: the head does not apply to them")
 
 
 def embed(features: np.ndarray, run: Run | None, zero_shot: str | None) -> np.ndarray:
@@ -220,6 +223,7 @@ class EvalSet:
     source: Any  # what the result records as its "cache"
     query_features: np.ndarray
     index_features: np.ndarray | None  # None: the index is the query set itself
+    domains: list[str] | None = None  # the domains taking part; None: all
 
     @classmethod
     def load(cls, cache_path=None, query_cache=None, index_cache=None, domains: list[str] | None = None) -> "EvalSet":
@@ -243,9 +247,10 @@ class EvalSet:
         if len(index.rows) == 0:
             raise EvalError("the index set is empty (no valid index rows)")
         same = index.rows is queries.rows
-        source = str(cache_path) if cache_path is not None else {"query": str(query_cache), "index": str(index_cache)}
+        source = (str(Path(cache_path).resolve()) if cache_path is not None
+                  else {"query": str(Path(query_cache).resolve()), "index": str(Path(index_cache).resolve())})
         return cls(queries, index, self_ids, caches, source, queries.cache.features(queries.rows),
-                   None if same else index.cache.features(index.rows))
+                   None if same else index.cache.features(index.rows), sorted(domains) if domains else None)
 
 
 @dataclass
@@ -269,9 +274,12 @@ def run_eval(
     max_memory: int = 2 << 30,
     show: int = 0,
     eval_set: EvalSet | None = None,
+    label_sep: str | None = None,
 ) -> EvalOutput:
     """Score a run's head (or a zero-shot baseline) on a cache's queries and index; ``eval_set`` reuses
-    features already loaded. With ``show`` > 0, also keep the top-k neighbours of ``show`` queries (for plots)."""
+    features already loaded. With ``show`` > 0, also keep the top-k neighbours of ``show`` queries (for plots).
+    ``label_sep`` declares multi-label queries (see ``scores``). A run's result is recorded in its directory
+    as the latest of its kind (which caches, protocol, k, domains)."""
     if run is not None and zero_shot is not None:
         raise EvalError("give --run or --zero-shot, not both")
     if run is None and zero_shot is None:
@@ -290,9 +298,12 @@ def run_eval(
     bad = int((~np.isfinite(xq)).any(axis=1).sum() + (0 if xb is xq else (~np.isfinite(xb)).any(axis=1).sum()))
     if bad:
         raise EvalError(f"{bad} embeddings are NaN or infinite; the head or the cache is broken")
-    result = scores(xq, queries, xb, index, self_ids, protocol, k, max_memory)
+    result = scores(xq, queries, xb, index, self_ids, protocol, k, max_memory, label_sep)
     result["embeddings"] = f"run {run.path}" if run is not None else f"zero-shot {zero_shot}"
     result["cache"] = es.source
+    result["domains_scored"] = es.domains or "all"
+    result["label_sep"] = label_sep
+    result["featcache_version"] = __version__
     neighbours = np.zeros((0, k), dtype=np.int64)
     relevant = np.zeros((0, k), dtype=bool)
     if show:
@@ -300,11 +311,12 @@ def run_eval(
         ids = self_ids[picked] if self_ids is not None else None
         neighbours = neighbours_of(xq[picked], xb, k, ids, max_memory)
         queries = Side(queries.cache, queries.rows[picked], queries.labels[picked], queries.domains[picked])
-        relevant = np.array([[index.labels[j] in set(str(lab).split(MULTI_LABEL_SEP))
+        relevant = np.array([[index.labels[j] in query_labels(lab, label_sep)
                               and (protocol != "uned" or index.domains[j] == dom) for j in row]
                              for row, lab, dom in zip(neighbours, queries.labels, queries.domains)], dtype=bool).reshape(neighbours.shape)
     if run is not None:
-        write_json(run.path / EVAL, result)
+        run.record_eval({"cache": es.source, "protocol": protocol, "k": k, "domains": es.domains,
+                         "label_sep": label_sep}, result)
     return EvalOutput(result, queries, index, neighbours, relevant)
 
 

@@ -325,7 +325,7 @@ def _config(data: TrainData, options: TrainOptions, head: ProjectionHead) -> dic
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "complete": False,
         "epochs_done": 0,
-        "cache": {"path": str(data.cache_path), "key": data.cache_key, "backbone": data.backbone, "dim": data.dim,
+        "cache": {"path": str(Path(data.cache_path).resolve()), "key": data.cache_key, "backbone": data.backbone, "dim": data.dim,
                   "feature_space": data.feature_space},
         "options": {**asdict(options), "loss": spec.name, "loss_opts": resolved},
         "head": head.config(),

@@ -6,7 +6,8 @@
 - ``head.safetensors``: the projection head (all you need to embed).
 - ``class_weights.safetensors``: the loss's class weights and buffers (training only).
 - ``state.pt``: optimiser and RNG state of the last finished epoch, for ``--resume``; removed when done.
-- ``eval.json``: the latest ``featcache eval`` result for this run.
+- ``eval.json``: this run's ``featcache eval`` results, the latest of each kind (which caches, protocol,
+  k, domains): ``featcache runs`` shows the latest full one (every domain, k = 5) and says what it measured.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from featcache.files import write_file
+from featcache.cache import file_sha256, head_space
+from featcache import __version__
+from featcache.files import write_file, write_json
 from featcache.train.heads import ProjectionHead
 
 CONFIG, METRICS, HEAD, CLASS_WEIGHTS, STATE, EVAL = (
@@ -36,6 +39,18 @@ class RunError(ValueError):
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     write_file(path, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
                                            metadata=metadata))
+
+
+def load_head(file: Path, config: dict[str, Any]) -> ProjectionHead:
+    """A head from its safetensors weights and its ``config()`` (tensors only: nothing in the file runs)."""
+    head = ProjectionHead(config["in_dim"], config["embed_dim"], config["dropout"], tuple(config.get("hidden", ())))
+    head.load_state_dict(load_file(str(file)))
+    return head.eval()
+
+
+def damage(e: BaseException) -> str:
+    """What went wrong reading a damaged file, in a few words: the error's type and first line."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}".rstrip(": ")
 
 
 @dataclass
@@ -53,25 +68,56 @@ class Run:
             raise RunError(f"{path}: not a featcache run (needs {CONFIG} and {HEAD}; train one with `featcache train-head`)")
         try:
             config = json.loads((path / CONFIG).read_text())
-            h = config["head"]
-            head = ProjectionHead(h["in_dim"], h["embed_dim"], h["dropout"], tuple(h.get("hidden", ())))
-            head.load_state_dict(load_file(str(path / HEAD)))
+            head = load_head(path / HEAD, config["head"])
         except Exception as e:  # JSON, safetensors and torch each raise their own types for a damaged file
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise RunError(f"{path}: a damaged run ({type(e).__name__}: {reason})") from None
-        return cls(path, config, head.eval())
+            raise RunError(f"{path}: a damaged run ({damage(e)})") from None
+        return cls(path, config, head)
 
     @property
     def cache_key(self) -> str:
         return self.config["cache"]["key"]
 
+    @property
+    def head_sha256(self) -> str:
+        """The identity of this head: the sha256 of its weights file (a retrained head is another head)."""
+        return file_sha256(self.path / HEAD)
+
+    @property
+    def features_space(self) -> dict[str, Any]:
+        """The feature space the head was trained on (``cache.feature_space``)."""
+        return self.config["cache"].get("feature_space") or {}
+
+    def embedding_space(self) -> dict[str, Any]:
+        """The space of this head's embeddings (``cache.head_space``)."""
+        return head_space(self.features_space, self.head_sha256)
+
     def metrics(self) -> list[dict[str, Any]]:
         f = self.path / METRICS
         return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
 
-    def eval_result(self) -> dict[str, Any] | None:
+    def evaluations(self) -> list[dict[str, Any]]:
+        """Every kind of evaluation recorded for this run, oldest first: ``{"measured": {...}, "result": {...}}``
+        (an eval.json from before the record held one bare result, measured on every domain)."""
         f = self.path / EVAL
-        return json.loads(f.read_text()) if f.exists() else None
+        if not f.exists():
+            return []
+        record = json.loads(f.read_text())
+        if isinstance(record, dict) and "evaluations" in record:
+            return list(record["evaluations"])
+        measured = {"cache": record.get("cache"), "protocol": record.get("protocol"), "k": record.get("k"), "domains": None}
+        return [{"measured": measured, "result": record}]
+
+    def record_eval(self, measured: dict[str, Any], result: dict[str, Any]) -> None:
+        """Keep ``result`` as the latest evaluation of its kind (``measured``), beside the other kinds."""
+        kept = [e for e in self.evaluations() if e.get("measured") != measured]
+        write_json(self.path / EVAL, {"featcache_version": __version__,
+                                      "evaluations": [*kept, {"measured": measured, "result": result}]})
+
+    def summary_eval(self) -> dict[str, Any] | None:
+        """The evaluation ``runs`` shows: the latest full one (every domain, k = 5), else the latest."""
+        evaluations = self.evaluations()
+        full = [e for e in evaluations if is_full(e["measured"])]
+        return (full or evaluations or [None])[-1]
 
     @torch.inference_mode()
     def embed(self, features: np.ndarray | torch.Tensor, batch_size: int = 65536) -> np.ndarray:
@@ -80,6 +126,23 @@ class Run:
         if x.ndim != 2 or x.shape[1] != self.head.in_dim:
             raise RunError(f"{self.path}: the head takes {self.head.in_dim}-d features, got shape {tuple(x.shape)}")
         return torch.cat([self.head(x[i:i + batch_size].float()) for i in range(0, len(x), batch_size)]).numpy()
+
+
+def is_full(measured: dict[str, Any]) -> bool:
+    return not measured.get("domains") and measured.get("k") == 5
+
+
+def describe_measured(measured: dict[str, Any]) -> str:
+    """What an evaluation measured, in a few words: ``c.zarr (guiec)``, ``c.zarr (uned, k=10, domain cars)``."""
+    cache = measured.get("cache")
+    if isinstance(cache, dict):
+        cache = f"{Path(str(cache.get('query'))).name} -> {Path(str(cache.get('index'))).name}"
+    parts = [str(measured.get("protocol"))]
+    if measured.get("k") != 5:
+        parts.append(f"k={measured.get('k')}")
+    if measured.get("domains"):
+        parts.append("domain " + ", ".join(map(str, measured["domains"])))
+    return f"{Path(str(cache)).name} ({', '.join(parts)})"
 
 
 def list_runs(folder: str | os.PathLike) -> list[dict[str, Any]]:
@@ -94,13 +157,13 @@ def list_runs(folder: str | os.PathLike) -> list[dict[str, Any]]:
         if not isinstance(config, dict) or "featcache_version" not in config:
             continue
         row = {"run": str(cfg.parent), "loss": None, "options": None, "epochs": None, "train_seconds": None,
-               "mMP@5": None, "status": "incomplete"}
+               "mMP@5": None, "scored_on": None, "status": "incomplete"}
         if not (cfg.parent / HEAD).is_file() and not config.get("epochs_done"):
             rows.append(row)  # stopped before its first epoch finished
             continue
         try:
             row.update(_summary(Run.load(cfg.parent)))
-        except (RunError, KeyError, TypeError, ValueError) as e:
+        except (RunError, KeyError, TypeError, ValueError, AttributeError) as e:
             reason = str(e).split(": ", 1)[-1] if isinstance(e, RunError) else f"{type(e).__name__}: {e}"
             row["status"] = f"damaged: {reason}"
         rows.append(row)
@@ -113,12 +176,15 @@ def _summary(run: Run) -> dict[str, Any]:
     keys = [("sub_centers", "k"), ("margin", "m"), ("scale", "s")]
     options = " ".join(f"{short}={lo[k]:g}" if isinstance(lo.get(k), (int, float)) else "" for k, short in keys if k in lo).strip()
     options = f"{options} E={o['embed_dim']} bs={o['batch_size']} lr={o['lr']:g}".strip()
-    ev = run.eval_result()
+    ev = run.summary_eval()
     return {
         "loss": o["loss"],
         "options": options,
         "epochs": f"{run.config['epochs_done']}/{o['epochs']}",
         "train_seconds": run.config.get("train_seconds"),
-        "mMP@5": ev["overall"].get("mMP@5") if ev else None,
+        # mMP@5 only where the evaluation shown scored every domain at k = 5; "scored_on" says what it was
+        "mMP@5": ev["result"]["overall"].get("mMP@5") if ev and is_full(ev["measured"]) else None,
+        "scored_on": describe_measured(ev["measured"]) + ("" if is_full(ev["measured"]) else ": no full evaluation")
+                     if ev else None,
         "status": "complete" if run.config.get("complete") else "incomplete",
     }

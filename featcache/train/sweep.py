@@ -12,7 +12,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from featcache.cache import safe_name
+from featcache.cache import FeatureCache, safe_name
 from featcache.files import write_json, write_text
 from featcache.train.loop import TrainOptions, check_options, load_train_data, train
 from featcache.train.losses import LOSSES, canonical_name
@@ -62,6 +62,17 @@ class Scorer(Protocol):
 ZERO_SHOT = ("pooled", "raw")
 
 
+def same_images(caches: list[Path]) -> None:
+    """Backbones are compared on one set of images: caches of different manifests are refused, naming both."""
+    first = FeatureCache.open(caches[0])
+    for c in caches[1:]:
+        other = FeatureCache.open(c)
+        if other.meta["manifest_sha256"] != first.meta["manifest_sha256"]:
+            raise ValueError(f"--cache {first.path} ({first.rows:,} rows of {first.meta.get('manifest')}) and --cache "
+                             f"{other.path} ({other.rows:,} rows of {other.meta.get('manifest')}) hold different images: "
+                             "a sweep compares backbones on one manifest; extract both from the same one")
+
+
 def run_sweep(caches: Path | list[Path], combos: list[TrainOptions], seeds: int, out: Path,
               scorers: Scorer | None | list[Scorer | None] = None,
               on_run: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -72,6 +83,7 @@ def run_sweep(caches: Path | list[Path], combos: list[TrainOptions], seeds: int,
     scorers = scorers if isinstance(scorers, list) else [scorers] * len(caches)
     if seeds < 1:
         raise ValueError(f"--seeds {seeds}: need at least 1")
+    same_images(caches)
     device = combos[0].device if combos else "cpu"
     views = bool(combos and combos[0].views)
     datasets = [load_train_data(c, device, views=views) for c in caches]  # every cache checked before anything trains
