@@ -166,8 +166,18 @@ def _now() -> str:
 def create_store(path: str | os.PathLike, manifest: Manifest, meta: dict[str, Any]) -> None:
     """Create the whole store at full size, atomically: it appears under ``path`` complete or not at all."""
     path = Path(path)
-    n, dim, rows = len(manifest), meta["dim"], meta["rows_per_chunk"]
     tmp = temp_dir_beside(path)  # unique: two runs never build in the same place
+    try:
+        build_store(tmp, manifest, meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    install(tmp, path)
+
+
+def build_store(tmp: Path, manifest: Manifest, meta: dict[str, Any]) -> None:
+    """The store's arrays at full size and its attributes, in the new empty folder ``tmp``."""
+    n, dim, rows = len(manifest), meta["dim"], meta["rows_per_chunk"]
     root = zarr.open_group(store=str(tmp), mode="w", zarr_format=3)
     # No compression (it gains ~7 % on embeddings, DESIGN.md), but a crc32c per chunk: a damaged chunk fails
     # to read instead of reading as other numbers.
@@ -185,7 +195,6 @@ def create_store(path: str | os.PathLike, manifest: Manifest, meta: dict[str, An
                       compressors=None)
     _write_rows(root, manifest)
     root.attrs[ATTRS] = meta
-    install(tmp, path)
 
 
 def install(tmp: Path, path: Path) -> None:
@@ -565,7 +574,7 @@ def import_features(features: np.ndarray, manifest: Manifest, out: str | os.Path
         non_finite = 0
         tmp = temp_dir_beside(out)
         try:
-            create_store(tmp, manifest, meta)
+            build_store(tmp, manifest, meta)
             group = zarr.open_group(store=str(tmp), mode="r+", zarr_format=3)
             arrays = row_arrays(group)
             features_out, valid_out, failures_out = arrays["features"], arrays["valid"], arrays["failures"]

@@ -75,15 +75,17 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, strict_json(obj) + "\n")
 
 
-def is_featcache_json(path: Path, max_bytes: int = 64 << 20) -> bool:
-    """A JSON file featcache wrote for a user (``--json FILE``): an object carrying ``featcache_version``."""
+_OURS_JSON = re.compile(rb'\{\s*"featcache_version"\s*:')
+
+
+def is_featcache_json(path: Path) -> bool:
+    """A JSON file featcache wrote for a user (``--json FILE``): an object whose first key is
+    ``featcache_version`` (read from the file's start: results of many queries can be large)."""
     try:
-        if path.stat().st_size > max_bytes:
-            return False
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        with open(path, "rb") as f:
+            return _OURS_JSON.match(f.read(256)) is not None
+    except OSError:
         return False
-    return isinstance(obj, dict) and "featcache_version" in obj
 
 
 def temp_dir_beside(out: Path) -> Path:
@@ -113,10 +115,15 @@ def clean_leftovers(out: Path) -> None:
             os.replace(entry / out.name, out)
         _remove(entry)
     if out.is_dir() and not out.is_symlink():
-        temporary = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
         for entry in out.iterdir():
-            if temporary.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+            if _OWN_TEMPORARY.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
                 entry.unlink(missing_ok=True)
+
+
+# Temporaries of the files the holder of a run's lock writes inside it (eval.json is not among them: an
+# evaluation writes it under its own lock, and may be running)
+_OWN_TEMPORARY = re.compile(r"\.(?:config\.json|metrics\.jsonl|head\.safetensors|class_weights\.safetensors|state\.pt)"
+                            r"\.[a-z0-9_]{8}\.tmp")
 
 
 def _remove(path: Path) -> None:
@@ -160,7 +167,7 @@ def write_output(out: str | os.PathLike, write: Callable[[Path], None], *, ours:
     """A file the user named (``--json F``, ``--plot F``, an export): written atomically by one process at a
     time, replacing only a file featcache made, and only with ``overwrite``."""
     out = Path(out)
-    with exclusive(out, what, remove=True):
+    with exclusive(out, what, remove=True, option=option):
         check_file_replaceable(out, ours, what, overwrite, option)
         return write_file(out, write)
 
@@ -245,7 +252,7 @@ def lock_file(out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def exclusive(out: str | os.PathLike, what: str, *, remove: bool = False) -> Iterator[None]:
+def exclusive(out: str | os.PathLike, what: str, *, remove: bool = False, option: str = "--out") -> Iterator[None]:
     """One writer at a time for ``out``: an advisory lock on a hidden file beside it, held while the block
     runs and released when the process ends, however it ends (the kernel drops it). A second writer is
     refused with one line, before it touches anything. With ``remove`` (single-file outputs, which leave
@@ -261,7 +268,7 @@ def exclusive(out: str | os.PathLike, what: str, *, remove: bool = False) -> Ite
         except BlockingIOError:
             os.close(fd)
             raise OutputError(f"{out}: another featcache process is writing {what} there; wait for it to finish, "
-                              "or choose another --out") from None
+                              f"or choose another {option}") from None
         try:
             same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:

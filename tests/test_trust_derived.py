@@ -291,6 +291,7 @@ def test_damaged_and_odd_inputs_are_one_line(tmp_path, cli, small_disk):
 
     fixed = json.loads(meta)
     fixed["files"]["rows.parquet"] = file_sha256(index / "rows.parquet")
+    fixed["sizes"]["rows.parquet"] = (index / "rows.parquet").stat().st_size
     (index / "index.json").write_text(json.dumps(fixed))
     assert "1 rows have no path" in one_line(cli(*search, code=2))
     (index / "rows.parquet").write_bytes(rows)
@@ -348,3 +349,27 @@ def test_a_killed_writer_leaves_nothing_the_next_run_keeps(tmp_path, cli):
     cli("search", "--index", tmp_path / "idx", "--query-cache", cache, "--k", "24", "--plot", tmp_path / "p.png", "-q")
     with Image.open(tmp_path / "p.png") as im:
         assert im.width <= 11 * 112 + 12
+
+
+def test_a_runs_scores_belong_to_its_current_head_and_survive_a_damaged_record(tmp_path, cli):
+    x, y = blobs(6, 12, dim=16)
+    splits = ["train" if c < 3 else ("query" if i % 3 == 0 else "index") for i, c in enumerate(y)]
+    cache = make_cache(tmp_path, x, y, splits)
+    run = tmp_path / "runs" / "r"
+    cli("train-head", "--cache", cache, "--epochs", "1", "--out", run, "--quiet")
+    cli("eval", "--cache", cache, "--run", run, "--plot", run / "plots")
+    record = (run / "eval.json").read_bytes()
+    # an evaluation of the old head that lands after the run was retrained is not shown as the new head's
+    cli("train-head", "--cache", cache, "--epochs", "1", "--out", run, "--overwrite", "--seed", "9", "--quiet")
+    (run / "eval.json").write_bytes(record)
+    row = json.loads(cli("runs", tmp_path / "runs", "--json").stdout)[0]
+    assert row["mMP@5"] is None and row["scored_on"] is None and row["status"] == "complete"
+    # a damaged record: runs says so, and the next eval replaces it (its scores are not lost)
+    (run / "eval.json").write_text("[]")
+    assert "eval.json is damaged" in json.loads(cli("runs", tmp_path / "runs", "--json").stdout)[0]["status"]
+    # pictures drawn before featcache marked them, in the run's own plots folder, are its own
+    for name in ("neighbours.png", "domains.png"):
+        Image.new("RGB", (4, 4)).save(run / "plots" / name)
+    cli("eval", "--cache", cache, "--run", run, "--plot", run / "plots", "--overwrite")
+    row = json.loads(cli("runs", tmp_path / "runs", "--json").stdout)[0]
+    assert row["mMP@5"] is not None and row["scored_on"] == "c.zarr (guiec)"

@@ -93,11 +93,15 @@ def eval_(
     out.print(scores_table(f"featcache eval ({protocol.value}, {ev.result['embeddings']})", results, k))
     excluded = ev.result["overall"]["excluded"]
     if excluded:
-        err.print(f"{excluded} queries have no relevant index row and are not scored.")
+        err.print(f"{excluded} queries have no relevant index row and are not scored.", highlight=False)
+        if label_sep is None and any("|" in str(x) for x in es.queries.labels):
+            err.print("Some query labels hold '|' and are compared whole; if they list several labels (UnED's "
+                      "GLDv2 queries do), pass --label-sep '|'.", highlight=False)
     if json_file:
         from featcache.files import is_featcache_json, strict_json, write_output
 
-        write_output(json_file, lambda tmp: tmp.write_text(strict_json(ev.result) + "\n"), ours=is_featcache_json,
+        record = {"featcache_version": ev.result["featcache_version"], **ev.result}  # the key that marks it, first
+        write_output(json_file, lambda tmp: tmp.write_text(strict_json(record) + "\n"), ours=is_featcache_json,
                      what="scores", overwrite=overwrite, option="--json")
     if plot:
         from featcache.evaluate.plots import write_plots

@@ -155,6 +155,7 @@ def sweep(
     views: bool = flag("--views", help="Train on the caches' augmented views too (see train-head --views)."),
     seeds: int = typer.Option(1, help="Seeds per combination (42, 43, ...): scores are mean ± std over them."),
     eval_cache: Optional[Path] = typer.Option(None, help="Cache with query/index rows to score each head on. \\[default: --cache, when it has them]"),
+    label_sep: Optional[str] = typer.Option(None, help="Declare multi-label queries when scoring, as `featcache eval --label-sep` does."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda. \\[default: cuda when available]"),
     precision: Optional[str] = typer.Option(None, help="fp32 or bf16. \\[default: bf16 on GPU, fp32 on CPU]"),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Sweep directory. \\[default: runs/sweep-<time>]"),
@@ -186,7 +187,7 @@ def sweep(
     with bar:
         task = bar.add_task("sweep", total=len(combos) * seeds * len(cache))
         try:
-            summary = run_sweep(cache, combos, seeds, target, [sweep_scorer(c, eval_cache) for c in cache],
+            summary = run_sweep(cache, combos, seeds, target, [sweep_scorer(c, eval_cache, label_sep) for c in cache],
                                 on_run=lambda name: bar.update(task, advance=1, description=name))
         except KeyboardInterrupt:
             err.print(f"[yellow]interrupted[/]: the finished combinations are in {target / 'sweep.json'}")

@@ -71,9 +71,9 @@ def export_embeddings(cache_path: str | os.PathLike, out: str | os.PathLike, *, 
                 progress(lo + len(part), len(rows))
         record.update({
             "featcache_version": __version__,
-            "cache": str(cache.path),
+            "cache": str(cache.path.resolve()),
             "cache_key": cache.key,
-            "run": str(head_run.path) if head_run is not None else None,
+            "run": str(head_run.path.resolve()) if head_run is not None else None,
             "embeddings": "run head, L2-normalised" if head_run is not None else "raw backbone features",
             # which vectors these are: `featcache import` gives the cache it makes of them this same space
             "feature_space": head_run.embedding_space() if head_run is not None else feature_space(cache.meta),
@@ -81,7 +81,7 @@ def export_embeddings(cache_path: str | os.PathLike, out: str | os.PathLike, *, 
             "dim": int(emb.shape[1]),
             "dtype": str(emb.dtype),
             "shards": i + 1,
-            "root": cache.meta["root"],
+            "root": os.path.abspath(cache.meta["root"]),
         })
         (tmp / MARKER).write_text(strict_json(record) + "\n")
 

@@ -145,8 +145,8 @@ def sidecar(out: Path) -> Path:
 
 def is_export(path: Path) -> bool:
     """A model file featcache exported (its own record inside), so one it may replace."""
-    if path.suffix.lower() == ".onnx":
-        return onnx_metadata(path) is not None
+    if path.suffix.lower() == ".onnx":  # or, exported before ONNX files carried the record, one with its old sidecar
+        return onnx_metadata(path) is not None or is_featcache_json(path.with_name("preprocess.json"))
     try:
         read_export_metadata(path)
     except DeployError:
@@ -187,9 +187,9 @@ def _export(run_dir, out: Path, fmt: str, weights, device: str, precision: str) 
         def write_onnx(tmp: Path) -> None:
             _write_onnx(embedder, tmp, meta)
             checks.update(check_onnx(tmp, embedder))
+            # the model is made and checked; its preprocessing goes into place just before it does
+            write_file(sidecar(out), lambda side: side.write_text(strict_json(meta) + "\n"))
 
-        # the preprocessing first: a model file never stands beside another model's preprocessing
-        write_file(sidecar(out), lambda tmp: tmp.write_text(strict_json(meta) + "\n"))
         write_file(out, write_onnx)
     else:
         data = _save_torchscript(build_module(embedder, precision), meta)
@@ -226,7 +226,7 @@ def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
         if name is None:
             raise DeployError(f"{path}: not a featcache export (no {META_FILE} inside)")
         return json.loads(archive.read(name))
-    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (OSError, KeyError, zipfile.BadZipFile, ValueError, RuntimeError, NotImplementedError) as e:
         raise DeployError(f"{path}: not a featcache export ({type(e).__name__}: {e})") from None
 
 

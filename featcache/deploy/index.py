@@ -18,7 +18,6 @@ trade a lot of recall for little time).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from featcache.train.runs import HEAD, damage, load_head
 INDEX_FILE, ROWS_FILE, META_FILE, HEAD_FILE = "index.faiss", "rows.parquet", "index.json", HEAD
 FORMAT_VERSION = 2  # 2: the head is copied into the index, files carry their sha256
 MAX_HNSW_M = 256
+HASHED_BYTES = 2 << 30  # files up to this size are hashed on every open; larger ones (seconds each) by size
 BLOCK_ROWS = 1 << 16
 RECALL_QUERIES = 1000
 RECALL_K = 10
@@ -123,9 +123,7 @@ def build_index(cache_path: str | os.PathLike, out: str | os.PathLike, *, run: s
     spec = spec or IndexSpec()
     out = Path(out)
     cache, rows, head_run = collection(cache_path, run)
-    # the head as it is now, read once: the bytes hashed are the bytes copied and the weights used
-    head_bytes = (head_run.path / HEAD).read_bytes() if head_run is not None else b""
-    head_sha = hashlib.sha256(head_bytes).hexdigest() if head_run is not None else None
+    head_sha = head_run.head_sha256 if head_run is not None else None  # of the bytes loaded, copied below
     if spec.kind == "ivf" and spec.nlist > len(rows):
         raise DeployError(f"--ivf {spec.nlist}: more lists than rows to index ({len(rows)})")
 
@@ -174,7 +172,7 @@ def build_index(cache_path: str | os.PathLike, out: str | os.PathLike, *, run: s
             recall = float(np.mean([len(set(a) & set(b)) / truth.k for a, b in zip(found, truth.ids)]))
         _faiss().write_index(index, str(tmp / INDEX_FILE))
         if head_run is not None:
-            (tmp / HEAD_FILE).write_bytes(head_bytes)
+            (tmp / HEAD_FILE).write_bytes(head_run.head_bytes)
         features = feature_space(cache.meta)
         meta.update({
             "featcache_version": __version__,
@@ -199,6 +197,7 @@ def build_index(cache_path: str | os.PathLike, out: str | os.PathLike, *, run: s
             "recall_at_10": recall,
             "recall_sample": len(sample) if sample is not None else None,
             "files": {name: file_sha256(tmp / name) for name in (INDEX_FILE, ROWS_FILE, HEAD_FILE) if (tmp / name).exists()},
+            "sizes": {name: (tmp / name).stat().st_size for name in (INDEX_FILE, ROWS_FILE, HEAD_FILE) if (tmp / name).exists()},
         })
         (tmp / META_FILE).write_text(strict_json(meta) + "\n")
 
@@ -229,9 +228,10 @@ class Index:
         for name, digest in meta["files"].items():
             if not (path / name).is_file():
                 raise DeployError(f"{path / name}: missing; rebuild the index with `featcache index`")
-            if file_sha256(path / name) != digest:
-                raise DeployError(f"{path / name}: not the file this index was built with (its sha256 differs from "
-                                  f"{META_FILE}'s); rebuild the index with `featcache index`")
+            size = (path / name).stat().st_size
+            if size != meta["sizes"].get(name) or (size <= HASHED_BYTES and file_sha256(path / name) != digest):
+                raise DeployError(f"{path / name}: not the file this index was built with (its size or sha256 differs "
+                                  f"from {META_FILE}'s); rebuild the index with `featcache index`")
         rows = _read_rows(path / ROWS_FILE)
         try:
             index = _faiss().read_index(str(path / INDEX_FILE))
@@ -247,7 +247,7 @@ class Index:
         head = None
         if meta["head"] is not None:
             try:
-                head = load_head(path / HEAD_FILE, meta["head"])
+                head = load_head((path / HEAD_FILE).read_bytes(), meta["head"])
             except Exception as e:  # safetensors and torch report a damaged file in their own ways
                 raise DeployError(f"{path / HEAD_FILE}: not the head recorded in {META_FILE} ({damage(e)})") from None
         return cls(path, meta, index, rows, head)
@@ -365,7 +365,7 @@ def search_cache(index: Index, query_cache: str | os.PathLike, *, k: int = 10,
 
 
 META_SHAPE = {"format_version": int, "index": dict, "rows": int, "dim": int, "space": dict, "features_space": dict,
-              "head": (dict, type(None)), "files": dict, "root": str, "backbone": dict, "preprocessing": dict,
+              "head": (dict, type(None)), "files": dict, "sizes": dict, "root": str, "backbone": dict, "preprocessing": dict,
               "cache_key": str}
 
 

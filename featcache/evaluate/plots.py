@@ -29,11 +29,19 @@ def _thumb(root: Path, path: str, colour: tuple[int, int, int]) -> Image.Image:
 
 
 def is_our_png(path: Path) -> bool:
+    """A picture featcache drew: its PNG text says so, or (drawn before it did) it is one of the pictures an
+    evaluation draws into a run's own ``plots`` folder."""
     try:
         with Image.open(path) as im:
-            return im.format == "PNG" and im.text.get("Software", "").startswith(PNG_SOFTWARE)
+            if im.format != "PNG":
+                return False
+            if im.text.get("Software", "").startswith(PNG_SOFTWARE):
+                return True
     except Exception:  # not a picture, or a damaged one: not ours
         return False
+    run = path.parent.parent
+    return (path.parent.name == "plots" and path.name in (*PLOT_FILES, "search.png")
+            and (run / "config.json").is_file() and (run / "head.safetensors").is_file())
 
 
 def save_png(dest: Path, save, overwrite: bool, option: str) -> Path:

@@ -327,24 +327,26 @@ class RunScorer:
     eval_set: EvalSet
     source: str
     metric: str = "mMP@5"
+    label_sep: str | None = None
 
     def __call__(self, run: str | Path) -> dict[str, Any]:
-        return run_eval(run=run, eval_set=self.eval_set).result
+        return run_eval(run=run, eval_set=self.eval_set, label_sep=self.label_sep).result
 
     def zero_shot(self, kind: str) -> dict[str, Any]:
-        return run_eval(zero_shot=kind, eval_set=self.eval_set).result
+        return run_eval(zero_shot=kind, eval_set=self.eval_set, label_sep=self.label_sep).result
 
 
-def sweep_scorer(cache: str | Path, eval_cache: str | Path | None = None) -> RunScorer | None:
+def sweep_scorer(cache: str | Path, eval_cache: str | Path | None = None, label_sep: str | None = None) -> RunScorer | None:
     """A scorer on ``eval_cache`` (or ``cache``) when it has query and index rows; None when ``cache``
-    has none (nothing to score on); an error when the ``eval_cache`` given has none."""
+    has none (nothing to score on); an error when the ``eval_cache`` given has none. ``label_sep`` as
+    for ``run_eval``."""
     target = eval_cache or cache
     splits = FeatureCache.open(target).strings("splits")
     if not ((splits == "query").any() and (splits == "index").any()):
         if eval_cache is not None:
             raise EvalError(f"--eval-cache {eval_cache}: has no query/index split to score on")
         return None
-    return RunScorer(EvalSet.load(target), str(target))
+    return RunScorer(EvalSet.load(target), str(target), label_sep=label_sep)
 
 
 __all__ = ["run_eval", "EvalSet", "RunScorer", "sweep_scorer", "pooled", "EvalError", "RunError", "ZERO_SHOT"]

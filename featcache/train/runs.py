@@ -12,17 +12,19 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors, save_file
 
-from featcache.cache import file_sha256, head_space
+from featcache.cache import head_space
 from featcache import __version__
 from featcache.files import write_file, write_json
 from featcache.train.heads import ProjectionHead
@@ -41,10 +43,10 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
                                            metadata=metadata))
 
 
-def load_head(file: Path, config: dict[str, Any]) -> ProjectionHead:
-    """A head from its safetensors weights and its ``config()`` (tensors only: nothing in the file runs)."""
+def load_head(weights: bytes, config: dict[str, Any]) -> ProjectionHead:
+    """A head from the bytes of its safetensors file and its ``config()`` (tensors only: nothing runs)."""
     head = ProjectionHead(config["in_dim"], config["embed_dim"], config["dropout"], tuple(config.get("hidden", ())))
-    head.load_state_dict(load_file(str(file)))
+    head.load_state_dict(load_tensors(weights))
     return head.eval()
 
 
@@ -60,6 +62,7 @@ class Run:
     path: Path
     config: dict[str, Any]
     head: ProjectionHead
+    head_bytes: bytes = field(default=b"", repr=False)  # head.safetensors as loaded: what was hashed is what runs
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Run":
@@ -68,19 +71,20 @@ class Run:
             raise RunError(f"{path}: not a featcache run (needs {CONFIG} and {HEAD}; train one with `featcache train-head`)")
         try:
             config = json.loads((path / CONFIG).read_text())
-            head = load_head(path / HEAD, config["head"])
+            weights = (path / HEAD).read_bytes()  # read once: a run being trained may replace the file meanwhile
+            head = load_head(weights, config["head"])
         except Exception as e:  # JSON, safetensors and torch each raise their own types for a damaged file
             raise RunError(f"{path}: a damaged run ({damage(e)})") from None
-        return cls(path, config, head)
+        return cls(path, config, head, weights)
 
     @property
     def cache_key(self) -> str:
         return self.config["cache"]["key"]
 
-    @property
+    @functools.cached_property
     def head_sha256(self) -> str:
-        """The identity of this head: the sha256 of its weights file (a retrained head is another head)."""
-        return file_sha256(self.path / HEAD)
+        """The identity of this head: the sha256 of its weights file as loaded (a retrained head is another)."""
+        return hashlib.sha256(self.head_bytes).hexdigest()
 
     @property
     def features_space(self) -> dict[str, Any]:
@@ -101,21 +105,43 @@ class Run:
         f = self.path / EVAL
         if not f.exists():
             return []
-        record = json.loads(f.read_text())
-        if isinstance(record, dict) and "evaluations" in record:
-            return list(record["evaluations"])
-        measured = {"cache": record.get("cache"), "protocol": record.get("protocol"), "k": record.get("k"), "domains": None}
-        return [{"measured": measured, "result": record}]
+        try:
+            record = json.loads(f.read_text())
+            if isinstance(record, dict) and "evaluations" in record:
+                evaluations = list(record["evaluations"])
+                if not all(isinstance(e, dict) and isinstance(e.get("measured"), dict) and isinstance(e.get("result"), dict)
+                           for e in evaluations):
+                    raise ValueError("an evaluation without its record")
+                return evaluations
+            measured = {"cache": record["cache"], "protocol": record["protocol"], "k": record["k"], "domains": None}
+            return [{"measured": measured, "result": record}]
+        except Exception as e:  # JSON and shape errors of a damaged file
+            raise RunError(f"{self.path}: {EVAL} is damaged ({damage(e)})") from None
 
     def record_eval(self, measured: dict[str, Any], result: dict[str, Any]) -> None:
-        """Keep ``result`` as the latest evaluation of its kind (``measured``), beside the other kinds."""
-        kept = [e for e in self.evaluations() if e.get("measured") != measured]
-        write_json(self.path / EVAL, {"featcache_version": __version__,
-                                      "evaluations": [*kept, {"measured": measured, "result": result}]})
+        """Keep ``result`` as the latest evaluation of its kind (``measured``, plus the head's sha256: a result
+        of an earlier head is never shown as this one's), beside the other kinds. Evaluations of one run
+        running at once take turns (a lock), so none is lost; a damaged eval.json is replaced."""
+        import fcntl
+
+        measured = {**measured, "head_sha256": self.head_sha256}
+        fd = os.open(self.path / f".{EVAL}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits: records are small and quick to write
+            try:
+                kept = [e for e in self.evaluations() if e["measured"] != measured]
+            except RunError:
+                kept = []
+            write_json(self.path / EVAL, {"featcache_version": __version__,
+                                          "evaluations": [*kept, {"measured": measured, "result": result}]})
+        finally:
+            os.close(fd)
 
     def summary_eval(self) -> dict[str, Any] | None:
-        """The evaluation ``runs`` shows: the latest full one (every domain, k = 5), else the latest."""
-        evaluations = self.evaluations()
+        """The evaluation ``runs`` shows: the latest full one (every domain, k = 5) of the head the run has
+        now, else its latest."""
+        current = self.head_sha256
+        evaluations = [e for e in self.evaluations() if e["measured"].get("head_sha256", current) == current]
         full = [e for e in evaluations if is_full(e["measured"])]
         return (full or evaluations or [None])[-1]
 
