@@ -8,7 +8,8 @@ into a second one. Then, each phase with its own peak-RSS count:
                search_cache(query cache) (reads, normalises, searches, maps ids to rows' paths and labels)
 
 The figure is featcache's overhead over faiss: seconds and peak RSS, as ratios. Both return the same
-neighbours (checked).
+neighbours (checked). Then what opening an index costs: ``Index.open`` (which checks every file against
+the sha256 and size index.json recorded) against ``faiss.read_index`` alone, interleaved, medians.
 
     uv run python benchmarks/index.py                      # 1,000,000 x 64, 10,000 queries
     uv run python benchmarks/index.py --rows 100000 --queries 1000
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="faiss threads (default: faiss's own)")
+    p.add_argument("--opens", type=int, default=5, help="interleaved opens of the index per side")
     p.add_argument("--json", action="store_true", help="also print one JSON line")
     args = p.parse_args(argv)
     import faiss
@@ -116,14 +119,27 @@ def main(argv: list[str] | None = None) -> dict:
         "same_neighbours": float(same),
         "machine": machine_facts("cpu"),
     }
+    opens = {"faiss.read_index": [], "Index.open": []}
+    for _ in range(args.opens):  # interleaved: the page cache and the neighbours' load treat both alike
+        for name, open_it in (("faiss.read_index", lambda: faiss.read_index(str(tmp / "index" / "index.faiss"))),
+                              ("Index.open", lambda: Index.open(tmp / "index"))):
+            t0 = time.perf_counter()
+            open_it()
+            opens[name].append(time.perf_counter() - t0)
+    report["open_seconds"] = {k: round(float(np.median(v)), 3) for k, v in opens.items()}
+    report["open_ratio"] = round(report["open_seconds"]["Index.open"] / report["open_seconds"]["faiss.read_index"], 2)
     print(f"{'':12} {'seconds':>8} {'of it build':>12} {'peak RSS (MiB above start)':>28}")
     for name in ("faiss", "featcache"):
         r = report[name]
         print(f"{name:12} {r['seconds']:8.2f} {r['build_seconds']:12.2f} {r['peak_rss_mib']:28,}")
     print(f"featcache / faiss: time {report['time_ratio']:.2f}x, peak RSS {report['rss_ratio']:.2f}x; "
           f"same neighbours for {same:.4f} of the queries; load avg at end {report['machine']['load_avg_1m']}")
+    o = report["open_seconds"]
+    print(f"open ({args.opens} interleaved, medians): faiss.read_index {o['faiss.read_index']:.3f} s, Index.open "
+          f"{o['Index.open']:.3f} s (files checked against their sha256): {report['open_ratio']:.2f}x")
     if args.json:
         print(json.dumps(report))
+    shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 

@@ -153,13 +153,25 @@ def check_replaceable(out: Path, ours: Callable[[Path], bool], what: str, overwr
 
 
 def check_file_replaceable(out: Path, ours: Callable[[Path], bool], what: str, overwrite: bool, option: str) -> None:
-    """The same rule for a single file: absent, or one featcache made (``ours``) and ``overwrite`` given."""
+    """The same rule for a single file: absent (in a folder that can be written), or one featcache made
+    (``ours``) and ``overwrite`` given."""
     if not out.exists() and not out.is_symlink():
+        check_writable(out, option)
         return
     if out.is_symlink() or not out.is_file() or not ours(out):
         raise _refuse(out, what, option)
     if not overwrite:
         raise OutputError(f"{out} already holds {what}; pass --overwrite to replace it, or choose another {option}")
+
+
+def check_writable(out: Path, option: str) -> None:
+    """Refuse, before any work, an output whose nearest existing folder is not a writable folder."""
+    here = out.absolute().parent
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir() or not os.access(here, os.W_OK | os.X_OK):
+        raise OutputError(f"{out}: cannot write there ({here} is not a folder this user can write); "
+                          f"choose another {option}")
 
 
 def write_output(out: str | os.PathLike, write: Callable[[Path], None], *, ours: Callable[[Path], bool], what: str,
@@ -259,10 +271,13 @@ def exclusive(out: str | os.PathLike, what: str, *, remove: bool = False, option
     nothing else beside them), the lock file is deleted when the block ends; a writer that locked a lock
     file just deleted notices that it is no longer the file at that path and locks the new one."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     path = lock_file(out)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except OSError as e:
+            raise OutputError(f"{out}: cannot write there ({e.strerror or type(e).__name__}); choose another {option}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

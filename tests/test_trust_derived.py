@@ -83,14 +83,15 @@ def test_an_index_keeps_the_head_it_was_built_with_and_refuses_another(images, c
 def test_labels_are_data_and_json_is_strict(tmp_path, cli):
     x, y = blobs(4, 10, dim=16, seed=3)
     splits = ["query" if i % 5 == 0 else "index" for i in range(len(y))]
-    odd = ["a|b", 'quote " and, comma', "ünï | cödé;\ttab", "0|0"]
+    odd = ["a|b", 'quote " and, comma', "ünï | cödé;\ttab", "[/]"]  # "[/]": rich markup, were it read as such
     plain = make_cache(tmp_path, x, [f"class{c}" for c in y], splits, name="plain")
-    weird = make_cache(tmp_path, x, [odd[c] for c in y], splits, domains=[("x|y", "d,2")[c % 2] for c in y],
+    weird = make_cache(tmp_path, x, [odd[c] for c in y], splits, domains=[("x|y", "[red]d[/red]")[c % 2] for c in y],
                        name="weird")
     cli("eval", "--cache", plain, "--zero-shot", "raw", "--json", tmp_path / "p.json")
     plain_scores = strict((tmp_path / "p.json").read_text())
-    cli("eval", "--cache", weird, "--zero-shot", "raw", "--json", tmp_path / "w.json")
+    shown = cli("eval", "--cache", weird, "--zero-shot", "raw", "--json", tmp_path / "w.json").stdout
     weird_scores = strict((tmp_path / "w.json").read_text())
+    assert "[red]d[/red]" in shown and "x|y" in shown and set(weird_scores["domains"]) == {"x|y", "[red]d[/red]"}
     assert weird_scores["overall"]["queries"] == plain_scores["overall"]["queries"] == 8
     for metric in ("mMP@5", "mAP@5", "R@1"):
         assert weird_scores["overall"][metric] == pytest.approx(plain_scores["overall"][metric])
@@ -264,6 +265,14 @@ def test_damaged_and_odd_inputs_are_one_line(tmp_path, cli, small_disk):
     for args, says in ((("--ivf", "4", "--nprobe", "-3"), "--nprobe -3"), (("--ivf", "4", "--nprobe", "0"), "--nprobe 0"),
                        (("--hnsw", "8", "--nprobe", "2"), "only an IVF index"), (("--hnsw", "99999999999"), "--hnsw 99999999999")):
         assert says in one_line(cli("index", "--cache", cache, "--out", tmp_path / "bad", *args, code=2))
+    (tmp_path / "a-file").write_text("mine")
+    assert "a sweep writes into a new folder" in one_line(cli("sweep", "--cache", cache, "--epochs", "1", "--out",
+                                                              tmp_path / "a-file", code=2))
+    for option in ("--json", "--plot"):  # refused before the search, naming the option
+        line = one_line(cli("eval", "--cache", cache, "--zero-shot", "raw", option, tmp_path / "a-file" / "x", code=2))
+        assert "cannot write there" in line or "did not make" in line
+    assert "choose another --json" in one_line(cli("eval", "--cache", cache, "--json", tmp_path / "a-file" / "x.json",
+                                                   code=2))
     index, other = tmp_path / "idx", tmp_path / "other"
     cli("index", "--cache", cache, "--out", index)
     cli("index", "--cache", make_cache(tmp_path, x[::-1].copy(), y[::-1], name="rev"), "--out", other)

@@ -66,11 +66,13 @@ def print_json(obj: Any) -> None:
 
 
 def table(title: str | None, columns: list[str], rows: list[list[Any]], *, justify_numbers: bool = True) -> Table:
-    t = Table(title=title, title_justify="left", header_style="bold")
+    """A results table. Cells and title are plain text: a label like ``[red]`` is data, shown as written,
+    never read as rich markup."""
+    t = Table(title=Text(title) if title is not None else None, title_justify="left", header_style="bold")
     for c in columns:
         t.add_column(c, justify="right" if justify_numbers and c not in (columns[0],) else "left")
     for r in rows:
-        t.add_row(*[fmt(v) for v in r])
+        t.add_row(*[Text(fmt(v)) for v in r])
     return t
 
 

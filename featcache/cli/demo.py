@@ -50,7 +50,7 @@ def demo(
         err.print("On digits 6-9, never seen in training, transfer needs what this demo lacks: a pretrained backbone "
                   "and many classes (M4D-35k: 34.8k). With random weights the zero-shot baseline stays ahead.")
     plots, cache, run = summary["plots"], summary["cache"], summary["run"]
-    err.print(f"plots: {', '.join(plots)}  ({summary['seconds']:.0f} s in all)")
+    err.print(f"plots: {', '.join(plots)}  ({summary['seconds']:.0f} s in all)", markup=False)
     fc = "uv run featcache" if os.environ.get("UV_RUN_RECURSION_DEPTH") else "featcache"  # as the user ran us
     err.print("next:\n"
               f"  {fc} info {cache}\n"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 
 from featcache.cli.console import err, flag, friendly_errors, human_bytes, out, print_json, progress_updates, table
 
@@ -45,9 +47,9 @@ def export(
         return
     check = result.check
     agreement = f"cosine {check['cosine']:.6f}" if "cosine" in check else f"max |diff| {check['max_abs_diff']:.2e}"
-    out.print(f"wrote {result.path} ({human_bytes(result.bytes)}, {result.dim}-d embeddings)")
+    out.print(f"wrote {result.path} ({human_bytes(result.bytes)}, {result.dim}-d embeddings)", markup=False)
     err.print(f"self-check: {agreement} against the pipeline on a {check['probe']} (needs "
-              f"{'>=' if 'cosine' in check else '<='} {check['floor']})")
+              f"{'>=' if 'cosine' in check else '<='} {check['floor']})", markup=False)
 
 
 @app.command(epilog="Example: featcache index --cache cache/demo/tiny-vit.zarr --run runs/demo --out runs/demo/index")
@@ -121,14 +123,14 @@ def search(
     else:
         results, failures = search_images(idx, images, k=k, weights=weights, device=resolve_device(device), model=model)
     for f in failures:
-        err.print(f"[yellow]skipped[/] {f}", highlight=False)
+        err.print(f"[yellow]skipped[/] {escape(str(f))}", highlight=False)
     if not quiet:
         for r in results[:20]:
-            out.print(table(f"query {r['query']}", ["rank", "score", "path", "label"],
-                            [[i + 1, n["score"], n["path"], n["label"]] for i, n in enumerate(r["neighbours"])],
+            out.print(table(f"query {shown(r['query'])}", ["rank", "score", "path", "label"],
+                            [[i + 1, n["score"], shown(n["path"]), n["label"]] for i, n in enumerate(r["neighbours"])],
                             justify_numbers=False))
         if len(results) > 20:
-            err.print(f"... and {len(results) - 20:,} more queries (--json writes them all)")
+            err.print(f"... and {len(results) - 20:,} more queries (--json writes them all)", markup=False)
     if json_file:
         from featcache import __version__
         from featcache.files import strict_json, write_output
@@ -136,13 +138,20 @@ def search(
         record = {"featcache_version": __version__, "index": str(idx.path.resolve()), "queries": results}
         write_output(json_file, lambda tmp: tmp.write_text(strict_json(record) + "\n"), ours=is_featcache_json,
                      what="search results", overwrite=overwrite, option="--json")
-        err.print(f"wrote {json_file}")
+        err.print(f"wrote {json_file}", markup=False)
     if plot:
         from featcache.evaluate.plots import search_grid
 
-        err.print(f"wrote {search_grid(results[:16], plot, overwrite)}")
+        err.print(f"wrote {search_grid(results[:16], plot, overwrite)}", markup=False)
     if failures and not results:
         raise typer.Exit(1)
+
+
+def shown(path: str) -> str:
+    """A path as a table shows it: relative to the working directory when it is below it (--json keeps the
+    absolute path)."""
+    rel = os.path.relpath(path) if os.path.isabs(path) else path
+    return path if rel.startswith("..") else rel
 
 
 @app.command("export-embeddings", epilog="Example: featcache export-embeddings --cache cache/demo/tiny-vit.zarr --run runs/demo --out embeddings/demo")
@@ -168,4 +177,4 @@ def export_embeddings(
         print_json(record)
         return
     out.print(f"wrote {out_path}: {record['rows']:,} x {record['dim']} {record['dtype']} ({record['embeddings']}) "
-              f"in {record['shards']} shard(s)")
+              f"in {record['shards']} shard(s)", markup=False)

@@ -93,7 +93,7 @@ def eval_(
     out.print(scores_table(f"featcache eval ({protocol.value}, {ev.result['embeddings']})", results, k))
     excluded = ev.result["overall"]["excluded"]
     if excluded:
-        err.print(f"{excluded} queries have no relevant index row and are not scored.", highlight=False)
+        err.print(f"{excluded} queries have no relevant index row and are not scored.", highlight=False, markup=False)
         if label_sep is None and any("|" in str(x) for x in es.queries.labels):
             err.print("Some query labels hold '|' and are compared whole; if they list several labels (UnED's "
                       "GLDv2 queries do), pass --label-sep '|'.", highlight=False)
@@ -128,7 +128,7 @@ def runs(
         print_json(rows)
         return
     if not rows:
-        err.print(f"no runs under {folder}; train one with `featcache train-head`")
+        err.print(f"no runs under {folder}; train one with `featcache train-head`", markup=False)
         return
     out.print(table(f"runs under {folder}", ["run", "loss", "options", "epochs", "train s", "mMP@5", "scored on", "status"],
                     [[r["run"], r["loss"], r["options"], r["epochs"], r["train_seconds"], r["mMP@5"], r["scored_on"],

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from featcache.cli.console import (
     UserError,
@@ -161,7 +162,7 @@ def extract(
         print_json(report)
         return
     if result.skipped:
-        err.print(f"{target} is already complete for this manifest and model: nothing to do.")
+        err.print(f"{target} is already complete for this manifest and model: nothing to do.", markup=False)
     rows = [
         ["cache", str(target)],
         ["rows", report["rows"]],
@@ -177,7 +178,7 @@ def extract(
     ]
     out.print(table("featcache extract", ["", "value"], rows))
     if report["failed"]:
-        err.print(f"{report['failed']} images failed; `featcache info {target}` lists them.")
+        err.print(f"{report['failed']} images failed; `featcache info {target}` lists them.", markup=False)
 
 
 def _views_text(summary: dict) -> str:
@@ -190,7 +191,7 @@ def _report_interrupted(target: Path) -> None:
         from featcache.cache import FeatureCache
 
         done = FeatureCache.open(target).chunk_done()
-        err.print(f"[yellow]interrupted:[/] {int(done.sum())} of {done.size} chunks are done in {target}; "
+        err.print(f"[yellow]interrupted:[/] {int(done.sum())} of {done.size} chunks are done in {escape(str(target))}; "
                   "run the same command again to continue.")
     except Exception:
         err.print("[yellow]interrupted[/] before the cache was created.")
@@ -250,7 +251,7 @@ def info(
                         [[f["row"], f["path"], f["reason"]] for f in s["failed_rows"]], justify_numbers=False))
         if s["failed"] > len(s["failed_rows"]):
             out.print(f"... and {s['failed'] - len(s['failed_rows'])} more (--json lists the first 20 too; "
-                      "read the `failures` array for all).")
+                      "read the `failures` array for all).", markup=False)
     if s["damaged_chunks"]:
         out.print(table(f"damaged chunks ({len(s['damaged_chunks'])})", ["file (reason)"],
                         [[d] for d in s["damaged_chunks"]], justify_numbers=False))
@@ -300,10 +301,10 @@ def import_(
     if json_out:
         print_json(meta)
         return
-    out.print(f"wrote {out_path}: {meta['rows']:,} x {meta['dim']} {meta['dtype']} (key {meta['key']})")
+    out.print(f"wrote {out_path}: {meta['rows']:,} x {meta['dim']} {meta['dtype']} (key {meta['key']})", markup=False)
     if "matched" in meta:
         err.print(f"matched {meta['matched']:,} manifest rows; {meta['missing']:,} have no embedding in {features} "
-                  f"(invalid rows); {meta['extra']:,} embeddings name paths that are not in {manifest}")
+                  f"(invalid rows); {meta['extra']:,} embeddings name paths that are not in {manifest}", markup=False)
     if meta["non_finite"]:
         err.print(f"{meta['non_finite']:,} rows hold NaN or infinite values: stored as invalid rows "
-                  f"(`featcache info {out_path}` lists them)")
+                  f"(`featcache info {out_path}` lists them)", markup=False)

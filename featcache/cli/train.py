@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from featcache.cli.console import UserError, err, flag, friendly_errors, out, print_json, progress_bar, progress_updates, table
 
@@ -102,15 +103,15 @@ def train_head(
         out.print(table(f"featcache train-head: {loss} on {len(data.labels):,} rows, {data.num_classes:,} classes",
                         ["epoch", "loss", "train acc", "lr", "seconds"],
                         [[m["epoch"], m["loss"], m["train_acc"], m["lr"], m["seconds"]] for m in result.metrics]))
-        err.print(f"run: {target}\nnext: featcache eval --cache {cache} --run {target}")
+        err.print(f"run: {target}\nnext: featcache eval --cache {cache} --run {target}", markup=False)
     if not result.complete:
         done = len(result.metrics)
         if done:
-            err.print(f"[yellow]interrupted[/] after epoch {done}: its head is in {target} (config.json complete: false); "
-                      f"continue with the same command and --resume --out {target}")
+            err.print(f"[yellow]interrupted[/] after epoch {done}: its head is in {escape(str(target))} (config.json complete: false); "
+                      f"continue with the same command and --resume --out {escape(str(target))}")
         else:
             err.print(f"[yellow]interrupted[/] before the first epoch finished; run the same command with "
-                      f"--resume --out {target} to start it again")
+                      f"--resume --out {escape(str(target))} to start it again")
         raise typer.Exit(130)
 
 
@@ -169,7 +170,7 @@ def sweep(
     """
     from featcache.devices import default_precision, resolve_device
     from featcache.evaluate.protocols import sweep_scorer
-    from featcache.train.sweep import grid, run_sweep, same_images
+    from featcache.train.sweep import check_sweep_out, grid, run_sweep, same_images
 
     dev = resolve_device(device)
     combos = grid(loss, {"margin": margin, "scale": scale, "sub_centers": sub_centers},
@@ -183,6 +184,7 @@ def sweep(
     if eval_cache is not None and len(cache) > 1:
         raise UserError("--eval-cache goes with one --cache (each backbone is scored on its own cache's query/index rows)")
     same_images(cache)  # refused before the progress bar is drawn
+    check_sweep_out(target)
     bar = progress_bar("run", disable=quiet or json_out)
     with bar:
         task = bar.add_task("sweep", total=len(combos) * seeds * len(cache))
@@ -190,7 +192,7 @@ def sweep(
             summary = run_sweep(cache, combos, seeds, target, [sweep_scorer(c, eval_cache, label_sep) for c in cache],
                                 on_run=lambda name: bar.update(task, advance=1, description=name))
         except KeyboardInterrupt:
-            err.print(f"[yellow]interrupted[/]: the finished combinations are in {target / 'sweep.json'}")
+            err.print(f"[yellow]interrupted[/]: the finished combinations are in {escape(str(target / 'sweep.json'))}")
             raise typer.Exit(130) from None
     chart = None
     if summary["metric"]:
@@ -201,7 +203,7 @@ def sweep(
         print_json(summary)
         return
     out.print(summary_table(summary))
-    err.print(f"wrote {target / 'sweep.json'}, {target / 'sweep.md'}" + (f" and {chart}" if chart else ""))
+    err.print(f"wrote {target / 'sweep.json'}, {target / 'sweep.md'}" + (f" and {chart}" if chart else ""), markup=False)
 
 
 def summary_table(summary: dict):

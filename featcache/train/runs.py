@@ -168,6 +168,8 @@ def describe_measured(measured: dict[str, Any]) -> str:
         parts.append(f"k={measured.get('k')}")
     if measured.get("domains"):
         parts.append("domain " + ", ".join(map(str, measured["domains"])))
+    if measured.get("groups"):
+        parts.append(str(measured["groups"]))
     return f"{Path(str(cache)).name} ({', '.join(parts)})"
 
 

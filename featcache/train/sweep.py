@@ -62,6 +62,13 @@ class Scorer(Protocol):
 ZERO_SHOT = ("pooled", "raw")
 
 
+def check_sweep_out(out: Path) -> None:
+    """A sweep writes into a new or empty folder, nowhere else."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        kind = "a folder that is not empty" if out.is_dir() else "a file"
+        raise ValueError(f"{out} is {kind}; a sweep writes into a new folder: choose another --out")
+
+
 def same_images(caches: list[Path]) -> None:
     """Backbones are compared on one set of images: caches of different manifests are refused, naming both."""
     first = FeatureCache.open(caches[0])
@@ -90,8 +97,7 @@ def run_sweep(caches: Path | list[Path], combos: list[TrainOptions], seeds: int,
     for data in datasets:
         for o in combos:
             check_options(o, data)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} already exists and is not empty; choose another --out")
+    check_sweep_out(out)
     out.mkdir(parents=True, exist_ok=True)
     varied_keys = [k for k in ("embed_dim", "dropout", "lr", "epochs", "batch_size") if len({getattr(o, k) for o in combos}) > 1]
     metric = next((s.metric for s in scorers if s is not None), None)
