@@ -328,6 +328,7 @@ class RunScorer:
     source: str
     metric: str = "mMP@5"
     label_sep: str | None = None
+    zero_shot_kinds: tuple[str, ...] = ZERO_SHOT  # the baselines a sweep scores beside the heads
 
     def __call__(self, run: str | Path) -> dict[str, Any]:
         return run_eval(run=run, eval_set=self.eval_set, label_sep=self.label_sep).result
