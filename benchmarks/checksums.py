@@ -5,7 +5,7 @@ array chunked like a cache's `features`, once with the crc32c codec featcache us
 --repeat times each; then the checksummed copy is verified (every chunk read back and checked, what
 `info --verify` does) and read plainly from the array without checksums. Reported: the write ratio, the
 checksum's cost per row, that cost as a share of one image's end-to-end extraction at the paper's GPU
-bound (1,150 img/s for SigLIP SO400M-384 on an H200, REFERENCES.md) and at this machine's own rate
+bound (1,150 img/s for SigLIP SO400M-384 on an H200: its 671 GFLOP per image at the 790 TFLOP/s bf16 an H200 reaches) and at this machine's own rate
 (--images synthetic 800x600 JPEGs through tiny-vit, measured here), and the verify speed in GB/s.
 
     uv run python benchmarks/checksums.py
@@ -35,7 +35,7 @@ from zarr.codecs import Crc32cCodec  # noqa: E402
 
 from featcache.cache import default_rows_per_chunk  # noqa: E402
 
-GPU_BOUND_IMAGES_PER_S = 1150.0  # REFERENCES.md: an H200 bounds SO400M-384 at about 1,150 img/s
+GPU_BOUND_IMAGES_PER_S = 1150.0  # 790 TFLOP/s (H200, bf16) / 671 GFLOP per SO400M-384 image (ARCHITECTURE.md)
 
 
 def write(path: Path, data: np.ndarray, rows_per_chunk: int, checksum: bool) -> float:

@@ -1,6 +1,6 @@
 """The feature cache: a Zarr v3 group written once per (manifest, backbone, preprocessing, dtype).
 
-Layout (see DESIGN.md, "Feature cache contract"):
+Layout (ARCHITECTURE.md, "The feature cache", says why it is so):
 
 - ``features`` (N, D) float16/float32, raw backbone output; chunks are whole rows, uncompressed.
 - ``valid`` (N,) bool and ``failures`` (N,) str, chunked like ``features`` rows.
@@ -179,7 +179,7 @@ def build_store(tmp: Path, manifest: Manifest, meta: dict[str, Any]) -> None:
     """The store's arrays at full size and its attributes, in the new empty folder ``tmp``."""
     n, dim, rows = len(manifest), meta["dim"], meta["rows_per_chunk"]
     root = zarr.open_group(store=str(tmp), mode="w", zarr_format=3)
-    # No compression (it gains ~7 % on embeddings, DESIGN.md), but a crc32c per chunk: a damaged chunk fails
+    # No compression (it gains ~7 % on embeddings: ARCHITECTURE.md), but a crc32c per chunk: a damaged chunk fails
     # to read instead of reading as other numbers.
     checksum = [Crc32cCodec()]
     root.create_array("features", shape=(n, dim), chunks=(rows, dim), dtype=meta["dtype"], fill_value=0,
@@ -274,6 +274,53 @@ def fsync_chunk_files(store: Path, k: int) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+class StoreWriter:
+    """The one way rows get into a store: whole row chunks, each written, flushed to disk and only then
+    flagged done; and the flags and attributes a coordinator changes. Workers own disjoint chunks."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.group = zarr.open_group(store=str(self.path), mode="r+", zarr_format=3)
+        self.arrays = row_arrays(self.group)
+        self.meta: dict[str, Any] = dict(self.group.attrs[ATTRS])
+        self.rows_per_chunk = int(self.meta["rows_per_chunk"])
+        self.rows = int(self.meta["rows"])
+
+    @property
+    def views(self) -> int:
+        return self.arrays["augmented"].shape[1] if "augmented" in self.arrays else 0
+
+    def chunk_rows(self, k: int) -> slice:
+        return slice(k * self.rows_per_chunk, min(self.rows, (k + 1) * self.rows_per_chunk))
+
+    def done(self) -> np.ndarray:
+        return self.group["chunk_done"][:]
+
+    def write_chunk(self, k: int, features: np.ndarray, valid: np.ndarray, failures: np.ndarray,
+                    augmented: np.ndarray | None = None) -> None:
+        """Row chunk ``k`` whole: ``features`` (rows, D), ``valid``, ``failures`` (object array of str) and, in a
+        store with views, ``augmented`` (rows, V, D); then its done flag."""
+        sl = self.chunk_rows(k)
+        self.arrays["features"][sl] = features
+        if self.views:
+            self.arrays["augmented"][sl] = augmented
+        self.arrays["valid"][sl] = valid
+        self.arrays["failures"][sl] = failures
+        fsync_chunk_files(self.path, k)
+        self.group["chunk_done"][k] = True
+
+    def undo(self, chunks: list[int]) -> None:
+        """Coordinator: flag ``chunks`` not done, so that the run redoes them."""
+        for k in chunks:
+            self.group["chunk_done"][int(k)] = False
+
+    def update_attrs(self, **changes: Any) -> dict[str, Any]:
+        """Coordinator only (attrs are one file): change the record's fields, returning the new record."""
+        self.meta.update(changes)
+        self.group.attrs[ATTRS] = self.meta
+        return dict(self.meta)
 
 
 def _check_meta(path: Path, meta: dict[str, Any]) -> None:
@@ -371,9 +418,15 @@ class FeatureCache:
     def classes(self) -> np.ndarray:
         return np.asarray(self.group["classes"][:], dtype=object)
 
-    def strings(self, name: str) -> np.ndarray:
-        """``paths``, ``domains``, ``splits`` or ``failures`` as an object array of str."""
-        return np.asarray(self.group[name][:], dtype=object)
+    def strings(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """``paths``, ``domains``, ``splits`` or ``failures`` as an object array of str: of every row, or of the
+        sorted ``rows`` given (reading only the span that holds them)."""
+        if rows is None:
+            return np.asarray(self.group[name][:], dtype=object)
+        if not len(rows):
+            return np.zeros(0, dtype=object)
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        return np.asarray(self.group[name][lo:hi], dtype=object)[np.asarray(rows) - lo]
 
     def features(self, rows: np.ndarray | None = None, block_bytes: int = 64 << 20, out: np.ndarray | None = None) -> np.ndarray:
         """All features, or the rows picked by a boolean mask or sorted index array, in one pass that
@@ -527,16 +580,11 @@ class FeatureCache:
 
 def mark_complete(path: str | os.PathLike, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Coordinator only: flag the store finished once every chunk is done (attrs are one file; one writer)."""
-    group = zarr.open_group(store=str(path), mode="r+", zarr_format=3)
-    done = group["chunk_done"][:]
+    store = StoreWriter(path)
+    done = store.done()
     if not done.all():
         raise CacheError(f"{path}: {int((~done).sum())} chunks are not done; cannot mark complete")
-    meta = dict(group.attrs[ATTRS])
-    meta.update(extra or {})
-    meta["complete"] = True
-    meta["completed"] = _now()
-    group.attrs[ATTRS] = meta
-    return meta
+    return store.update_attrs(**(extra or {}), complete=True, completed=_now())
 
 
 def import_features(features: np.ndarray, manifest: Manifest, out: str | os.PathLike, *, source: str,
@@ -575,12 +623,9 @@ def import_features(features: np.ndarray, manifest: Manifest, out: str | os.Path
         tmp = temp_dir_beside(out)
         try:
             build_store(tmp, manifest, meta)
-            group = zarr.open_group(store=str(tmp), mode="r+", zarr_format=3)
-            arrays = row_arrays(group)
-            features_out, valid_out, failures_out = arrays["features"], arrays["valid"], arrays["failures"]
-            n_chunks = math.ceil(len(manifest) / rows)
-            for k in range(n_chunks):
-                sl = slice(k * rows, min(len(manifest), (k + 1) * rows))
+            store = StoreWriter(tmp)
+            for k in range(math.ceil(len(manifest) / rows)):
+                sl = store.chunk_rows(k)
                 exact = np.asarray(features[sl], dtype=np.float64)
                 with np.errstate(over="ignore"):  # overflow is checked on the next line, and refused
                     block = exact.astype(dtype)
@@ -596,10 +641,7 @@ def import_features(features: np.ndarray, manifest: Manifest, out: str | os.Path
                 if missing is not None:
                     ok &= ~missing[sl]
                     reasons = np.where(missing[sl], missing_reason, reasons)
-                features_out[sl] = np.where(ok[:, None], block, 0)
-                valid_out[sl] = ok
-                failures_out[sl] = reasons.astype(object)
-                group["chunk_done"][k] = True
+                store.write_chunk(k, np.where(ok[:, None], block, 0), ok, reasons.astype(object))
             mark_complete(tmp)
             install(tmp, out)
         except BaseException:

@@ -247,7 +247,7 @@ def test_registry_pins_preprocessing_from_the_pretrained_tag():
     from featcache.extract.backbones import resolve_spec
     from featcache.extract.backbones.open_clip_models import resolve_preprocess
 
-    # REFERENCES.md: SigLIP at 384, bicubic, mean/std 0.5, resize shorter side + center crop
+    # the paper's SigLIP: 384 px, bicubic, mean/std 0.5, resize the shorter side + center crop
     pp = resolve_preprocess(resolve_spec("siglip-so400m"))
     assert pp == {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic", "resize_mode": "shortest"}
     assert resolve_spec("open_clip:ViT-B-32@openai").pretrained == "openai"

@@ -280,9 +280,10 @@ def test_a_non_finite_view_fails_its_row_and_the_reason_names_the_view(tmp_path,
     m = image_manifest(tmp_path, 4)
     out = tmp_path / "c.zarr"
     cli("extract", "-m", "tiny-vit", "--manifest", m, "--out", out, "--augment", "openclip", "--views", "2", "--quiet")
-    group = zarr.open_group(store=str(out), mode="r+", zarr_format=3)
+    from featcache.cache import StoreWriter
+
     cache = FeatureCache.open(out)
-    writer = ChunkWriter(group, out, cache.meta["rows_per_chunk"], 4, cache.dim, "float16")
+    writer = ChunkWriter(StoreWriter(out), cache.dim, "float16")
     feats = np.ones((4, 3, cache.dim), dtype=np.float32)
     feats[1, 2, 5] = 1e6  # overflows float16 in augmented view 2 of row 1 only
     writer.add(np.arange(4), feats, np.arange(4), [""] * 4)

@@ -10,6 +10,8 @@ from typing import List, Optional
 import typer
 
 from featcache.cli.console import UserError, err, flag, friendly_errors, out, print_json, table
+from featcache.evaluate.baselines import ZERO_SHOT
+from featcache.evaluate.metrics import PROTOCOLS
 
 app = typer.Typer()
 
@@ -21,14 +23,9 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** "BKMGT".index(m.group(2) or "B"))
 
 
-class Protocol(str, Enum):
-    guiec = "guiec"
-    uned = "uned"
-
-
-class ZeroShot(str, Enum):
-    pooled = "pooled"
-    raw = "raw"
+# the choices, as the modules that implement them name them
+Protocol = Enum("Protocol", {name: name for name in PROTOCOLS}, type=str)
+ZeroShot = Enum("ZeroShot", {name: name for name in ZERO_SHOT}, type=str)
 
 
 def scores_table(title: str, results: dict[str, dict], k: int):

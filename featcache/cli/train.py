@@ -9,8 +9,10 @@ import typer
 from rich.markup import escape
 
 from featcache.cli.console import UserError, err, flag, friendly_errors, out, print_json, progress_bar, progress_updates, table
+from featcache.train.options import TrainOptions
 
 app = typer.Typer()
+DEFAULTS = TrainOptions()  # the options' defaults, as the library states them
 
 
 def parse_loss_opts(items: list[str]) -> dict[str, float]:
@@ -39,24 +41,24 @@ def default_run_dir(cache: Path, loss: str) -> Path:
 @friendly_errors
 def train_head(
     cache: Path = typer.Option(..., "--cache", "-c", help="Feature cache to train from (rows with split == train)."),
-    loss: str = typer.Option("subcenter-arcface", "--loss", "-l", help="Loss name; `featcache losses` lists them."),
+    loss: str = typer.Option(DEFAULTS.loss, "--loss", "-l", help="Loss name; `featcache losses` lists them."),
     sub_centers: Optional[int] = typer.Option(None, help="Sub-centers per class (k) for subcenter-arcface. \\[default: 3]"),
     margin: Optional[float] = typer.Option(None, help="Margin; radians for angular losses. \\[default: the loss's]"),
     scale: Optional[float] = typer.Option(None, help="Logit scale s. \\[default: the loss's]"),
     loss_opt: list[str] = typer.Option([], "--loss-opt", help="Any other loss option, NAME=VALUE (repeatable)."),
-    embed_dim: int = typer.Option(64, help="Output embedding size (64 in the challenge)."),
-    dropout: float = typer.Option(0.2, help="Dropout before the projection."),
-    epochs: int = typer.Option(10, help="Passes over the training rows."),
-    batch_size: int = typer.Option(128, help="Rows per step."),
-    lr: float = typer.Option(2e-2, help="Peak learning rate (Adam)."),
-    weight_decay: float = typer.Option(1e-4, help="Adam's (coupled L2) weight decay."),
-    warmup_epochs: float = typer.Option(1.0, help="Linear warm-up length, in epochs; cosine decay after it."),
-    min_lr: float = typer.Option(1e-3, help="Learning rate at the end of the cosine."),
-    optimizer: str = typer.Option("adam", help="adam (coupled weight decay, the paper's), adamw (decoupled) or sgd."),
-    momentum: float = typer.Option(0.9, help="SGD's momentum."),
-    warmup: str = typer.Option("linear", help="Warm-up shape: linear, or exponential (from lr / 100)."),
-    seed: int = typer.Option(42, help="Seed for initialisation, order, dropout and class sampling."),
-    sample_classes: float = typer.Option(1.0, help="Partial FC: fraction of the other classes used per step (1 = all)."),
+    embed_dim: int = typer.Option(DEFAULTS.embed_dim, help="Output embedding size (64 in the challenge)."),
+    dropout: float = typer.Option(DEFAULTS.dropout, help="Dropout before the projection."),
+    epochs: int = typer.Option(DEFAULTS.epochs, help="Passes over the training rows."),
+    batch_size: int = typer.Option(DEFAULTS.batch_size, help="Rows per step."),
+    lr: float = typer.Option(DEFAULTS.lr, help="Peak learning rate (Adam)."),
+    weight_decay: float = typer.Option(DEFAULTS.weight_decay, help="Adam's (coupled L2) weight decay."),
+    warmup_epochs: float = typer.Option(DEFAULTS.warmup_epochs, help="Linear warm-up length, in epochs; cosine decay after it."),
+    min_lr: float = typer.Option(DEFAULTS.min_lr, help="Learning rate at the end of the cosine."),
+    optimizer: str = typer.Option(DEFAULTS.optimizer, help="adam (coupled weight decay, the paper's), adamw (decoupled) or sgd."),
+    momentum: float = typer.Option(DEFAULTS.momentum, help="SGD's momentum."),
+    warmup: str = typer.Option(DEFAULTS.warmup, help="Warm-up shape: linear, or exponential (from lr / 100)."),
+    seed: int = typer.Option(DEFAULTS.seed, help="Seed for initialisation, order, dropout and class sampling."),
+    sample_classes: float = typer.Option(DEFAULTS.sample_classes, help="Partial FC: fraction of the other classes used per step (1 = all)."),
     views: bool = flag("--views", help="Each epoch, train every row on one of its clean and augmented views, drawn at random (needs a cache extracted with --views)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda. \\[default: cuda when available]"),
     precision: Optional[str] = typer.Option(None, help="Class-logit matmul precision, fp32 or bf16. \\[default: bf16 on GPU, fp32 on CPU]"),
@@ -73,7 +75,7 @@ def train_head(
     Load a run in Python with featcache.Run.load(DIR).embed(features).
     """
     from featcache.devices import default_precision, resolve_device
-    from featcache.train.loop import TrainOptions, check_options, load_train_data, train
+    from featcache.train.loop import check_options, load_train_data, train
 
     dev = resolve_device(device)
     given = {"sub_centers": sub_centers, "margin": margin, "scale": scale}
@@ -137,22 +139,22 @@ def losses(json_out: bool = flag("--json", help="Print JSON instead of a table."
 @friendly_errors
 def sweep(
     cache: list[Path] = typer.Option(..., "--cache", "-c", help="Feature cache to train from; repeat it to compare backbones (a backbone column, and each cache's zero-shot rows)."),
-    loss: list[str] = typer.Option(["subcenter-arcface"], "--loss", "-l", help="Losses to compare (repeatable)."),
+    loss: list[str] = typer.Option([DEFAULTS.loss], "--loss", "-l", help="Losses to compare (repeatable)."),
     margin: list[float] = typer.Option([], help="Margins to try (repeatable; radians for angular losses)."),
     scale: list[float] = typer.Option([], help="Scales to try (repeatable)."),
     sub_centers: list[int] = typer.Option([], help="Sub-center counts to try (repeatable)."),
-    embed_dim: list[int] = typer.Option([64], help="Embedding sizes to try (repeatable)."),
-    dropout: list[float] = typer.Option([0.2], help="Dropouts to try (repeatable)."),
-    lr: list[float] = typer.Option([2e-2], help="Learning rates to try (repeatable)."),
-    epochs: list[int] = typer.Option([10], help="Epoch counts to try (repeatable)."),
-    batch_size: list[int] = typer.Option([128], help="Batch sizes to try (repeatable)."),
-    weight_decay: float = typer.Option(1e-4, help="Adam's weight decay."),
-    warmup_epochs: float = typer.Option(1.0, help="Warm-up epochs."),
-    min_lr: float = typer.Option(1e-3, help="Final learning rate."),
-    optimizer: str = typer.Option("adam", help="adam (the paper's), adamw or sgd."),
-    momentum: float = typer.Option(0.9, help="SGD's momentum."),
-    warmup: str = typer.Option("linear", help="Warm-up shape: linear or exponential."),
-    sample_classes: float = typer.Option(1.0, help="Partial FC fraction."),
+    embed_dim: list[int] = typer.Option([DEFAULTS.embed_dim], help="Embedding sizes to try (repeatable)."),
+    dropout: list[float] = typer.Option([DEFAULTS.dropout], help="Dropouts to try (repeatable)."),
+    lr: list[float] = typer.Option([DEFAULTS.lr], help="Learning rates to try (repeatable)."),
+    epochs: list[int] = typer.Option([DEFAULTS.epochs], help="Epoch counts to try (repeatable)."),
+    batch_size: list[int] = typer.Option([DEFAULTS.batch_size], help="Batch sizes to try (repeatable)."),
+    weight_decay: float = typer.Option(DEFAULTS.weight_decay, help="Adam's weight decay."),
+    warmup_epochs: float = typer.Option(DEFAULTS.warmup_epochs, help="Warm-up epochs."),
+    min_lr: float = typer.Option(DEFAULTS.min_lr, help="Final learning rate."),
+    optimizer: str = typer.Option(DEFAULTS.optimizer, help="adam (the paper's), adamw or sgd."),
+    momentum: float = typer.Option(DEFAULTS.momentum, help="SGD's momentum."),
+    warmup: str = typer.Option(DEFAULTS.warmup, help="Warm-up shape: linear or exponential."),
+    sample_classes: float = typer.Option(DEFAULTS.sample_classes, help="Partial FC fraction."),
     views: bool = flag("--views", help="Train on the caches' augmented views too (see train-head --views)."),
     seeds: int = typer.Option(1, help="Seeds per combination (42, 43, ...): scores are mean ± std over them."),
     eval_cache: Optional[Path] = typer.Option(None, help="Cache with query/index rows to score each head on. \\[default: --cache, when it has them]"),

@@ -12,8 +12,8 @@ An index directory holds
   recorded as absolute paths: the index works from any working directory, and moved.
 
 Rows are embedded and added a block at a time, so memory stays bounded whatever the cache's size.
-Exact (flat) search is the default; ``ivf`` and ``hnsw`` only on request (DESIGN.md: on this data they
-trade a lot of recall for little time).
+Exact (flat) search is the default; ``ivf`` and ``hnsw`` only on request (measured here: on embeddings like
+these they trade a lot of recall for little time; ARCHITECTURE.md, "Measured").
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 from featcache import __version__
 from featcache.cache import FeatureCache, describe_space, feature_space, file_sha256, head_space
 from featcache.deploy.embedder import DeployError, Embedder, collection, rebuild_backbone
-from featcache.evaluate.search import l2_normalize
+from featcache.evaluate.search import import_faiss, l2_normalize
 from featcache.files import build_dir, strict_json
 from featcache.images import ImageFailure, load_image
 from featcache.train.heads import ProjectionHead
@@ -59,14 +59,8 @@ class IndexSpec:
         return {k: v for k, v in vars(self).items() if v is not None}
 
 
-def _faiss():
-    import faiss
-
-    return faiss
-
-
 def _empty_index(spec: IndexSpec, dim: int):
-    faiss = _faiss()
+    faiss = import_faiss()
     if spec.kind == "flat":
         return faiss.IndexFlatIP(dim)
     if spec.kind == "ivf":
@@ -154,9 +148,7 @@ def build_index(cache_path: str | os.PathLike, out: str | os.PathLike, *, run: s
                 index.add(block)
                 if truth is not None:
                     truth.add(block, lo)
-                span = slice(int(part[0]), int(part[-1]) + 1)  # the strings of this block's rows only
-                strings = {name: np.asarray(cache.group[name][span], dtype=object)[part - span.start]
-                           for name in ("paths", "domains", "splits")}
+                strings = {name: cache.strings(name, part) for name in ("paths", "domains", "splits")}  # this block's
                 writer.write_table(pa.table({
                     "row": pa.array(part, pa.int64()),
                     "path": pa.array(strings["paths"].tolist(), pa.string()),
@@ -170,7 +162,7 @@ def build_index(cache_path: str | os.PathLike, out: str | os.PathLike, *, run: s
         if truth is not None:
             _, found = index.search(truth.queries, truth.k)
             recall = float(np.mean([len(set(a) & set(b)) / truth.k for a, b in zip(found, truth.ids)]))
-        _faiss().write_index(index, str(tmp / INDEX_FILE))
+        import_faiss().write_index(index, str(tmp / INDEX_FILE))
         if head_run is not None:
             (tmp / HEAD_FILE).write_bytes(head_run.head_bytes)
         features = feature_space(cache.meta)
@@ -234,7 +226,7 @@ class Index:
                                   f"from {META_FILE}'s); rebuild the index with `featcache index`")
         rows = _read_rows(path / ROWS_FILE)
         try:
-            index = _faiss().read_index(str(path / INDEX_FILE))
+            index = import_faiss().read_index(str(path / INDEX_FILE))
         except Exception as e:  # faiss reports a damaged file as a RuntimeError with a C++ trace
             raise DeployError(f"{path / INDEX_FILE}: not a readable faiss index ({type(e).__name__})") from None
         if index.ntotal != meta["rows"] or rows.num_rows != meta["rows"] or index.d != meta["dim"]:

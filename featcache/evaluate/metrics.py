@@ -1,6 +1,7 @@
 """The GUIEC / UnED retrieval metrics, and :func:`evaluate`: embeddings and labels to scores.
 
-Metrics (REFERENCES.md, "Metrics"); n_q = relevant index rows for query q (itself excluded),
+Metrics as the GUIEC (Kaggle's evaluation page) and UnED (Ypsilantis et al., 2023) define them;
+n_q = relevant index rows for query q (itself excluded),
 m_q = min(n_q, k), rel_q(j) = 1 if the j-th neighbour is relevant, P(j) = precision at j:
 
 - ``mMP@k`` (GUIEC "mMP@5"): (1/m_q) sum_{j <= m_q} rel_q(j)

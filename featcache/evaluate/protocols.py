@@ -14,28 +14,14 @@ from typing import Any
 import numpy as np
 
 from featcache.cache import FeatureCache, describe_space, feature_space
+from featcache.evaluate.baselines import POOLED_DIM, ZERO_SHOT, pooled
 from featcache.evaluate.metrics import evaluate, query_metrics, summarize
 from featcache.evaluate.search import l2_normalize, search
 from featcache import __version__
 from featcache.train.runs import Run, RunError
 
-ZERO_SHOT = ("pooled", "raw")
-POOLED_DIM = 64
-
-
 class EvalError(ValueError):
     """Inputs that cannot be evaluated; the message says which and why."""
-
-
-def pooled(features: np.ndarray, dim: int = POOLED_DIM) -> np.ndarray:
-    """The paper's zero-shot baseline: the feature averaged in consecutive groups down to ``dim`` values
-    (1152 -> 64 averages 18 dims each; sizes that do not divide evenly get groups differing by one)."""
-    d = features.shape[1]
-    if d <= dim:
-        return features.astype(np.float32)
-    edges = np.linspace(0, d, dim + 1).round().astype(int)
-    sums = np.add.reduceat(features.astype(np.float32), edges[:-1], axis=1)
-    return sums / np.diff(edges)[None, :]
 
 
 @dataclass
@@ -128,6 +114,15 @@ def query_labels(label: Any, label_sep: str | None) -> set[str]:
     return set(str(label).split(label_sep)) if label_sep else {str(label)}
 
 
+def relevant_to(label: Any, domain: Any, index: "Side", positions, protocol: str, label_sep: str | None) -> np.ndarray:
+    """The relevance rule, row by row: index rows at ``positions`` relevant to a query of ``label`` and ``domain``
+    (same label, one of its labels with ``label_sep``; under uned, also the same domain). ``metrics.evaluate``
+    applies the same rule vectorised, to label (and domain) codes."""
+    wanted = query_labels(label, label_sep)
+    return np.array([index.labels[j] in wanted and (protocol != "uned" or index.domains[j] == domain)
+                     for j in positions], dtype=bool)
+
+
 def multi_label_scores(xq, labels, domains, xb, index: Side, self_ids, protocol: str, k: int, max_memory: int,
                        label_sep: str) -> dict[str, Any]:
     """Per-domain scores of queries with several labels ("a|b"): a neighbour is relevant when its label is
@@ -138,14 +133,9 @@ def multi_label_scores(xq, labels, domains, xb, index: Side, self_ids, protocol:
     rel = np.zeros(neighbours.shape, dtype=bool)
     n_rel = np.zeros(len(labels), dtype=np.int64)
     for i, (label, dom) in enumerate(zip(labels, domains)):
-        wanted = query_labels(label, label_sep)
-
-        def relevant(j: int) -> bool:
-            return index.labels[j] in wanted and (not same_domain or index.domains[j] == dom)
-
-        rel[i] = [relevant(j) for j in neighbours[i]]
-        n_rel[i] = sum(counts[(dom, lab) if same_domain else lab] for lab in wanted)
-        if self_ids[i] >= 0 and relevant(self_ids[i]):
+        rel[i] = relevant_to(label, dom, index, neighbours[i], protocol, label_sep)
+        n_rel[i] = sum(counts[(dom, lab) if same_domain else lab] for lab in query_labels(label, label_sep))
+        if self_ids[i] >= 0 and relevant_to(label, dom, index, [self_ids[i]], protocol, label_sep)[0]:
             n_rel[i] -= 1
     m = query_metrics(rel, n_rel)
     out = {str(dom): summarize(m, domains == dom, k) for dom in dict.fromkeys(domains)}
@@ -311,8 +301,7 @@ def run_eval(
         ids = self_ids[picked] if self_ids is not None else None
         neighbours = neighbours_of(xq[picked], xb, k, ids, max_memory)
         queries = Side(queries.cache, queries.rows[picked], queries.labels[picked], queries.domains[picked])
-        relevant = np.array([[index.labels[j] in query_labels(lab, label_sep)
-                              and (protocol != "uned" or index.domains[j] == dom) for j in row]
+        relevant = np.array([relevant_to(lab, dom, index, row, protocol, label_sep)
                              for row, lab, dom in zip(neighbours, queries.labels, queries.domains)], dtype=bool).reshape(neighbours.shape)
     if run is not None:
         run.record_eval({"cache": es.source, "protocol": protocol, "k": k, "domains": es.domains,

@@ -12,8 +12,8 @@ For every query the result is exactly the first ``k`` rows of the whole index (t
 equal scores the lower index id first -- including ties that straddle the k-th position. faiss
 itself keeps an arbitrary member of a tie, so each query retrieves a few extra candidates, sorts
 them on ``(-score, id)``, and when the k-th kept score still equals the worst candidate's score
-(the tie may continue past what faiss returned) that query is searched again with twice as many
-candidates, until the boundary is resolved or the whole index is a candidate. "Equal" means equal
+(the tie may continue past what faiss returned) that query is searched again with four times as
+many candidates, until the boundary is resolved or the whole index is a candidate. "Equal" means equal
 float32 scores as faiss computes them; bitwise-identical rows in one index shard always score the
 same, but faiss may sum a dot product in a different order in different code paths (BLAS vs its
 own SIMD kernels, chosen by block size), so identical rows that fall in different shards can differ
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["l2_normalize", "search"]
+__all__ = ["import_faiss", "l2_normalize", "search"]
 
 _CHUNK_ROWS = 1 << 16  # rows per chunk for finiteness checks and normalisation
 _EXTRA_CANDIDATES_MIN = 4  # candidates searched beyond k (+1 for self) to settle boundary ties
@@ -113,8 +113,9 @@ def l2_normalize(x: Any) -> np.ndarray:
 # search
 
 
-def _faiss():
-    import faiss  # imported lazily: the metrics need no faiss
+def import_faiss():
+    """faiss, imported on first use: the metrics, and commands that never search, load without it."""
+    import faiss
 
     return faiss
 
@@ -141,7 +142,7 @@ def _plan(
     (Q, k) outputs are not counted. ``db_bs``: the database tile faiss will use (default: its
     current setting).
     """
-    faiss = _faiss()
+    faiss = import_faiss()
     if db_bs is None:
         db_bs = int(faiss.cvar.distance_compute_blas_database_bs)
     tile = 4 * int(faiss.cvar.distance_compute_blas_query_bs) * db_bs
@@ -181,7 +182,7 @@ def _candidates(xq: np.ndarray, xb: np.ndarray, kk: int, shard: int, single_inde
     list with the same sort, which is exact: a row dropped from a shard's top-kk scores no higher
     than the kk-th of that shard, hence no higher than the kk-th of the union.
     """
-    faiss = _faiss()
+    faiss = import_faiss()
     n, d = xb.shape
     best_s = best_i = None
     for s0 in range(0, n, shard):
@@ -278,7 +279,7 @@ def search(
     if nq == 0:
         return out_s, out_i
 
-    faiss = _faiss()
+    faiss = import_faiss()
     old_threads = None
     if threads is not None:
         old_threads = faiss.omp_get_max_threads()

@@ -21,23 +21,20 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import zarr
 from torch.utils.data import DataLoader, Dataset
 
 from featcache.cache import (
-    ATTRS,
     CacheError,
     FeatureCache,
+    StoreWriter,
     build_meta,
     check_cache_out,
     create_store,
     default_rows_per_chunk,
-    fsync_chunk_files,
     is_cache,
     key_differences,
     mark_complete,
     remove_partial_files,
-    row_arrays,
 )
 from featcache.extract.augment import Augmentation, ViewTransform
 from featcache.extract.backbones import Backbone
@@ -185,18 +182,12 @@ def prepare_store(out: Path, manifest: Manifest, meta: dict[str, Any], overwrite
 def redo_chunks(out: Path, root: str, damaged: list[int], retry_failed: bool) -> dict[str, Any]:
     """Coordinator: flag as not done (so that this run redoes them) the ``damaged`` chunks and, with
     ``retry_failed``, every chunk holding a failed row; record the root they will be read from."""
-    group = zarr.open_group(store=str(out), mode="r+", zarr_format=3)
-    meta = dict(group.attrs[ATTRS])
+    store = StoreWriter(out)
     redo = set(damaged)
     if retry_failed:
-        redo |= set((np.flatnonzero(~group["valid"][:]) // meta["rows_per_chunk"]).tolist())
-    for k in sorted(redo):
-        group["chunk_done"][int(k)] = False
-    if redo:
-        meta["complete"] = False
-    meta["root"] = root
-    group.attrs[ATTRS] = meta
-    return meta
+        redo |= set((np.flatnonzero(~FeatureCache.open(out).valid()) // store.rows_per_chunk).tolist())
+    store.undo(sorted(redo))
+    return store.update_attrs(root=root, **({"complete": False} if redo else {}))
 
 
 def run_extract(
@@ -247,14 +238,13 @@ def _extract_into(out, manifest, backbone, dtype, batch_size, workers, device, p
                   start) -> ExtractResult:
     dist.barrier()
 
-    group = zarr.open_group(store=str(out), mode="r+", zarr_format=3)
-    meta = dict(group.attrs[ATTRS])
-    rows_per_chunk = meta["rows_per_chunk"]
+    store = StoreWriter(out)
+    meta, rows_per_chunk = store.meta, store.rows_per_chunk
     if meta.get("complete"):
         return ExtractResult(out, meta, len(manifest), 0, time.perf_counter() - start, 0.0, True)
 
     n = len(manifest)
-    done = group["chunk_done"][:]
+    done = store.done()
     mine = [k for k in range(done.size) if k % dist.world == dist.rank and not done[k]]
     rows = np.concatenate([np.arange(k * rows_per_chunk, min(n, (k + 1) * rows_per_chunk)) for k in mine]) if mine \
         else np.zeros(0, dtype=np.int64)
@@ -263,7 +253,7 @@ def _extract_into(out, manifest, backbone, dtype, batch_size, workers, device, p
 
     augmentation = Augmentation.from_meta(meta.get("augmentation"))
     views = ViewTransform(augmentation, backbone.transform, backbone.preprocessing) if augmentation else None
-    writer = ChunkWriter(group, out, rows_per_chunk, n, backbone.dim, dtype)
+    writer = ChunkWriter(store, backbone.dim, dtype)
     try:
         if len(rows):
             _extract_rows(manifest, backbone, rows, views, writer, batch_size, workers, device, precision, progress)
@@ -331,11 +321,9 @@ def _extract_rows(manifest, backbone, rows, views, writer, batch_size, workers, 
 class ChunkWriter:
     """Fills per-chunk buffers and writes each finished chunk from a background thread."""
 
-    def __init__(self, group: zarr.Group, path: Path, rows_per_chunk: int, n: int, dim: int, dtype: str):
-        self.group, self.path = group, path
-        self.arrays = row_arrays(group)
-        self.views = self.arrays["augmented"].shape[1] if "augmented" in self.arrays else 0
-        self.rows_per_chunk, self.n, self.dim, self.dtype = rows_per_chunk, n, dim, np.dtype(dtype)
+    def __init__(self, store: StoreWriter, dim: int, dtype: str):
+        self.store, self.views = store, store.views
+        self.rows_per_chunk, self.n, self.dim, self.dtype = store.rows_per_chunk, store.rows, dim, np.dtype(dtype)
         # chunk -> (features (rows, 1 + V, D): the eval view then the augmented ones, valid, failures, rows left)
         self.buffers: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]] = {}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featcache-writer")
@@ -389,15 +377,7 @@ class ChunkWriter:
 
     def _write(self, k: int, f: np.ndarray, v: np.ndarray, why: np.ndarray) -> None:
         t = time.perf_counter()
-        lo = k * self.rows_per_chunk
-        sl = slice(lo, lo + len(v))
-        self.arrays["features"][sl] = f[:, 0]
-        if self.views:
-            self.arrays["augmented"][sl] = f[:, 1:]
-        self.arrays["valid"][sl] = v
-        self.arrays["failures"][sl] = why
-        fsync_chunk_files(self.path, k)
-        self.group["chunk_done"][k] = True
+        self.store.write_chunk(k, f[:, 0], v, why, f[:, 1:] if self.views else None)
         self.seconds += time.perf_counter() - t
 
     def close(self) -> None:

@@ -3,14 +3,14 @@
 The features are read from the cache once, into memory (RAM or GPU, in the cache's dtype) and cast
 per batch (with ``views``, each row's clean and augmented views, one of them drawn per row and epoch);
 the loop below is the whole training procedure: Adam with coupled weight decay, linear
-warm-up then cosine decay per iteration, the paper's defaults throughout.
+warm-up then cosine decay per iteration, the paper's defaults throughout. It decides what becomes of a
+run directory (start, resume, overwrite); ``runs`` reads and writes its files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,60 +22,14 @@ import torch
 
 from featcache import __version__
 from featcache.cache import CacheError, FeatureCache, feature_space
-from featcache.files import exclusive, write_file, write_json, write_text
+from featcache.files import exclusive
 from featcache.train.heads import ProjectionHead
 from featcache.train.losses import LOSSES, build_loss, canonical_name
-from featcache.train.runs import CLASS_WEIGHTS, CONFIG, EVAL, HEAD, METRICS, STATE, RunError, save_tensors
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
-WARMUPS = ("linear", "exponential")
-
-
-@dataclass
-class TrainOptions:
-    """Everything that decides the trained head. Defaults are the paper's recipe."""
-
-    loss: str = "subcenter-arcface"
-    loss_opts: dict[str, float] = field(default_factory=dict)  # scale, margin, sub_centers, ...; absent = loss default
-    embed_dim: int = 64
-    dropout: float = 0.2
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 2e-2
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    min_lr: float = 1e-3
-    seed: int = 42
-    device: str = "cpu"
-    precision: str = "fp32"  # of the class-logit matmul: fp32 or bf16
-    sample_classes: float = 1.0  # Partial FC: fraction of the non-batch classes used per step
-    optimizer: str = "adam"  # adam (coupled weight decay, the paper's), adamw (decoupled) or sgd
-    momentum: float = 0.9  # sgd only
-    warmup: str = "linear"  # linear, or exponential: lr * 0.01 ** (1 - (it + 1) / warm-up steps)
-    views: bool = False  # each epoch, train each row on one of its clean and augmented views (cache `augmented`)
-
-    def __post_init__(self) -> None:
-        """The training options, checked here once; the loss checks its own (``sample_classes`` is its
-        ``sample_fraction``, ``precision`` its matmul precision) when it is built (``check_options``)."""
-        for name, value, ok in [
-            ("--embed-dim", self.embed_dim, self.embed_dim >= 1),
-            ("--dropout", self.dropout, 0 <= self.dropout < 1),
-            ("--epochs", self.epochs, self.epochs >= 1),
-            ("--batch-size", self.batch_size, self.batch_size >= 1),
-            ("--lr", self.lr, self.lr > 0),
-            ("--min-lr", self.min_lr, 0 <= self.min_lr <= self.lr),
-            ("--weight-decay", self.weight_decay, self.weight_decay >= 0),
-            ("--warmup-epochs", self.warmup_epochs, 0 <= self.warmup_epochs <= self.epochs),
-            ("--momentum", self.momentum, 0 <= self.momentum < 1),
-        ]:
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{name} {value}: must be a finite number")
-            if not ok:
-                raise ValueError(f"{name} {value}: out of range")
-        for name, value, choices in [("--optimizer", self.optimizer, OPTIMIZERS), ("--warmup", self.warmup, WARMUPS)]:
-            if value not in choices:
-                raise ValueError(f"{name} {value}: expected one of {', '.join(choices)}")
-
+from featcache.train.options import OPTIMIZERS, WARMUPS, TrainOptions  # noqa: F401  (re-exported)
+from featcache.train.runs import (
+    CONFIG, STATE, RunError, load_state, read_config, read_metrics, remove_run_files, remove_state, save_state, save_weights,
+    start_run, write_config, write_metrics,
+)
 
 @dataclass
 class TrainData:
@@ -335,35 +289,10 @@ def _config(data: TrainData, options: TrainOptions, head: ProjectionHead) -> dic
     }
 
 
-RUN_FILES = (CONFIG, METRICS, HEAD, CLASS_WEIGHTS, STATE, EVAL)  # what train-head writes into a run directory
-
-
-def _read_config(out: Path) -> dict[str, Any] | None:
-    """The run's config.json, or None when ``out`` holds none; a damaged one is a one-line RunError."""
-    if not (out / CONFIG).is_file():
-        return None
-    try:
-        config = json.loads((out / CONFIG).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunError(f"{out / CONFIG}: not readable as a featcache run's config ({e})") from None
-    if not isinstance(config, dict) or "featcache_version" not in config:
-        raise RunError(f"{out / CONFIG}: not a featcache run's config")
-    return config
-
-
-def _load_state(path: Path) -> dict[str, Any]:
-    """state.pt read as data (tensors, numbers, strings): a file that needs anything else is refused."""
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:  # weights_only refusals come as UnpicklingError, truncation as several types
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise RunError(f"{path}: not a featcache training state (refused to load it: {reason})") from None
-
-
 def _open_run_dir(out, config, resume, overwrite, head, loss_fn, opt, order):
     """Create the run directory, or pick up its last finished epoch with ``resume``. Never deletes anything
     but the files a run is made of (RUN_FILES), and those only with ``overwrite``."""
-    old = _read_config(out) if out.is_dir() else None
+    old = read_config(out)
     if resume:
         if old is None:
             raise RunError(f"{out}: no run to resume (no {CONFIG}); leave out --resume to start one")
@@ -374,8 +303,8 @@ def _open_run_dir(out, config, resume, overwrite, head, loss_fn, opt, order):
         before["loss_opts"] = old["options"].get("loss_opts", {})
         if before != config["options"] or old["cache"]["key"] != config["cache"]["key"]:
             raise RunError(f"{out}: was trained with other options or another cache; --resume needs the same command")
-        if (out / STATE).is_file():
-            state = _load_state(out / STATE)
+        state = load_state(out)
+        if state is not None:
             head.load_state_dict(state["head"])
             loss_fn.load_state_dict(state["loss"])
             opt.load_state_dict(state["optimizer"])
@@ -383,10 +312,9 @@ def _open_run_dir(out, config, resume, overwrite, head, loss_fn, opt, order):
             torch.set_rng_state(state["torch_rng"])
             if state.get("cuda_rng") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
-            metrics = [json.loads(x) for x in (out / METRICS).read_text().splitlines() if x.strip()]
             config["created"] = old["created"]
             epoch = int(state["epoch"])
-            return epoch, old["train_seconds"], metrics[:epoch]
+            return epoch, old["train_seconds"], read_metrics(out)[:epoch]
         if old.get("epochs_done", 0) > 0:
             raise RunError(f"{out}: {old['epochs_done']} epoch(s) done but {STATE} is missing, so it cannot be resumed; "
                            "it is left as it is (train again with another --out)")
@@ -398,21 +326,17 @@ def _open_run_dir(out, config, resume, overwrite, head, loss_fn, opt, order):
         if not overwrite:
             raise RunError(f"{out} already holds a run; pass --overwrite to replace it, --resume to continue it, "
                            "or choose another --out")
-        for name in RUN_FILES:  # the run's own files; anything else a user put there stays
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / CONFIG, config)
-    write_text(out / METRICS, "")
+        remove_run_files(out)
+    start_run(out, config)
     return 0, 0.0, []
 
 
 def _save_epoch(out, config, metrics, seconds, head, loss_fn, opt, order, done: bool) -> None:
     """Everything of a finished epoch, each file atomically; the head is usable after every epoch."""
-    save_tensors(out / HEAD, head.state_dict(), {"featcache": json.dumps(head.config())})
-    save_tensors(out / CLASS_WEIGHTS, loss_fn.state_dict())
-    write_text(out / METRICS, "".join(json.dumps(m) + "\n" for m in metrics))
+    save_weights(out, head, loss_fn)
+    write_metrics(out, metrics)
     if not done:
-        state = {
+        save_state(out, {
             "epoch": len(metrics),
             "head": head.state_dict(),
             "loss": loss_fn.state_dict(),
@@ -420,9 +344,8 @@ def _save_epoch(out, config, metrics, seconds, head, loss_fn, opt, order, done: 
             "order_rng": order.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        }
-        write_file(out / STATE, lambda tmp: torch.save(state, tmp))
+        })
     config.update(complete=done, epochs_done=len(metrics), train_seconds=round(seconds, 4))
-    write_json(out / CONFIG, config)
+    write_config(out, config)
     if done:  # only once config.json says complete: a crash in between leaves a resumable run
-        (out / STATE).unlink(missing_ok=True)
+        remove_state(out)

@@ -1,4 +1,5 @@
 """Run directories: what ``train-head`` leaves behind, and loading a trained head back with one call.
+This is the one module that reads and writes a run directory's files: the rest of featcache goes through it.
 
 ``runs/NAME/``
 - ``config.json``: every resolved option, the cache key and path, the package version, ``complete``.
@@ -24,23 +25,97 @@ import numpy as np
 import torch
 from safetensors.torch import load as load_tensors, save_file
 
-from featcache.cache import head_space
 from featcache import __version__
-from featcache.files import write_file, write_json
+from featcache.cache import head_space
+from featcache.files import write_file, write_json, write_text
 from featcache.train.heads import ProjectionHead
 
 CONFIG, METRICS, HEAD, CLASS_WEIGHTS, STATE, EVAL = (
     "config.json", "metrics.jsonl", "head.safetensors", "class_weights.safetensors", "state.pt", "eval.json",
 )
+RUN_FILES = (CONFIG, METRICS, HEAD, CLASS_WEIGHTS, STATE, EVAL)  # what train-head writes into a run directory
 
 
 class RunError(ValueError):
     """A run directory that cannot be used; the message names it."""
 
 
+class ForeignConfig(RunError):
+    """A config.json that is readable but not a featcache run's."""
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The config.json of the run directory ``path``, or None where it holds none; a damaged or foreign
+    one is a one-line RunError naming the file (ForeignConfig for a foreign one)."""
+    file = Path(path) / CONFIG
+    if not file.is_file():
+        return None
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
+        raise RunError(f"{file}: not readable as a featcache run's config ({e})") from None
+    if not isinstance(config, dict) or "featcache_version" not in config:
+        raise ForeignConfig(f"{file}: not a featcache run's config")
+    return config
+
+
+def write_config(path: Path, config: dict[str, Any]) -> None:
+    write_json(path / CONFIG, config)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl, one dict per finished epoch; an OSError where the file is missing."""
+    return [json.loads(line) for line in (path / METRICS).read_text().splitlines() if line.strip()]
+
+
+def write_metrics(path: Path, metrics: list[dict[str, Any]]) -> None:
+    write_text(path / METRICS, "".join(json.dumps(m) + "\n" for m in metrics))
+
+
+def start_run(path: Path, config: dict[str, Any]) -> None:
+    """A new run directory (or one emptied of its run): its config.json and an empty metrics.jsonl."""
+    path.mkdir(parents=True, exist_ok=True)
+    write_config(path, config)
+    write_metrics(path, [])
+
+
+def remove_run_files(path: Path) -> None:
+    """The run's own files (RUN_FILES); anything else a user put in its directory stays."""
+    for name in RUN_FILES:
+        (path / name).unlink(missing_ok=True)
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     write_file(path, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
                                            metadata=metadata))
+
+
+def save_weights(path: Path, head: ProjectionHead, loss: torch.nn.Module) -> None:
+    """head.safetensors (with the head's config, all it takes to load it) and class_weights.safetensors."""
+    save_tensors(path / HEAD, head.state_dict(), {"featcache": json.dumps(head.config())})
+    save_tensors(path / CLASS_WEIGHTS, loss.state_dict())
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """state.pt, for ``--resume``: tensors, numbers and strings only (what ``load_state`` accepts)."""
+    write_file(path / STATE, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: Path) -> dict[str, Any] | None:
+    """state.pt read as data (tensors, numbers, strings): a file that needs anything else is refused; None
+    where there is none."""
+    file = path / STATE
+    if not file.is_file():
+        return None
+    try:
+        return torch.load(file, weights_only=True, map_location="cpu")
+    except Exception as e:  # weights_only refusals come as UnpicklingError, truncation as several types
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise RunError(f"{file}: not a featcache training state (refused to load it: {reason})") from None
+
+
+def remove_state(path: Path) -> None:
+    (path / STATE).unlink(missing_ok=True)
 
 
 def load_head(weights: bytes, config: dict[str, Any]) -> ProjectionHead:
@@ -69,11 +144,11 @@ class Run:
         path = Path(path)
         if not (path / CONFIG).is_file() or not (path / HEAD).is_file():
             raise RunError(f"{path}: not a featcache run (needs {CONFIG} and {HEAD}; train one with `featcache train-head`)")
+        config = read_config(path)
         try:
-            config = json.loads((path / CONFIG).read_text())
             weights = (path / HEAD).read_bytes()  # read once: a run being trained may replace the file meanwhile
             head = load_head(weights, config["head"])
-        except Exception as e:  # JSON, safetensors and torch each raise their own types for a damaged file
+        except Exception as e:  # safetensors and torch each raise their own types for a damaged file
             raise RunError(f"{path}: a damaged run ({damage(e)})") from None
         return cls(path, config, head, weights)
 
@@ -96,8 +171,7 @@ class Run:
         return head_space(self.features_space, self.head_sha256)
 
     def metrics(self) -> list[dict[str, Any]]:
-        f = self.path / METRICS
-        return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+        return read_metrics(self.path) if (self.path / METRICS).exists() else []
 
     def evaluations(self) -> list[dict[str, Any]]:
         """Every kind of evaluation recorded for this run, oldest first: ``{"measured": {...}, "result": {...}}``
@@ -179,11 +253,11 @@ def list_runs(folder: str | os.PathLike) -> list[dict[str, Any]]:
     rows = []
     for cfg in sorted(Path(folder).rglob(CONFIG), key=lambda p: p.stat().st_mtime):
         try:
-            config = json.loads(cfg.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            config = {"featcache_version": "?"}  # unreadable: if it is a run's, the row below says so
-        if not isinstance(config, dict) or "featcache_version" not in config:
+            config = read_config(cfg.parent) or {}  # None: a config.json that is not a file, listed as unreadable
+        except ForeignConfig:
             continue
+        except RunError:
+            config = {}  # unreadable: if it is a run's, the row below says so
         row = {"run": str(cfg.parent), "loss": None, "options": None, "epochs": None, "train_seconds": None,
                "mMP@5": None, "scored_on": None, "status": "incomplete"}
         if not (cfg.parent / HEAD).is_file() and not config.get("epochs_done"):

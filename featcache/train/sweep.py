@@ -49,17 +49,15 @@ def _mean_std(values: list[float]) -> str:
 class Scorer(Protocol):
     """Scores a finished run directory: what a sweep calls after every head it trains. ``metric`` names
     the score taken from ``result["overall"]``; ``source`` says what was scored (the eval cache);
-    ``zero_shot(kind)`` scores the baseline without a head ("pooled" or "raw")."""
+    ``zero_shot(kind)`` scores a baseline without a head, for each kind in ``zero_shot_kinds``."""
 
     metric: str
     source: str
+    zero_shot_kinds: tuple[str, ...]
 
     def __call__(self, run: Path) -> dict[str, Any]: ...
 
     def zero_shot(self, kind: str) -> dict[str, Any]: ...
-
-
-ZERO_SHOT = ("pooled", "raw")
 
 
 def check_sweep_out(out: Path) -> None:
@@ -114,7 +112,7 @@ def run_sweep(caches: Path | list[Path], combos: list[TrainOptions], seeds: int,
         for data, score, backbone, folder in zip(datasets, scorers, labels, folders):
             where = out if len(caches) == 1 else out / folder
             if score is not None:
-                for kind in ZERO_SHOT:
+                for kind in score.zero_shot_kinds:
                     value = score.zero_shot(kind)["overall"][score.metric]
                     results.append({"backbone": backbone, "loss": f"zero-shot {kind}", "label": "-", "options": {},
                                     "final_loss": "-", "train_acc": "-", score.metric: f"{value:.4f}", "seconds": 0.0,

@@ -1,4 +1,5 @@
-"""The margin losses, one short class each, as REFERENCES.md's "Loss family" writes them.
+"""The margin losses, one short class each, as their papers write them (ArcFace, CosFace, Sub-center ArcFace,
+Li-ArcFace, CurricularFace, AdaFace, AdaCos, NormFace: each class's docstring gives its logits).
 
 Margins are in RADIANS for the angular losses (arcface family, airface, curricularface, adaface);
 cosface's margin is subtracted from the cosine itself. A loss that changes only the target column
