@@ -6,6 +6,7 @@ and the caller records it as a failure row.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
@@ -36,11 +37,22 @@ def load_image(path: str | os.PathLike, box: tuple[float, float, float, float] |
         raise ImageFailure("not a regular file")
     if st.st_size == 0:
         raise ImageFailure("empty file (0 bytes)")
+    return _decode(path, box)
+
+
+def load_image_bytes(data: bytes, box: tuple[float, float, float, float] | None = None) -> Image.Image:
+    """``load_image`` for an image held in memory (a WebDataset sample read from its shard)."""
+    if not data:
+        raise ImageFailure("empty image (0 bytes)")
+    return _decode(io.BytesIO(data), box)
+
+
+def _decode(source, box) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # Pillow only warns between its pixel limit and twice that; treat both as a bomb.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 rgb = to_rgb(im)

@@ -89,12 +89,17 @@ def build(
         None, "--colors", help="stanford-cars: CSV of image,colour pairs; classes become model x colour."),
     info_dir: Optional[Path] = typer.Option(
         None, "--info-dir", help="uned: folder of the split files (default ROOT/info_files)."),
+    shards: Optional[str] = typer.Option(
+        None, "--shards", help="webdataset: the shards under ROOT, a brace pattern like '{00000..00999}.tar' (default every *.tar in ROOT)."),
+    label: Optional[str] = typer.Option(
+        None, "--label", help="webdataset: each sample's label: cls or txt (that member's text), or a key of its json "
+        "(or a column of img2dataset's parquet beside the shard, read instead of the tar when it has it)."),
     overwrite: bool = flag("--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     _refuse_foreign_out(out_path, [colors] if colors else [])
     with recording_reads() as reads:
         rows = build_rows(source.value, root, domain=domain, partition=partition, annotations=annotations,
-                          colors=colors, info_dir=info_dir)
+                          colors=colors, info_dir=info_dir, shards=shards, label=label)
     for n in rows.notes:
         _note(n)
     rows.write(out_path, overwrite=overwrite, reads=reads)

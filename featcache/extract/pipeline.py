@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import itertools
 import os
 import time
 from collections import deque
@@ -21,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from featcache.cache import (
     CacheError,
@@ -39,15 +40,32 @@ from featcache.cache import (
 from featcache.extract.augment import Augmentation, ViewTransform
 from featcache.extract.backbones import Backbone
 from featcache.files import OutputError, exclusive
-from featcache.images import ImageFailure, load_image
-from featcache.manifest import Manifest
+from featcache.images import ImageFailure, load_image, load_image_bytes
+from featcache.manifest import Manifest, resolve
+from featcache.manifest.webdataset import parse_sample, read_samples
 
 MAX_PENDING_WRITES = 4
 
 
+def prepared(row: int, decode: Callable[[], Any], transform: Callable, views: ViewTransform | None):
+    """(row, images (1 + V, C, H, W) or None, failure reason) of one row: ``decode()`` gives its image, then
+    the eval view and, with ``views``, its V augmented views. A bad image is a reason, never an error."""
+    stage = "preprocessing"
+    try:
+        decoded = decode()
+        image = transform(decoded).unsqueeze(0)
+        if views is not None:
+            stage = "augmented views"
+            image = torch.cat([image, views(decoded, row)])
+        return row, image, ""
+    except ImageFailure as e:
+        return row, None, str(e)
+    except Exception as e:  # a transform that chokes on an odd image must not stop the run
+        return row, None, f"{stage} error: {type(e).__name__}: {e}"
+
+
 class ImageRows(Dataset):
-    """Manifest rows to (row, images (1 + V, C, H, W) or None, failure reason): the eval view, then the
-    row's V augmented views when ``views`` is given."""
+    """Manifest rows that are image files to (row, images, failure reason) (see ``prepared``)."""
 
     def __init__(self, manifest: Manifest, rows: np.ndarray, transform: Callable, views: ViewTransform | None = None):
         self.files = [str(manifest.resolve(i)) for i in rows]
@@ -60,18 +78,37 @@ class ImageRows(Dataset):
         return len(self.rows)
 
     def __getitem__(self, j: int):
-        row, stage = int(self.rows[j]), "preprocessing"
-        try:
-            decoded = load_image(self.files[j], self.boxes[j])
-            image = self.transform(decoded).unsqueeze(0)
-            if self.views is not None:
-                stage = "augmented views"
-                image = torch.cat([image, self.views(decoded, row)])
-            return row, image, ""
-        except ImageFailure as e:
-            return row, None, str(e)
-        except Exception as e:  # a transform that chokes on an odd image must not stop the run
-            return row, None, f"{stage} error: {type(e).__name__}: {e}"
+        return prepared(int(self.rows[j]), lambda: load_image(self.files[j], self.boxes[j]), self.transform, self.views)
+
+
+class ShardSamples(IterableDataset):
+    """Manifest rows that are WebDataset samples (``SHARD#KEY``) to (row, images, failure reason): each shard
+    is read once, front to back, as a stream (no seeking inside a tar), and its wanted samples are decoded
+    as they pass. Decoding workers share the shards (worker i takes every W-th). A sample the shard does
+    not hold, or an unreadable shard, is a failure row with its reason."""
+
+    def __init__(self, manifest: Manifest, rows: np.ndarray, transform: Callable, views: ViewTransform | None = None):
+        self.shards: dict[str, dict[str, list[tuple[int, Any]]]] = {}  # shard file -> key -> [(row, box)]
+        for i in rows:
+            shard, key = parse_sample(manifest.paths[i])
+            self.shards.setdefault(str(resolve(manifest.root, shard)), {}).setdefault(key, []).append((int(i), manifest.box(i)))
+        self.transform, self.views = transform, views
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        shards = list(self.shards.items())
+        if info is not None:
+            shards = shards[info.id::info.num_workers]
+        for shard, wanted in shards:
+            yield from self._read(shard, wanted)
+
+    def _read(self, shard: str, wanted: dict[str, list[tuple[int, Any]]]):
+        for key, data, problem in read_samples(shard, set(wanted)):
+            for row, box in wanted[key]:
+                if data is None:
+                    yield row, None, problem
+                else:
+                    yield prepared(row, lambda box=box: load_image_bytes(data, box), self.transform, self.views)
 
 
 def collate_rows(items):
@@ -278,9 +315,14 @@ def _autocast(device: torch.device, precision: str):
 
 def image_loader(manifest: Manifest, rows: np.ndarray, transform: Callable, batch_size: int, workers: int,
                  device: torch.device, views: ViewTransform | None = None) -> DataLoader:
-    """Decoding and preprocessing in ``workers`` processes, in row order, while the model runs."""
+    """Decoding and preprocessing in ``workers`` processes while the model runs: image files in row order,
+    WebDataset samples in their shards' order (rows must be all of one kind: see ``image_loaders``)."""
+    samples = len(rows) and parse_sample(manifest.paths[int(rows[0])]) is not None
+    dataset = (ShardSamples if samples else ImageRows)(manifest, rows, transform, views)
+    if samples:
+        workers = min(workers, len(dataset.shards))  # a worker streams whole shards
     return DataLoader(
-        ImageRows(manifest, rows, transform, views),
+        dataset,
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
@@ -291,10 +333,18 @@ def image_loader(manifest: Manifest, rows: np.ndarray, transform: Callable, batc
     )
 
 
+def image_loaders(manifest: Manifest, rows: np.ndarray, transform: Callable, batch_size: int, workers: int,
+                  device: torch.device, views: ViewTransform | None = None) -> list[DataLoader]:
+    """One loader for the rows that are image files and one for the rows that are WebDataset samples."""
+    is_sample = np.fromiter((parse_sample(manifest.paths[int(i)]) is not None for i in rows), dtype=bool, count=len(rows))
+    return [image_loader(manifest, part, transform, batch_size, workers, device, views)
+            for part in (rows[~is_sample], rows[is_sample]) if len(part)]
+
+
 def _extract_rows(manifest, backbone, rows, views, writer, batch_size, workers, device, precision, progress) -> None:
     dev = torch.device(device)
     per_row = 1 + (views.augmentation.views if views else 0)  # images per row: the eval view and its augmented views
-    loader = image_loader(manifest, rows, backbone.transform, max(1, batch_size // per_row), workers, dev, views)
+    loaders = image_loaders(manifest, rows, backbone.transform, max(1, batch_size // per_row), workers, dev, views)
 
     def collect(batch_rows, feats, ok, reasons) -> None:
         feats = None if feats is None else feats.float().cpu().numpy().reshape(len(ok), per_row, -1)
@@ -306,7 +356,7 @@ def _extract_rows(manifest, backbone, rows, views, writer, batch_size, workers, 
     # One batch stays in flight: batch i is launched before batch i-1 is copied back, so a GPU never
     # waits for the host's copy and bookkeeping.
     in_flight = None
-    for batch_rows, images, ok, reasons in loader:
+    for batch_rows, images, ok, reasons in itertools.chain(*loaders):
         feats = None
         if images is not None:
             with torch.inference_mode(), _autocast(dev, precision):

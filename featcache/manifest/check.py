@@ -1,7 +1,8 @@
 """``featcache manifest check``: find what would go wrong in a long extraction before starting it.
 
 Every image is opened with ``load_image`` (the same reader ``extract`` uses, crop box included) in a
-thread pool (Pillow releases the GIL while decoding) and its bytes are hashed. Reported: missing
+thread pool (Pillow releases the GIL while decoding) and its bytes are hashed; WebDataset samples
+(``SHARD#KEY``) are read as ``extract`` reads them, each shard streamed once. Reported: missing
 files and files that do not decode (both make ``extract`` record failure rows), rows naming the same
 file twice, byte-identical images under different labels, and classes below a minimum size.
 """
@@ -17,9 +18,10 @@ from typing import Callable
 
 import numpy as np
 
-from featcache.images import ImageFailure, load_image
+from featcache.images import ImageFailure, load_image, load_image_bytes
 from featcache.manifest.curate import class_ids
-from featcache.manifest.schema import Manifest, ManifestError, read_manifest, rows_from_manifest
+from featcache.manifest.schema import Manifest, ManifestError, read_manifest, resolve, rows_from_manifest
+from featcache.manifest.webdataset import parse_sample, read_samples
 
 MISSING = "missing file"
 BATCH = 64
@@ -65,6 +67,18 @@ def inspect_file(path: Path, box: tuple[float, float, float, float] | None, deco
         return f"cannot read file: {e.strerror or e}", None
 
 
+def inspect_sample(data: bytes | None, problem: str, box, decode: bool = True) -> tuple[str | None, str | None]:
+    """``inspect_file`` for a WebDataset sample's image bytes (None: the shard does not hold it, ``problem`` says why)."""
+    if data is None:
+        return (MISSING if problem.startswith(("missing shard", "no image")) else problem), None
+    try:
+        if decode:
+            load_image_bytes(data, box)
+    except ImageFailure as e:
+        return str(e), None
+    return None, hashlib.sha256(data).hexdigest()
+
+
 def default_workers(workers: int | None) -> int:
     """The threads to open images with: ``workers``, or 2 per CPU core (at most 32) when None or 0."""
     if workers is not None and workers < 0:
@@ -100,16 +114,32 @@ def check_manifest(
 
     reasons: list[str | None] = [None] * len(m)
     digests: list[str | None] = [None] * len(m)
+    shards: dict[Path, dict[str, list[int]]] = {}  # WebDataset samples: shard -> key -> rows
+    loose = []
+    for i in range(len(m)):
+        sample = parse_sample(m.paths[i])
+        if sample is None:
+            loose.append(i)
+        else:
+            shards.setdefault(resolve(m.root, sample[0]), {}).setdefault(sample[1], []).append(i)
 
     def run_batch(start: int) -> int:
-        stop = min(start + BATCH, len(m))
-        for i in range(start, stop):
+        batch = loose[start:start + BATCH]
+        for i in batch:
             reasons[i], digests[i] = inspect_file(files[i], m.box(i), decode)
-        return stop - start
+        return len(batch)
+
+    def run_shard(shard: Path, wanted: dict[str, list[int]]) -> int:
+        for key, data, problem in read_samples(shard, set(wanted)):
+            for i in wanted[key]:
+                reasons[i], digests[i] = inspect_sample(data, problem, m.box(i), decode)
+        return sum(map(len, wanted.values()))
 
     workers = default_workers(workers)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for fut in as_completed([pool.submit(run_batch, s) for s in range(0, len(m), BATCH)]):
+        jobs = [pool.submit(run_batch, s) for s in range(0, len(loose), BATCH)]
+        jobs += [pool.submit(run_shard, shard, wanted) for shard, wanted in shards.items()]
+        for fut in as_completed(jobs):
             n = fut.result()
             if advance:
                 advance(n)

@@ -27,6 +27,7 @@ from featcache.manifest.builders import (
     stanford_cars,
     storefronts146,
     uned,
+    webdataset,
 )
 from featcache.manifest.builders.common import Builder
 from featcache.manifest.schema import ManifestError, Rows
@@ -52,6 +53,7 @@ BUILDERS: dict[str, Builder] = {
         m4d35k,
         uned,
         imagefolder,
+        webdataset,
     )
 }
 

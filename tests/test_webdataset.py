@@ -1,0 +1,124 @@
+"""WebDataset shards in img2dataset's layout: listed by `manifest build webdataset`, streamed by `extract`,
+and giving exactly the features of the same images extracted from loose files."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featcache.cache import FeatureCache
+from tests.conftest import write_csv, write_images
+
+
+def one_line(result) -> str:
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    return lines[0]
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """Two shards of 7 and 5 samples written as img2dataset does (KEY.jpg, KEY.json, KEY.txt; a parquet per
+    shard with key, status and caption), the same images as loose files, and what each sample is."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    loose = tmp_path / "loose"
+    names = write_images(loose, 12, size=(40, 30), ext="jpg")
+    root = tmp_path / "wds"
+    root.mkdir()
+    samples = []
+    for s, part in enumerate((range(0, 7), range(7, 12))):
+        keys, statuses, captions = [], [], []
+        with tarfile.open(root / f"{s:05d}.tar", "w") as tar:
+            for i in part:
+                key = f"{s:05d}{i:04d}"
+                label = f"class{i % 3}"
+                add(tar, f"{key}.jpg", (loose / names[i]).read_bytes())
+                add(tar, f"{key}.json", json.dumps({"key": key, "label": label, "caption": f"photo {i}"}).encode())
+                add(tar, f"{key}.txt", f"photo {i}".encode())
+                add(tar, f"{key}.cls", label.encode())
+                keys.append(key), statuses.append("success"), captions.append(label)
+                samples.append((f"{s:05d}.tar#{key}", names[i], label))
+            keys.append(f"{s:05d}9999"), statuses.append("failed_to_download"), captions.append("never fetched")
+        pq.write_table(pa.table({"key": keys, "status": statuses, "label": captions}), root / f"{s:05d}.parquet")
+    return root, loose, samples
+
+
+def test_shards_extract_exactly_as_the_same_loose_files(shards, tmp_path, cli):
+    root, loose, samples = shards
+    cli("manifest", "build", "webdataset", "--root", root, "--shards", "{00000..00001}.tar", "--label", "label",
+        "--domain", "web", "--out", tmp_path / "wds.csv")
+    lines = (tmp_path / "wds.csv").read_text().splitlines()
+    assert lines[0] == "path,label,domain,split"
+    assert [line.split(",")[:2] for line in lines[1:]] == [[p, f"web/{lab}"] for p, _, lab in samples]
+    write_csv(tmp_path / "loose.csv", ["path", "label", "domain", "split"],
+              [[name, f"web/{lab}", "web", "train"] for _, name, lab in samples])
+    # batches of one image: the model's numbers do not depend on which images share a batch
+    for manifest, where, out in ((tmp_path / "wds.csv", root, "w.zarr"), (tmp_path / "loose.csv", loose, "l.zarr")):
+        cli("extract", "--model", "tiny-vit", "--manifest", manifest, "--root", where, "--out", tmp_path / out,
+            "--dtype", "float32", "--device", "cpu", "--workers", "2", "--chunk-rows", "4", "--batch-size", "1", "--quiet")
+    w, lf = FeatureCache.open(tmp_path / "w.zarr"), FeatureCache.open(tmp_path / "l.zarr")
+    assert w.valid().all() and lf.valid().all()
+    np.testing.assert_array_equal(w.features(), lf.features())
+
+    # a chunk redone (as after a kill) reads only what it needs from the shards and gives the same numbers
+    from featcache.cache import StoreWriter
+
+    before = w.features()
+    StoreWriter(tmp_path / "w.zarr").undo([1])
+    StoreWriter(tmp_path / "w.zarr").update_attrs(complete=False)
+    cli("extract", "--model", "tiny-vit", "--manifest", tmp_path / "wds.csv", "--root", root, "--out", tmp_path / "w.zarr",
+        "--dtype", "float32", "--device", "cpu", "--workers", "0", "--chunk-rows", "4", "--batch-size", "1", "--quiet")
+    np.testing.assert_array_equal(FeatureCache.open(tmp_path / "w.zarr").features(), before)
+
+
+def test_labels_from_the_samples_and_what_is_left_out(shards, tmp_path, cli):
+    root, _, samples = shards
+    for f in root.glob("*.parquet"):
+        f.unlink()  # now every label comes from the tar itself
+    with tarfile.open(root / "00002.tar", "w") as tar:
+        add(tar, "x1.jpg", b"not a jpeg at all")  # an image member that does not decode: a failure row later
+        add(tar, "x1.cls", b"broken")
+        add(tar, "x2.json", json.dumps({"label": "only json"}).encode())  # no image
+        add(tar, "x3.jpg", (root.parent / "loose" / "img0000.jpg").read_bytes())  # no label
+    for label, expect in (("cls", "class"), ("label", "class"), ("txt", "photo ")):
+        r = cli("manifest", "build", "webdataset", "--root", root, "--label", label, "--out", tmp_path / f"{label}.csv")
+        rows = (tmp_path / f"{label}.csv").read_text().splitlines()[1:]
+        assert len(rows) == 12 + (1 if label == "cls" else 0)
+        assert all(row.split(",")[1].startswith(f"wds/{expect}") or "00002.tar#x1" in row for row in rows)
+        assert "left out 1 samples without an image: 00002.tar#x2" in r.output
+    r = cli("manifest", "check", tmp_path / "cls.csv", "--root", root, "--json", code=1)
+    report = json.loads(r.stdout)
+    assert [u["path"] for u in report["undecodable"]] == ["00002.tar#x1"] and not report["missing"]
+    r = cli("extract", "--model", "tiny-vit", "--manifest", tmp_path / "cls.csv", "--root", root, "--out",
+            tmp_path / "c.zarr", "--device", "cpu", "--workers", "0")
+    c = FeatureCache.open(tmp_path / "c.zarr")
+    failed = dict(zip(c.strings("paths")[~c.valid()], c.strings("failures")[~c.valid()]))
+    assert list(failed) == ["00002.tar#x1"] and "not an image" in failed["00002.tar#x1"]
+
+
+def test_odd_shards_are_one_line(shards, tmp_path, cli):
+    root, _, _ = shards
+    out = tmp_path / "m.csv"
+    assert "--label" in one_line(cli("manifest", "build", "webdataset", "--root", root, "--out", out, code=2))
+    line = one_line(cli("manifest", "build", "webdataset", "--root", root, "--shards", "{00000..00005}.tar", "--label",
+                        "label", "--out", out, code=2))
+    assert "00002.tar: shard not found" in line and "3 more" in line
+    (root / "00000.tar").write_bytes(b"garbage" * 100)
+    for f in root.glob("*.parquet"):
+        f.unlink()
+    assert "00000.tar: not a readable tar shard" in one_line(cli("manifest", "build", "webdataset", "--root", root,
+                                                                 "--label", "cls", "--out", out, code=2))
+    assert not out.exists()
