@@ -122,3 +122,61 @@ def test_odd_shards_are_one_line(shards, tmp_path, cli):
     assert "00000.tar: not a readable tar shard" in one_line(cli("manifest", "build", "webdataset", "--root", root,
                                                                  "--label", "cls", "--out", out, code=2))
     assert not out.exists()
+
+
+# --- real processes: SIGKILL and torchrun over shards, against one uninterrupted run ----------------
+
+@pytest.fixture(scope="module")
+def shard_run(tmp_path_factory):
+    """test_extract's slow images (160 large JPEGs) in 8 shards of 20, and one uninterrupted extraction."""
+    import subprocess
+
+    from featcache.manifest import read_manifest
+    from featcache.manifest.builders import build
+    from tests.conftest import REPO, subprocess_env
+    from tests.test_extract import extract_cmd, slow_manifest
+
+    tmp = tmp_path_factory.mktemp("shards")
+    loose = read_manifest(slow_manifest(tmp))
+    root = tmp / "wds"
+    root.mkdir()
+    for s in range(8):
+        with tarfile.open(root / f"{s:05d}.tar", "w") as tar:
+            for i in range(20 * s, 20 * s + 20):
+                add(tar, f"k{i:04d}.jpg", loose.resolve(i).read_bytes())
+                add(tar, f"k{i:04d}.cls", loose.labels[i].encode())
+    m = build("webdataset", root, label="cls").write(tmp / "wds.csv")
+    out = tmp / "ref.zarr"
+    subprocess.run(extract_cmd(m, out, "--root", str(root)), env=subprocess_env(), cwd=REPO, check=True)
+    return m, root, FeatureCache.open(out)
+
+
+def test_sigkill_mid_shards_then_rerun_equals_an_uninterrupted_run(tmp_path, shard_run):
+    import signal
+    import subprocess
+
+    from tests.conftest import REPO, subprocess_env
+    from tests.test_extract import assert_same_cache, extract_cmd, stop_part_way
+
+    m, root, ref = shard_run
+    out = tmp_path / "c.zarr"
+    stop_part_way(extract_cmd(m, out, "--root", str(root)), out, signal.SIGKILL, 20)
+    assert not FeatureCache.open(out).complete
+    subprocess.run(extract_cmd(m, out, "--root", str(root)), env=subprocess_env(), cwd=REPO, check=True)
+    assert_same_cache(ref, FeatureCache.open(out))
+
+
+def test_torchrun_ranks_share_the_shards_by_whole_chunks(tmp_path, shard_run):
+    import subprocess
+
+    from tests.conftest import PYTHON, REPO, subprocess_env
+    from tests.test_extract import assert_same_cache, extract_cmd
+
+    m, root, ref = shard_run
+    out = tmp_path / "c.zarr"
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           *extract_cmd(m, out, "--root", str(root))[1:]]
+    env = subprocess_env()
+    env["OMP_NUM_THREADS"] = "1"
+    subprocess.run(cmd, env=env, cwd=REPO, check=True, timeout=600)
+    assert_same_cache(ref, FeatureCache.open(out))
