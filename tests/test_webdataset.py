@@ -84,6 +84,21 @@ def test_shards_extract_exactly_as_the_same_loose_files(shards, tmp_path, cli):
     np.testing.assert_array_equal(FeatureCache.open(tmp_path / "w.zarr").features(), before)
 
 
+def test_crop_boxes_and_augmented_views_work_on_samples(shards, tmp_path, cli):
+    root, loose, samples = shards
+    boxes = [[2, 3, 30, 25], ["", "", "", ""], [0, 0, 20, 20]]
+    for name, where, paths in (("w", root, [p for p, _, _ in samples]), ("l", loose, [n for _, n, _ in samples])):
+        write_csv(tmp_path / f"{name}.csv", ["path", "label", "domain", "split", "x1", "y1", "x2", "y2"],
+                  [[path, lab, "d", "train", *boxes[i % 3]] for i, (path, (_, _, lab)) in enumerate(zip(paths, samples))])
+        cli("extract", "--model", "tiny-vit", "--manifest", tmp_path / f"{name}.csv", "--root", where, "--out",
+            tmp_path / f"{name}.zarr", "--dtype", "float32", "--device", "cpu", "--workers", "0", "--batch-size", "1",
+            "--views", "2", "--augment", "custom", "--quiet")
+    w, lf = FeatureCache.open(tmp_path / "w.zarr"), FeatureCache.open(tmp_path / "l.zarr")
+    assert w.valid().all()
+    np.testing.assert_array_equal(w.features(), lf.features())
+    np.testing.assert_array_equal(w.augmented(), lf.augmented())
+
+
 def test_labels_from_the_samples_and_what_is_left_out(shards, tmp_path, cli):
     root, _, samples = shards
     for f in root.glob("*.parquet"):
