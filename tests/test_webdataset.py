@@ -195,3 +195,47 @@ def test_torchrun_ranks_share_the_shards_by_whole_chunks(tmp_path, shard_run):
     env["OMP_NUM_THREADS"] = "1"
     subprocess.run(cmd, env=env, cwd=REPO, check=True, timeout=600)
     assert_same_cache(ref, FeatureCache.open(out))
+
+
+def test_a_shard_cut_inside_an_image_fails_the_rest_and_the_run_completes(shards, tmp_path, cli):
+    root, _, samples = shards
+    cli("manifest", "build", "webdataset", "--root", root, "--label", "label", "--out", tmp_path / "m.csv")
+    data = (root / "00000.tar").read_bytes()
+    cut = data.index(b"\xff\xd8", 3 * 512) + 100  # inside a JPEG some way into the shard
+    (root / "00000.tar").write_bytes(data[:cut])
+    r = cli("extract", "--model", "tiny-vit", "--manifest", tmp_path / "m.csv", "--root", root, "--out", tmp_path / "c.zarr",
+            "--device", "cpu", "--workers", "0", "--chunk-rows", "4", "--json")
+    c = FeatureCache.open(tmp_path / "c.zarr")
+    assert c.complete and json.loads(r.stdout)["rows"] == 12
+    failures = c.strings("failures")
+    bad = [p for p, ok in zip(c.strings("paths"), c.valid()) if not ok]
+    assert bad and all(p.startswith("00000.tar#") for p in bad) and c.valid()[7:].all()
+    assert all("unreadable shard" in f for f, ok in zip(failures, c.valid()) if not ok)
+
+
+def test_keys_labels_and_statuses_as_other_tools_write_them(tmp_path, cli):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "w"
+    root.mkdir()
+    image = write_images(tmp_path / "img", 1, ext="png")[0]
+    with tarfile.open(root / "00000.tar", "w") as tar:
+        for key, label in (("a#1", 1), ("b", 1.0), ("c", True), ("d", None)):
+            add(tar, f"{key}.png", (tmp_path / "img" / image).read_bytes())
+            add(tar, f"{key}.json", json.dumps({"label": label}).encode())
+    r = cli("manifest", "build", "webdataset", "--root", root, "--label", "label", "--out", tmp_path / "m.csv")
+    rows = [line.split(",")[:2] for line in (tmp_path / "m.csv").read_text().splitlines()[1:]]
+    assert rows == [["00000.tar#a#1", "w/1"], ["00000.tar#b", "w/1"], ["00000.tar#c", "w/true"]]
+    assert "without a 'label' label: 00000.tar#d" in r.output
+    cli("extract", "--model", "tiny-vit", "--manifest", tmp_path / "m.csv", "--root", root, "--out", tmp_path / "c.zarr",
+        "--device", "cpu", "--workers", "0")
+    assert FeatureCache.open(tmp_path / "c.zarr").valid().all()
+    pq.write_table(pa.table({"key": ["a#1", "b", "x"], "status": ["success", "success", "failed_to_download"],
+                             "label": ["p", "q", "r"]}), root / "00000.parquet")
+    r = cli("manifest", "build", "webdataset", "--root", root, "--label", "label", "--out", tmp_path / "p.csv")
+    assert "img2dataset did not fetch them): 00000.tar#x" in r.output
+    pq.write_table(pa.table({"key": [1, 2], "label": ["p", "q"]}), root / "00000.parquet")
+    line = one_line(cli("manifest", "build", "webdataset", "--root", root, "--label", "label", "--out", tmp_path / "i.csv",
+                        code=2))
+    assert "00000.parquet: key holds int64, expected text" in line

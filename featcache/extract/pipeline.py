@@ -1,6 +1,7 @@
 """Stage one: run a frozen backbone once over a manifest and write its features into a cache.
 
-Work is split by whole chunks: chunk k (rows k*C .. (k+1)*C) belongs to rank k mod W. A rank decodes
+Work is split by whole chunks (chunk k holds rows k*C .. (k+1)*C): the chunks not yet done are cut into W
+contiguous runs, one per rank, so that neighbouring rows (a WebDataset shard's) stay with one rank. A rank decodes
 its rows in DataLoader workers (with ``--views``, each row's augmented views too: ``augment.py``), runs
 the model, fills a chunk buffer, and hands each finished chunk to a writer thread that writes
 ``features``/``valid``/``failures`` (and ``augmented``, with views) for exactly that chunk, fsyncs it,
@@ -281,8 +282,11 @@ def _extract_into(out, manifest, backbone, dtype, batch_size, workers, device, p
         return ExtractResult(out, meta, len(manifest), 0, time.perf_counter() - start, 0.0, True)
 
     n = len(manifest)
-    done = store.done()
-    mine = [k for k in range(done.size) if k % dist.world == dist.rank and not done[k]]
+    # The chunks left to do, in W contiguous runs, one per rank: neighbouring chunks hold neighbouring rows (a
+    # WebDataset shard spans several), so each shard is streamed by one rank. Every rank splits the
+    # coordinator's view of the flags: one read, before any rank writes.
+    todo = np.flatnonzero(~dist.share(store.done()))
+    mine = todo[dist.rank * len(todo) // dist.world:(dist.rank + 1) * len(todo) // dist.world].tolist()
     rows = np.concatenate([np.arange(k * rows_per_chunk, min(n, (k + 1) * rows_per_chunk)) for k in mine]) if mine \
         else np.zeros(0, dtype=np.int64)
     progress.total = len(rows)

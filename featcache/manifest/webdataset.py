@@ -18,7 +18,7 @@ import tarfile
 from typing import Iterator
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm")
-_SAMPLE = re.compile(r"(.+\.tar)#([^#]+)")
+_SAMPLE = re.compile(r"(.+?\.tar)#(.+)")  # split at the first ".tar#": keys may hold '#' 
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _CHOICE = re.compile(r"\{([^{}]*,[^{}]*)\}")
 
@@ -28,7 +28,8 @@ def sample_path(shard: str, key: str) -> str:
 
 
 def parse_sample(path: str) -> tuple[str, str] | None:
-    """(shard, key) of a manifest path naming a WebDataset sample, or None for an ordinary file."""
+    """(shard, key) of a manifest path naming a WebDataset sample, or None for an ordinary file. A path is a
+    sample when it holds ``.tar#``: a loose file named so (``x.tar#2/a.jpg``) is read as a sample too."""
     m = _SAMPLE.fullmatch(path)
     return (m.group(1), m.group(2)) if m else None
 
@@ -71,8 +72,9 @@ def read_samples(shard: str | os.PathLike, keys: set[str]) -> Iterator[tuple[str
             for member in tar:
                 key, field = split_member(member.name)
                 if key in left and field in IMAGE_FIELDS and member.isfile():
+                    data = tar.extractfile(member).read()  # a shard cut inside it raises here: the key stays left
                     left.discard(key)
-                    yield key, tar.extractfile(member).read(), ""
+                    yield key, data, ""
                     if not left:
                         break
     except FileNotFoundError:

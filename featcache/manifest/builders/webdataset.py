@@ -35,24 +35,26 @@ def webdataset(root: str | os.PathLike, *, shards: str | None = None, label: str
         raise ManifestError("webdataset: say where each sample's label is with --label (cls, txt, or a key of its json)")
     domain = domain or root.resolve().name or "webdataset"
     names = _shard_names(root, shards)
-    paths, labels, without_image, without_label = [], [], [], []
+    paths, labels, without_image, without_label, not_fetched = [], [], [], [], []
     for name in names:
         check_inside_root(name, f"--shards {shards}")
-        found = _from_parquet(root, name, label)
+        found = _from_parquet(root, name, label, not_fetched)
         if found is None:
             found = _from_tar(root, name, label)
         for key, value, has_image in found:
+            text = label_text(value)
             if not has_image:
                 without_image.append(f"{name}#{key}")
-            elif value is None or not str(value).strip():
+            elif text is None:
                 without_label.append(f"{name}#{key}")
             else:
                 paths.append(sample_path(name, key))
-                labels.append(str(value).strip())
+                labels.append(text)
     if not paths:
         raise ManifestError(f"{root}: no samples with an image and a {label!r} label in {len(names)} shard(s)")
     rows = single_split(paths, prefix_labels(domain, labels), domain)
-    for what, keys in (("an image", without_image), (f"a {label!r} label", without_label)):
+    for what, keys in (("an image", without_image), (f"a {label!r} label", without_label),
+                       ("an image (img2dataset did not fetch them)", not_fetched)):
         if keys:
             shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5:,} more" if len(keys) > 5 else "")
             rows.notes.append(f"left out {len(keys):,} samples without {what}: {shown}")
@@ -79,9 +81,24 @@ def _shard_names(root: Path, pattern: str | None) -> list[str]:
     return names
 
 
-def _from_parquet(root: Path, name: str, label: str) -> list[tuple[str, object, bool]] | None:
+def label_text(value) -> str | None:
+    """A label value from JSON or parquet as the class name: whole numbers without ``.0`` (a parquet column
+    with nulls holds 3.0 where the JSON holds 3), booleans as ``true``/``false``; None, NaN and blank text:
+    no label."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return text or None
+
+
+def _from_parquet(root: Path, name: str, label: str, not_fetched: list[str]) -> list[tuple[str, object, bool]] | None:
     """(key, label, True) per successful sample from img2dataset's parquet beside the shard; None when there
-    is no such parquet, or it has no ``label`` column (the tar is read then)."""
+    is no such parquet, or it has no ``label`` column (the tar is read then). Rows img2dataset did not fetch
+    (``status`` other than ``success``) go to ``not_fetched``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -89,15 +106,26 @@ def _from_parquet(root: Path, name: str, label: str) -> list[tuple[str, object, 
     if not table_file.is_file():
         return None
     try:
-        columns = pq.read_schema(table_file).names
-        if label not in columns or "key" not in columns:
+        schema = pq.read_schema(table_file)
+        if label not in schema.names or "key" not in schema.names:
             return None
-        table = pq.read_table(table_file, columns=["key", label] + (["status"] if "status" in columns else []))
+        table = pq.read_table(table_file, columns=["key", label] + (["status"] if "status" in schema.names else []))
     except (OSError, pa.ArrowException) as e:
-        raise ManifestError(f"{table_file}: not a readable parquet file ({type(e).__name__}: {e})") from None
+        raise ManifestError(f"{table_file}: not a readable parquet file ({type(e).__name__}: {first_line(e)})") from None
+    if not pa.types.is_string(schema.field("key").type) and not pa.types.is_large_string(schema.field("key").type):
+        raise ManifestError(f"{table_file}: key holds {schema.field('key').type}, expected text (the members' names, "
+                            "e.g. 000010003, as img2dataset writes them)")
     data = table.to_pydict()
-    ok = data.get("status") or ["success"] * table.num_rows
-    return [(str(k), v, True) for k, v, s in zip(data["key"], data[label], ok) if s == "success" and k is not None]
+    status = data.get("status") or ["success"] * table.num_rows
+    found = []
+    for k, v, s in zip(data["key"], data[label], status):
+        if k is None:
+            continue
+        if s == "success":
+            found.append((k, v, True))
+        else:
+            not_fetched.append(f"{name}#{k}")
+    return found
 
 
 def _from_tar(root: Path, name: str, label: str) -> list[tuple[str, object, bool]]:
@@ -116,8 +144,12 @@ def _from_tar(root: Path, name: str, label: str) -> list[tuple[str, object, bool
                     data = tar.extractfile(member).read()
                     sample["label"] = _label_of(data, field, label, f"{root / name}: {member.name}")
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise ManifestError(f"{root / name}: not a readable tar shard ({type(e).__name__}: {e})") from None
+        raise ManifestError(f"{root / name}: not a readable tar shard ({type(e).__name__}: {first_line(e)})") from None
     return [(key, s["label"], s["image"]) for key, s in samples.items()]
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
 
 
 def _label_of(data: bytes, field: str, label: str, where: str):
