@@ -56,6 +56,7 @@ def shards(tmp_path):
     return root, loose, samples
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on a 2-core machine, on purpose
 def test_shards_extract_exactly_as_the_same_loose_files(shards, tmp_path, cli):
     root, loose, samples = shards
     cli("manifest", "build", "webdataset", "--root", root, "--shards", "{00000..00001}.tar", "--label", "label",
@@ -72,6 +73,10 @@ def test_shards_extract_exactly_as_the_same_loose_files(shards, tmp_path, cli):
     w, lf = FeatureCache.open(tmp_path / "w.zarr"), FeatureCache.open(tmp_path / "l.zarr")
     assert w.valid().all() and lf.valid().all()
     np.testing.assert_array_equal(w.features(), lf.features())
+    # more decoding workers than shards: each worker takes a share of every shard's samples, none twice
+    cli("extract", "--model", "tiny-vit", "--manifest", tmp_path / "wds.csv", "--root", root, "--out", tmp_path / "w3.zarr",
+        "--dtype", "float32", "--device", "cpu", "--workers", "3", "--chunk-rows", "4", "--batch-size", "1", "--quiet")
+    np.testing.assert_array_equal(FeatureCache.open(tmp_path / "w3.zarr").features(), lf.features())
 
     # a chunk redone (as after a kill) reads only what it needs from the shards and gives the same numbers
     from featcache.cache import StoreWriter

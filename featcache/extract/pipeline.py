@@ -84,9 +84,11 @@ class ImageRows(Dataset):
 
 class ShardSamples(IterableDataset):
     """Manifest rows that are WebDataset samples (``SHARD#KEY``) to (row, images, failure reason): each shard
-    is read once, front to back, as a stream (no seeking inside a tar), and its wanted samples are decoded
-    as they pass. Decoding workers share the shards (worker i takes every W-th). A sample the shard does
-    not hold, or an unreadable shard, is a failure row with its reason."""
+    is read front to back, as a stream (no seeking inside a tar), and its wanted samples are decoded as they
+    pass. Decoding workers share the shards (worker i takes every W-th); with fewer shards than workers, every
+    worker streams every shard and decodes every W-th of its samples, so decoding still runs on W processes
+    (the shards are then read W times: from a page cache, not from the disk). A sample the shard does not
+    hold, or an unreadable shard, is a failure row with its reason."""
 
     def __init__(self, manifest: Manifest, rows: np.ndarray, transform: Callable, views: ViewTransform | None = None):
         self.shards: dict[str, dict[str, list[tuple[int, Any]]]] = {}  # shard file -> key -> [(row, box)]
@@ -98,10 +100,13 @@ class ShardSamples(IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         shards = list(self.shards.items())
-        if info is not None:
+        if info is not None and info.num_workers <= len(shards):
             shards = shards[info.id::info.num_workers]
+        elif info is not None:  # fewer shards than workers: split each shard's samples instead
+            shards = [(shard, dict(list(wanted.items())[info.id::info.num_workers])) for shard, wanted in shards]
         for shard, wanted in shards:
-            yield from self._read(shard, wanted)
+            if wanted:
+                yield from self._read(shard, wanted)
 
     def _read(self, shard: str, wanted: dict[str, list[tuple[int, Any]]]):
         for key, data, problem in read_samples(shard, set(wanted)):
@@ -324,7 +329,7 @@ def image_loader(manifest: Manifest, rows: np.ndarray, transform: Callable, batc
     samples = len(rows) and parse_sample(manifest.paths[int(rows[0])]) is not None
     dataset = (ShardSamples if samples else ImageRows)(manifest, rows, transform, views)
     if samples:
-        workers = min(workers, len(dataset.shards))  # a worker streams whole shards
+        workers = min(workers, len(rows))  # a worker with no sample to decode would only start and stop
     return DataLoader(
         dataset,
         batch_size=batch_size,
