@@ -316,10 +316,10 @@ def _module_embedder(index: Index, model: str | os.PathLike) -> Callable[[list],
 
     meta = read_export_metadata(model)
     if meta.get("space") != index.meta["space"]:
+        built = f"run {index.meta['run']}" if index.meta["run"] else "raw features, no head"
         raise DeployError(f"--model {model} embeds into {describe_space(meta.get('space') or {})} (run "
-                          f"{meta.get('run')}), but {index.path} holds {describe_space(index.meta['space'])} (run "
-                          f"{index.meta['run']}): its neighbours would be wrong; export the run the index was built with, "
-                          "or rebuild the index")
+                          f"{meta.get('run')}), but {index.path} holds {describe_space(index.meta['space'])} ({built}): "
+                          "its neighbours would be wrong; export the run the index was built with, or rebuild the index")
     module = load_torchscript(model)
 
     def embed(images: list) -> np.ndarray:
