@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "FeatureCache": "featcache.cache",
     "Run": "featcache.train.runs",
-    "TrainOptions": "featcache.train.loop",
+    "TrainOptions": "featcache.train.options",
     "read_manifest": "featcache.manifest.schema",
     "create_backbone": "featcache.extract.backbones.factory",
     "run_extract": "featcache.extract.pipeline",

@@ -78,6 +78,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 _OURS_JSON = re.compile(rb'\{\s*"featcache_version"\s*:')
 
 
+def write_user_json(out: str | os.PathLike, obj: dict[str, Any], *, what: str, overwrite: bool,
+                    option: str = "--json") -> Path:
+    """A JSON file the user named (``--json F``), as ``write_output`` writes one. ``obj`` carries
+    ``featcache_version``; it is written as the first key, which marks the file as featcache's
+    (``is_featcache_json``)."""
+    record = {"featcache_version": obj["featcache_version"], **obj}
+    return write_output(out, lambda tmp: tmp.write_text(strict_json(record) + "\n"), ours=is_featcache_json,
+                        what=what, overwrite=overwrite, option=option)
+
+
 def is_featcache_json(path: Path) -> bool:
     """A JSON file featcache wrote for a user (``--json FILE``): an object whose first key is
     ``featcache_version`` (read from the file's start: results of many queries can be large)."""
@@ -264,12 +274,14 @@ def lock_file(out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def exclusive(out: str | os.PathLike, what: str, *, remove: bool = False, option: str = "--out") -> Iterator[None]:
+def exclusive(out: str | os.PathLike, what: str, *, remove: bool = False, wait: bool = False,
+              option: str = "--out") -> Iterator[None]:
     """One writer at a time for ``out``: an advisory lock on a hidden file beside it, held while the block
     runs and released when the process ends, however it ends (the kernel drops it). A second writer is
-    refused with one line, before it touches anything. With ``remove`` (single-file outputs, which leave
-    nothing else beside them), the lock file is deleted when the block ends; a writer that locked a lock
-    file just deleted notices that it is no longer the file at that path and locks the new one."""
+    refused with one line, before it touches anything; with ``wait`` (small records, written in a moment)
+    it waits its turn instead. With ``remove`` (single-file outputs, which leave nothing else beside them),
+    the lock file is deleted when the block ends; a writer that locked a lock file just deleted notices
+    that it is no longer the file at that path and locks the new one."""
     out = Path(out)
     path = lock_file(out)
     while True:
@@ -279,7 +291,7 @@ def exclusive(out: str | os.PathLike, what: str, *, remove: bool = False, option
         except OSError as e:
             raise OutputError(f"{out}: cannot write there ({e.strerror or type(e).__name__}); choose another {option}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise OutputError(f"{out}: another featcache process is writing {what} there; wait for it to finish, "

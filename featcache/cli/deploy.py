@@ -133,11 +133,10 @@ def search(
             err.print(f"... and {len(results) - 20:,} more queries (--json writes them all)", markup=False)
     if json_file:
         from featcache import __version__
-        from featcache.files import strict_json, write_output
+        from featcache.files import write_user_json
 
-        record = {"featcache_version": __version__, "index": str(idx.path.resolve()), "queries": results}
-        write_output(json_file, lambda tmp: tmp.write_text(strict_json(record) + "\n"), ours=is_featcache_json,
-                     what="search results", overwrite=overwrite, option="--json")
+        write_user_json(json_file, {"featcache_version": __version__, "index": str(idx.path.resolve()), "queries": results},
+                        what="search results", overwrite=overwrite)
         err.print(f"wrote {json_file}", markup=False)
     if plot:
         from featcache.evaluate.plots import search_grid

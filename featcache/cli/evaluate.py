@@ -95,11 +95,9 @@ def eval_(
             err.print("Some query labels hold '|' and are compared whole; if they list several labels (UnED's "
                       "GLDv2 queries do), pass --label-sep '|'.", highlight=False)
     if json_file:
-        from featcache.files import is_featcache_json, strict_json, write_output
+        from featcache.files import write_user_json
 
-        record = {"featcache_version": ev.result["featcache_version"], **ev.result}  # the key that marks it, first
-        write_output(json_file, lambda tmp: tmp.write_text(strict_json(record) + "\n"), ours=is_featcache_json,
-                     what="scores", overwrite=overwrite, option="--json")
+        write_user_json(json_file, ev.result, what="scores", overwrite=overwrite)
     if plot:
         from featcache.evaluate.plots import write_plots
 

@@ -212,15 +212,15 @@ def _image_paths(metadata: Path):
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(metadata)
+        schema = pq.read_schema(metadata)
+        if "image_path" not in schema.names:
+            raise DeployError(f"{metadata}: no image_path column (it has {', '.join(schema.names) or 'none'})")
+        column = schema.field("image_path").type
+        if not (pa.types.is_string(column) or pa.types.is_large_string(column)):
+            raise DeployError(f"{metadata}: image_path holds {column}, expected text (the images' paths)")
+        return pq.read_table(metadata, columns=["image_path"])  # only the column used
     except (OSError, pa.ArrowException) as e:
         raise DeployError(f"{metadata}: not a readable parquet file ({type(e).__name__}: {e})") from None
-    if "image_path" not in table.column_names:
-        raise DeployError(f"{metadata}: no image_path column (it has {', '.join(table.column_names) or 'none'})")
-    column = table.schema.field("image_path").type
-    if not (pa.types.is_string(column) or pa.types.is_large_string(column)):
-        raise DeployError(f"{metadata}: image_path holds {column}, expected text (the images' paths)")
-    return table.select(["image_path"])
 
 
 def _recorded_space(folder: Path) -> dict[str, Any] | None:

@@ -33,7 +33,7 @@ from featcache.evaluate.search import import_faiss, l2_normalize
 from featcache.files import build_dir, strict_json
 from featcache.images import ImageFailure, load_image
 from featcache.train.heads import ProjectionHead
-from featcache.train.runs import HEAD, damage, load_head
+from featcache.train.runs import HEAD, apply_head, damage, load_head
 
 INDEX_FILE, ROWS_FILE, META_FILE, HEAD_FILE = "index.faiss", "rows.parquet", "index.json", HEAD
 FORMAT_VERSION = 2  # 2: the head is copied into the index, files carry their sha256
@@ -166,6 +166,7 @@ def build_index(cache_path: str | os.PathLike, out: str | os.PathLike, *, run: s
         if head_run is not None:
             (tmp / HEAD_FILE).write_bytes(head_run.head_bytes)
         features = feature_space(cache.meta)
+        written = [name for name in (INDEX_FILE, ROWS_FILE, HEAD_FILE) if (tmp / name).exists()]
         meta.update({
             "featcache_version": __version__,
             "format_version": FORMAT_VERSION,
@@ -188,8 +189,8 @@ def build_index(cache_path: str | os.PathLike, out: str | os.PathLike, *, run: s
             "precision": cache.meta.get("precision"),
             "recall_at_10": recall,
             "recall_sample": len(sample) if sample is not None else None,
-            "files": {name: file_sha256(tmp / name) for name in (INDEX_FILE, ROWS_FILE, HEAD_FILE) if (tmp / name).exists()},
-            "sizes": {name: (tmp / name).stat().st_size for name in (INDEX_FILE, ROWS_FILE, HEAD_FILE) if (tmp / name).exists()},
+            "files": {name: file_sha256(tmp / name) for name in written},
+            "sizes": {name: (tmp / name).stat().st_size for name in written},
         })
         (tmp / META_FILE).write_text(strict_json(meta) + "\n")
 
@@ -246,12 +247,7 @@ class Index:
 
     def embed_features(self, features: np.ndarray) -> np.ndarray:
         """Backbone features of the index's feature space -> L2-normalised vectors like the index's rows."""
-        if self.head is None:
-            return l2_normalize(features)
-        import torch
-
-        with torch.inference_mode():
-            return l2_normalize(self.head(torch.as_tensor(np.asarray(features)).float()).numpy())
+        return l2_normalize(features if self.head is None else apply_head(self.head, features, str(self.path)))
 
     def embedder(self, weights=None, device: str = "cpu") -> Embedder:
         """The backbone (rebuilt as the index recorded it) and the run's head: queries embedded like the rows."""

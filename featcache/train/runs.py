@@ -27,7 +27,7 @@ from safetensors.torch import load as load_tensors, save_file
 
 from featcache import __version__
 from featcache.cache import head_space
-from featcache.files import write_file, write_json, write_text
+from featcache.files import exclusive, write_file, write_json, write_text
 from featcache.train.heads import ProjectionHead
 
 CONFIG, METRICS, HEAD, CLASS_WEIGHTS, STATE, EVAL = (
@@ -118,6 +118,16 @@ def remove_state(path: Path) -> None:
     (path / STATE).unlink(missing_ok=True)
 
 
+@torch.inference_mode()
+def apply_head(head: ProjectionHead, features: np.ndarray | torch.Tensor, owner: str, batch_size: int = 65536) -> np.ndarray:
+    """``head`` on raw backbone features (N, in_dim), a batch at a time: float32 (N, embed_dim). ``owner``
+    (the run or index the head is from) names it in the error for features of another width."""
+    x = torch.as_tensor(np.asarray(features)) if not isinstance(features, torch.Tensor) else features
+    if x.ndim != 2 or x.shape[1] != head.in_dim:
+        raise RunError(f"{owner}: the head takes {head.in_dim}-d features, got shape {tuple(x.shape)}")
+    return torch.cat([head(x[i:i + batch_size].float()) for i in range(0, len(x), batch_size)]).numpy()
+
+
 def load_head(weights: bytes, config: dict[str, Any]) -> ProjectionHead:
     """A head from the bytes of its safetensors file and its ``config()`` (tensors only: nothing runs)."""
     head = ProjectionHead(config["in_dim"], config["embed_dim"], config["dropout"], tuple(config.get("hidden", ())))
@@ -196,20 +206,14 @@ class Run:
         """Keep ``result`` as the latest evaluation of its kind (``measured``, plus the head's sha256: a result
         of an earlier head is never shown as this one's), beside the other kinds. Evaluations of one run
         running at once take turns (a lock), so none is lost; a damaged eval.json is replaced."""
-        import fcntl
-
         measured = {**measured, "head_sha256": self.head_sha256}
-        fd = os.open(self.path / f".{EVAL}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # waits: records are small and quick to write
+        with exclusive(self.path / EVAL, "this run's evaluations", remove=True, wait=True):
             try:
                 kept = [e for e in self.evaluations() if e["measured"] != measured]
             except RunError:
                 kept = []
             write_json(self.path / EVAL, {"featcache_version": __version__,
                                           "evaluations": [*kept, {"measured": measured, "result": result}]})
-        finally:
-            os.close(fd)
 
     def summary_eval(self) -> dict[str, Any] | None:
         """The evaluation ``runs`` shows: the latest full one (every domain, k = 5) of the head the run has
@@ -219,13 +223,9 @@ class Run:
         full = [e for e in evaluations if is_full(e["measured"])]
         return (full or evaluations or [None])[-1]
 
-    @torch.inference_mode()
     def embed(self, features: np.ndarray | torch.Tensor, batch_size: int = 65536) -> np.ndarray:
         """Apply the head to raw backbone features (N, in_dim); returns float32 (N, embed_dim)."""
-        x = torch.as_tensor(np.asarray(features)) if not isinstance(features, torch.Tensor) else features
-        if x.ndim != 2 or x.shape[1] != self.head.in_dim:
-            raise RunError(f"{self.path}: the head takes {self.head.in_dim}-d features, got shape {tuple(x.shape)}")
-        return torch.cat([self.head(x[i:i + batch_size].float()) for i in range(0, len(x), batch_size)]).numpy()
+        return apply_head(self.head, features, str(self.path), batch_size)
 
 
 def is_full(measured: dict[str, Any]) -> bool:
