@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import platform
 import resource
@@ -67,3 +68,11 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def finish(report: dict, as_json: bool) -> dict:
+    """The lines every benchmark ends with: the load it ran under, then (with --json) the whole report."""
+    print(f"load avg at end {report['machine']['load_avg_1m']}")
+    if as_json:
+        print(json.dumps(report))
+    return report

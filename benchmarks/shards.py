@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from extract import make_dataset, parse_size  # noqa: E402  (benchmarks/extract.py)
-from machine import machine_facts  # noqa: E402  (benchmarks/machine.py)
+from machine import finish, machine_facts  # noqa: E402  (benchmarks/machine.py)
 
 from featcache.extract.backbones import create_backbone  # noqa: E402
 from featcache.extract.pipeline import Progress, image_loaders, run_extract  # noqa: E402
@@ -115,10 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     for what in ("decode", "extract"):
         f, s = medians[f"{what} files"], medians[f"{what} shards"]
         print(f"  {what:8} files {f:8,.1f}   shards {s:8,.1f}   shards / files {s / f:.2f}x")
-    print(f"load avg at end {report['machine']['load_avg_1m']}")
-    if args.json:
-        print(json.dumps(report))
-    return report
+    return finish(report, args.json)
 
 
 if __name__ == "__main__":

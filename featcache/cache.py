@@ -17,6 +17,7 @@ workers then own disjoint whole chunks and never resize or re-create anything.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -33,8 +34,9 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from featcache import __version__
-from featcache.files import check_replaceable, exclusive, replace_dir, temp_dir_beside
+from featcache.files import check_replaceable, exclusive, install_dir, temp_dir_beside
 from featcache.manifest import Manifest
+from featcache.storage import Remote, Where, absolute, local_file, location, storage_options
 
 FORMAT_VERSION = 1
 ATTRS = "featcache"
@@ -144,7 +146,7 @@ def build_meta(manifest: Manifest, backbone: dict[str, Any], preprocessing: dict
         "dtype": dtype,
         "precision": precision,
         "manifest": str(manifest.source),
-        "root": os.path.abspath(manifest.root),  # absolute: the cache works from any working directory
+        "root": absolute(manifest.root),  # absolute: the cache works from any working directory
         "rows": len(manifest),
         "dim": backbone["dim"],
         "classes": len(manifest.classes),
@@ -163,9 +165,20 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def create_store(path: str | os.PathLike, manifest: Manifest, meta: dict[str, Any]) -> None:
-    """Create the whole store at full size, atomically: it appears under ``path`` complete or not at all."""
-    path = Path(path)
+def zarr_store(path: Where, read_only: bool = False):
+    """What zarr opens for ``path``: the folder itself, or an fsspec store for a URL (each chunk one object)."""
+    if isinstance(path, Remote):
+        from zarr.storage import FsspecStore
+
+        return FsspecStore.from_url(path.url, storage_options={"use_listings_cache": False, **storage_options()},
+                                    read_only=read_only)
+    return str(path)
+
+
+def create_store(path: str | os.PathLike | Remote, manifest: Manifest, meta: dict[str, Any]) -> None:
+    """Create the whole store at full size, atomically: it appears under ``path`` complete or not at all (on
+    an object store: its ``zarr.json``, which makes it a store, is the last object written)."""
+    path = location(path)
     tmp = temp_dir_beside(path)  # unique: two runs never build in the same place
     try:
         build_store(tmp, manifest, meta)
@@ -197,10 +210,10 @@ def build_store(tmp: Path, manifest: Manifest, meta: dict[str, Any]) -> None:
     root.attrs[ATTRS] = meta
 
 
-def install(tmp: Path, path: Path) -> None:
+def install(tmp: Path, path: Where) -> None:
     """Move a finished store into place; an existing one is replaced only once the new one is whole (files a
     user added inside the old one are kept)."""
-    replace_dir(tmp, path, owned=_store_owned)
+    install_dir(tmp, path, record="zarr.json", owned=_store_owned)
 
 
 STORE_ARRAYS = ("features", "augmented", "valid", "failures", "labels", "classes", "paths", "domains", "splits",
@@ -221,12 +234,25 @@ def row_arrays(group: zarr.Group) -> dict[str, zarr.Array]:
     return {name: group[name].with_config({"write_empty_chunks": True}) for name in ROW_ARRAYS if name in group}
 
 
+def _plain_chunks(arr: zarr.Array) -> bool:
+    """Each chunk object is the chunk's values, little-endian, then their crc32c, under the default keys: how
+    featcache stores ``features``, ``augmented`` and ``valid`` (so an object store's chunks can be read
+    without zarr's machinery)."""
+    from zarr.codecs import BytesCodec
+
+    codecs = arr.metadata.codecs
+    return (len(codecs) == 2 and isinstance(codecs[0], BytesCodec)
+            and getattr(codecs[0].endian, "value", codecs[0].endian) in (None, "little")
+            and isinstance(codecs[1], Crc32cCodec) and getattr(arr.metadata.chunk_key_encoding, "separator", None) == "/"
+            and arr.dtype.kind in "fb" and arr.chunks[1:] == arr.shape[1:])
+
+
 def chunk_file(name: str, ndim: int, k: int) -> str:
     """Row chunk k's file inside array ``name`` (its key under the default chunk key encoding)."""
     return f"{name}/c/{k}" + "/0" * (ndim - 1)
 
 
-def is_cache(path: Path) -> bool:
+def is_cache(path: Where) -> bool:
     """``path`` is a store featcache wrote: a Zarr group whose attributes hold featcache's record."""
     try:
         meta = json.loads((path / "zarr.json").read_text()).get("attributes", {}).get(ATTRS)
@@ -255,17 +281,23 @@ def _string_array(root: zarr.Group, name: str, values: list[str], chunk: int) ->
     arr[:] = np.array(values, dtype=object)
 
 
-def remove_partial_files(path: str | os.PathLike) -> int:
-    """Delete ``*.partial`` chunk files a killed writer left behind; returns how many."""
+def remove_partial_files(path: Where) -> int:
+    """Delete ``*.partial`` chunk files a killed writer left behind; returns how many. (An object store
+    has none: an object is put whole or not at all.)"""
     count = 0
+    if isinstance(path, Remote):
+        return 0
     for p in Path(path).rglob("*.partial"):
         p.unlink(missing_ok=True)
         count += 1
     return count
 
 
-def fsync_chunk_files(store: Path, k: int) -> None:
-    """Flush chunk k of the row arrays to disk before its done flag is set (power-loss safety)."""
+def fsync_chunk_files(store: Where, k: int) -> None:
+    """Flush chunk k of the row arrays to disk before its done flag is set (power-loss safety). On an object
+    store a PUT is durable once it returns."""
+    if isinstance(store, Remote):
+        return
     for name, ndim in ROW_ARRAYS.items():
         f = store / chunk_file(name, ndim, k)
         if f.exists():
@@ -280,9 +312,9 @@ class StoreWriter:
     """The one way rows get into a store: whole row chunks, each written, flushed to disk and only then
     flagged done; and the flags and attributes a coordinator changes. Workers own disjoint chunks."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.group = zarr.open_group(store=str(self.path), mode="r+", zarr_format=3)
+    def __init__(self, path: str | os.PathLike | Remote):
+        self.path = location(path)
+        self.group = zarr.open_group(store=zarr_store(self.path), mode="r+", zarr_format=3)
         self.arrays = row_arrays(self.group)
         self.meta: dict[str, Any] = dict(self.group.attrs[ATTRS])
         self.rows_per_chunk = int(self.meta["rows_per_chunk"])
@@ -323,7 +355,7 @@ class StoreWriter:
         return dict(self.meta)
 
 
-def _check_meta(path: Path, meta: dict[str, Any]) -> None:
+def _check_meta(path: Where, meta: dict[str, Any]) -> None:
     """The attributes every reader relies on, present and of the right kind; else one line naming them."""
     def bad(what: str) -> CacheError:
         return CacheError(f"{path / 'zarr.json'}: damaged featcache attributes ({what}); extract the cache again")
@@ -345,7 +377,7 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
 @dataclass(frozen=True)
 class ChunkProblem:
     chunk: int  # the row chunk (rows chunk*R .. (chunk+1)*R)
-    file: Path
+    file: Where
     reason: str
 
 
@@ -358,17 +390,17 @@ def describe_problems(problems: list[ChunkProblem], most: int = 3) -> str:
 class FeatureCache:
     """Read access to a finished (or partial) cache, for ``info``, stage two and eval."""
 
-    path: Path
+    path: Where
     group: zarr.Group
     meta: dict[str, Any]
 
     @classmethod
-    def open(cls, path: str | os.PathLike, mode: str = "r") -> "FeatureCache":
-        path = Path(path)
+    def open(cls, path: str | os.PathLike | Remote, mode: str = "r") -> "FeatureCache":
+        path = location(path)
         if not (path / "zarr.json").is_file():
             raise CacheError(f"{path}: not a featcache store (no zarr.json); build one with `featcache extract`")
         try:
-            group = zarr.open_group(store=str(path), mode=mode, zarr_format=3)
+            group = zarr.open_group(store=zarr_store(path, read_only=mode == "r"), mode=mode, zarr_format=3)
             meta = group.attrs.get(ATTRS)
         except Exception as e:  # zarr reports a damaged zarr.json in several ways
             raise CacheError(f"{path / 'zarr.json'}: not readable as a featcache store ({type(e).__name__})") from None
@@ -410,7 +442,7 @@ class FeatureCache:
 
     # row-aligned arrays
     def valid(self) -> np.ndarray:
-        return self.group["valid"][:]
+        return self._read_rows("valid", None, 64 << 20, None)
 
     def labels(self) -> np.ndarray:
         return self.group["labels"][:]
@@ -466,6 +498,9 @@ class FeatureCache:
             rows = mask
         if out is None:
             out = np.empty((int(rows.sum()), *arr.shape[1:]), dtype=arr.dtype)
+        if isinstance(self.path, Remote) and _plain_chunks(arr) and arr.chunks[0] == self.meta["rows_per_chunk"] \
+                and self._fetch_rows(arr, rows, out):
+            return out
         row_bytes = arr.dtype.itemsize * math.prod(arr.shape[1:])
         step = self.meta["rows_per_chunk"] * max(1, block_bytes // (self.meta["rows_per_chunk"] * row_bytes))
         filled = 0
@@ -476,6 +511,31 @@ class FeatureCache:
                 out[filled:filled + n] = arr[i:i + step][block]
                 filled += n
         return out
+
+    def _fetch_rows(self, arr: zarr.Array, rows: np.ndarray, out: np.ndarray, batch: int = 64) -> bool:
+        """The ``rows`` (a mask) of a plain row array on an object store into ``out``, fetching its chunk objects
+        many at a time and checking their crc32c here: about 1.5x zarr's own read of the same objects
+        (BENCHMARKS.md, "Object stores"). False, with nothing promised about ``out``, where a chunk is missing
+        or does not check out: the caller's zarr read then gives zarr's answer (fill values, or the error)."""
+        import google_crc32c
+
+        per_chunk, width = self.meta["rows_per_chunk"], arr.shape[1:]
+        chunks = np.unique(np.flatnonzero(rows) // per_chunk)
+        filled = 0
+        for lo in range(0, len(chunks), batch):  # a batch of 4 MB chunks at a time bounds the memory held
+            keys = {int(k): (self.path / chunk_file(arr.basename, arr.ndim, int(k))).key for k in chunks[lo:lo + batch]}
+            got = self.path.fs.cat(list(keys.values()), batch_size=32, on_error="return")
+            for k, key in keys.items():
+                data = got.get(key)
+                if not isinstance(data, bytes) or len(data) < 4 or \
+                        np.uint32(google_crc32c.value(data[:-4])).tobytes() != data[-4:]:
+                    return False
+                block = np.frombuffer(data, dtype=arr.dtype.newbyteorder("<"), count=per_chunk * math.prod(width)).reshape(per_chunk, *width)
+                wanted = rows[k * per_chunk:(k + 1) * per_chunk]
+                n = int(wanted.sum())
+                out[filled:filled + n] = block[:n] if n == len(wanted) else block[:len(wanted)][wanted]
+                filled += n
+        return True
 
     def require_complete(self) -> None:
         """Refuse a cache that is not finished, or whose chunk files are missing or of the wrong size."""
@@ -507,11 +567,12 @@ class FeatureCache:
             width = math.prod(arr.shape[1:])
             # fixed-size chunks (features, valid, augmented): padded to whole chunks, plus the 4-byte checksum
             size = None if name == "failures" else rows_per_chunk * width * arr.dtype.itemsize + (4 if crc else 0)
+            listed = (self.path / name).files() if isinstance(self.path, Remote) else None  # one listing, not a HEAD each
             for k in done:
                 f = self.path / chunk_file(name, arr.ndim, int(k))
                 try:
-                    have = f.stat().st_size
-                except FileNotFoundError:
+                    have = f.stat().st_size if listed is None else listed[chunk_file(name, arr.ndim, int(k))[len(name) + 1:]]
+                except (FileNotFoundError, KeyError):
                     if name != "failures":  # a chunk of empty reasons (all rows valid) is never written
                         problems.append(ChunkProblem(int(k), f, "missing"))
                     continue
@@ -525,13 +586,28 @@ class FeatureCache:
         return problems
 
     def size_on_disk(self) -> int:
+        if isinstance(self.path, Remote):
+            return sum(self.path.files().values())
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+    def _readable(self, name: str, empty: Any) -> np.ndarray:
+        """A row array chunk by chunk, a chunk that does not read back (damaged) as ``empty``: ``info`` reports
+        the damage instead of failing on it."""
+        arr, step = self.group[name], self.meta["rows_per_chunk"]
+        try:
+            return arr[:]
+        except ValueError:
+            out = np.full(self.rows, empty, dtype=object if isinstance(empty, str) else type(empty))
+            for i in range(0, self.rows, step):
+                with contextlib.suppress(ValueError):
+                    out[i:i + step] = arr[i:i + step]
+            return out
 
     def summary(self) -> dict[str, Any]:
         """Counts per split and domain, failures by reason, provenance and size: what ``info`` shows."""
-        valid = self.valid()
+        valid = self._readable("valid", False)
         splits, domains = self.strings("splits"), self.strings("domains")
-        failures = self.strings("failures")
+        failures = np.asarray(self._readable("failures", ""), dtype=object)
         done = self.chunk_done()
 
         def counts(values: np.ndarray) -> dict[str, dict[str, int]]:
@@ -578,7 +654,7 @@ class FeatureCache:
         }
 
 
-def mark_complete(path: str | os.PathLike, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def mark_complete(path: str | os.PathLike | Remote, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Coordinator only: flag the store finished once every chunk is done (attrs are one file; one writer)."""
     store = StoreWriter(path)
     done = store.done()
@@ -587,7 +663,7 @@ def mark_complete(path: str | os.PathLike, extra: dict[str, Any] | None = None) 
     return store.update_attrs(**(extra or {}), complete=True, completed=_now())
 
 
-def import_features(features: np.ndarray, manifest: Manifest, out: str | os.PathLike, *, source: str,
+def import_features(features: np.ndarray, manifest: Manifest, out: str | os.PathLike | Remote, *, source: str,
                     source_sha256: str, dtype: str = "float16", chunk_rows: int | None = None,
                     overwrite: bool = False, missing: np.ndarray | None = None,
                     missing_reason: str = "no embedding", space: dict[str, Any] | str | None = None) -> dict[str, Any]:
@@ -600,7 +676,7 @@ def import_features(features: np.ndarray, manifest: Manifest, out: str | os.Path
     recorded by the featcache export they came from, a name the user declares, or None (the vectors of
     this source only). Returns the cache's attributes plus ``non_finite`` and ``missing`` row counts.
     """
-    out = Path(out)
+    out = location(out)
     if features.ndim != 2 or features.shape[1] < 1:
         raise CacheError(f"{source}: expected a 2-D array (rows, dim >= 1), got shape {features.shape}")
     if features.shape[0] != len(manifest):
@@ -653,13 +729,15 @@ def import_features(features: np.ndarray, manifest: Manifest, out: str | os.Path
 
 def import_npy(path: str | os.PathLike, manifest: Manifest, out: str | os.PathLike, *, dtype: str = "float16",
                chunk_rows: int | None = None, overwrite: bool = False, space: str | None = None) -> dict[str, Any]:
-    """:func:`import_features` from a ``.npy`` file (memory-mapped, never unpickled)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CacheError(f"--features {path}: file not found")
-    try:
-        features = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise CacheError(f"--features {path}: not a .npy array ({type(e).__name__}: {e})") from None
-    return import_features(features, manifest, out, source=str(path), source_sha256=file_sha256(path), dtype=dtype,
-                           chunk_rows=chunk_rows, overwrite=overwrite, space=space)
+    """:func:`import_features` from a ``.npy`` file (memory-mapped, never unpickled; one on an object store is
+    read through a local copy)."""
+    where = location(path)
+    if not where.is_file():
+        raise CacheError(f"--features {where}: file not found")
+    with local_file(where) as path:
+        try:
+            features = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise CacheError(f"--features {where}: not a .npy array ({type(e).__name__}: {e})") from None
+        return import_features(features, manifest, out, source=str(where), source_sha256=file_sha256(path), dtype=dtype,
+                               chunk_rows=chunk_rows, overwrite=overwrite, space=space)

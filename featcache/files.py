@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from featcache.storage import Remote, StorageError, acquire_lock, is_unfinished, location, publish_dir
+
 
 class OutputError(ValueError):
     """An output that featcache will not write or replace; the message says why and what to do."""
@@ -29,8 +31,18 @@ def _umask() -> int:
 
 
 def write_file(out: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` into a new, exclusively created temporary file beside ``out``, then renamed over it."""
-    out = Path(out)
+    """``write(tmp)`` into a new, exclusively created temporary file beside ``out``, then renamed over it (on
+    an object store: written locally, then put as one object)."""
+    out = location(out)
+    if isinstance(out, Remote):
+        fd, tmp = tempfile.mkstemp(prefix="featcache-", suffix=out.suffix)
+        os.close(fd)
+        try:
+            write(Path(tmp))
+            out.put(Path(tmp))
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return out
     if out.is_dir():
         raise OutputError(f"{out} is a folder; give a file name")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -98,9 +110,12 @@ def is_featcache_json(path: Path) -> bool:
         return False
 
 
-def temp_dir_beside(out: Path) -> Path:
+def temp_dir_beside(out: Path | Remote) -> Path:
     """A new, uniquely named folder beside ``out`` (same filesystem, so it can be renamed onto it), with the
-    permissions the user's umask gives a new folder (mkdtemp's 0700 is for secrets)."""
+    permissions the user's umask gives a new folder (mkdtemp's 0700 is for secrets). For an output on an
+    object store, a local temporary folder that :func:`install_dir` publishes."""
+    if isinstance(out, Remote):
+        return Path(tempfile.mkdtemp(prefix="featcache-"))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())
@@ -151,8 +166,9 @@ def _refuse(out: Path, what: str, option: str) -> OutputError:
 
 def check_replaceable(out: Path, ours: Callable[[Path], bool], what: str, overwrite: bool, option: str = "--out") -> None:
     """Refuse to write the folder ``what`` at ``out`` unless it is absent or an empty folder, or it is one
-    that featcache made (``ours``) and ``overwrite`` was given."""
-    if not out.exists() and not out.is_symlink():
+    that featcache made (``ours``) and ``overwrite`` was given. A folder on an object store that a killed
+    featcache was publishing is replaced as if empty (what was there before is half gone already)."""
+    if is_unfinished(out) or (not out.exists() and not out.is_symlink()):
         return
     if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
         return
@@ -175,7 +191,14 @@ def check_file_replaceable(out: Path, ours: Callable[[Path], bool], what: str, o
 
 
 def check_writable(out: Path, option: str) -> None:
-    """Refuse, before any work, an output whose nearest existing folder is not a writable folder."""
+    """Refuse, before any work, an output whose nearest existing folder is not a writable folder (on an object
+    store: whose bucket is not there)."""
+    if isinstance(out, Remote):
+        bucket = out.key.split("/")[0]
+        if not out.fs.exists(bucket):
+            raise OutputError(f"{out}: bucket {bucket} not found (or not visible with these credentials); "
+                              f"choose another {option}")
+        return
     here = out.absolute().parent
     while not here.exists() and here != here.parent:
         here = here.parent
@@ -188,7 +211,7 @@ def write_output(out: str | os.PathLike, write: Callable[[Path], None], *, ours:
                  overwrite: bool, option: str) -> Path:
     """A file the user named (``--json F``, ``--plot F``, an export): written atomically by one process at a
     time, replacing only a file featcache made, and only with ``overwrite``."""
-    out = Path(out)
+    out = location(out)
     with exclusive(out, what, remove=True, option=option):
         check_file_replaceable(out, ours, what, overwrite, option)
         return write_file(out, write)
@@ -229,20 +252,34 @@ def _carry_over(old: Path, new: Path, owned: Callable[[str], bool]) -> None:
                     shutil.copy2(src, dst)
 
 
-def build_dir(out: str | os.PathLike, build: Callable[[Path], None], *, ours: Callable[[Path], bool], what: str,
+def install_dir(tmp: Path, out: Path | Remote, *, record: str, owned: Callable[[str], bool] | None = None) -> None:
+    """Put the finished folder ``tmp`` in place as ``out``: renamed over it on a local disk
+    (:func:`replace_dir`), published object by object, ``record`` last, on an object store."""
+    if isinstance(out, Remote):
+        try:
+            publish_dir(tmp, out, owned=owned, record=record)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        replace_dir(tmp, out, owned)
+
+
+def build_dir(out: str | os.PathLike | Remote, build: Callable[[Path], None], *, record: str, what: str,
               overwrite: bool, owned: Callable[[str], bool] | None = None) -> None:
     """``build(tmp)`` in a new temporary folder, installed as ``out`` when it returns, removed if it raises.
-    ``owned`` says which files inside such a folder are featcache's: the others (a user's notes, an index
-    another tool built there) survive ``--overwrite``."""
-    out = Path(out)
+    A folder featcache made is one holding the file ``record``; ``owned`` says which files inside such a
+    folder are featcache's: the others (a user's notes, an index another tool built there) survive
+    ``--overwrite``."""
+    out = location(out)
     with exclusive(out, what):
-        check_replaceable(out, ours, what, overwrite)
+        check_replaceable(out, lambda d: (d / record).is_file(), what, overwrite)
         tmp = temp_dir_beside(out)
         try:
             build(tmp)
-            replace_dir(tmp, out, owned)
+            install_dir(tmp, out, record=record, owned=owned)
         except BaseException as e:
-            full = isinstance(e, Exception) and not isinstance(e, OutputError) and is_disk_full(e, out.parent)
+            full = (isinstance(e, Exception) and not isinstance(e, OutputError)
+                    and is_disk_full(e, tmp if isinstance(out, Remote) else out.parent))
             shutil.rmtree(tmp, ignore_errors=True)
             if full:
                 raise disk_full_error(out) from None
@@ -281,8 +318,19 @@ def exclusive(out: str | os.PathLike, what: str, *, remove: bool = False, wait: 
     refused with one line, before it touches anything; with ``wait`` (small records, written in a moment)
     it waits its turn instead. With ``remove`` (single-file outputs, which leave nothing else beside them),
     the lock file is deleted when the block ends; a writer that locked a lock file just deleted notices
-    that it is no longer the file at that path and locks the new one."""
-    out = Path(out)
+    that it is no longer the file at that path and locks the new one. On an object store the lock is an
+    object (storage.lock_object); a small record's lock (``remove``) older than ten minutes is stale."""
+    out = location(out)
+    if isinstance(out, Remote):
+        try:
+            release = acquire_lock(out, what, wait=wait, option=option, stale_after=600 if remove else None)
+        except StorageError as e:
+            raise OutputError(str(e)) from None
+        try:
+            yield
+        finally:
+            release()
+        return
     path = lock_file(out)
     while True:
         try:

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from featcache.storage import Remote, StorageError, location
+
 MIN_SIDE = 2  # 1-pixel images are placeholders (failed downloads, tracking pixels), not photos
 BACKGROUND = (255, 255, 255)  # transparent pixels are shown over white, as most viewers do
 
@@ -26,7 +28,17 @@ class ImageFailure(Exception):
 def load_image(path: str | os.PathLike, box: tuple[float, float, float, float] | None = None) -> Image.Image:
     """Decode ``path`` to an 8-bit RGB image: EXIF orientation applied, then the crop ``box``
     (x1, y1, x2, y2 in pixels of the upright image, clipped to it)."""
-    path = Path(path)
+    path = location(path)
+    if isinstance(path, Remote):  # an object: its bytes, in one GET
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ImageFailure("missing file") from None
+        except IsADirectoryError:
+            raise ImageFailure("not a regular file") from None
+        except PermissionError as e:  # the store refused: every row would fail alike, so the run stops
+            raise StorageError(f"{path}: access denied ({e}); check the credentials") from None
+        return load_image_bytes(data, box)
     try:
         st = path.stat()
     except FileNotFoundError:

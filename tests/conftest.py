@@ -121,3 +121,38 @@ def small_disk(tmp_path):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     yield mount
     subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server (moto's, in a thread) on 127.0.0.1 and a free port: nothing reaches a network."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, tmp_path):
+    """A new empty bucket on the test server, as ``s3://BUCKET``; the environment points every S3 client
+    (this process's and the subprocesses' it starts) at the server, with test credentials and no profile."""
+    import uuid
+
+    from featcache import storage
+
+    for name, value in {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "featcache-test",
+                        "AWS_SECRET_ACCESS_KEY": "featcache-test", "AWS_DEFAULT_REGION": "us-east-1",
+                        "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+                        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials")}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv(storage.OPTIONS_ENV, raising=False)
+    monkeypatch.setattr(storage, "SETTINGS", storage.Settings())
+    bucket = f"featcache-{uuid.uuid4().hex[:12]}"
+    storage.filesystem("s3").mkdir(bucket)
+    return f"s3://{bucket}"

@@ -43,9 +43,16 @@ def friendly_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError) as e:  # our error classes all derive from ValueError
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if message.startswith("Caught ") and "DataLoader worker" in message:  # re-raised from a decoding worker
+                original = str(e).strip().splitlines()[-1]
+                message = original.split(": ", 1)[1] if ": " in original else original
             err.print(f"[bold red]error:[/] {Text(message).markup}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except OSError as e:
+            if isinstance(e, PermissionError) and e.filename is None:  # an object store's "access denied"
+                err.print(f"[bold red]error:[/] {Text(_first_line(e)).markup} (check the credentials: environment, "
+                          "profile or --storage-options)", highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             where = e.filename or "the output"
@@ -53,6 +60,29 @@ def friendly_errors(fn: Callable) -> Callable:
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def place(value: str | None):
+    """An option's path or URL as featcache handles it (``storage.location``): a Path, or a Remote for s3://,
+    gs://, ...; None stays None."""
+    from featcache.storage import location
+
+    return location(value) if value is not None else None
+
+
+def break_lock_flag() -> Any:
+    return flag("--break-lock", help="On an object store: take the lock of --out even though another writer holds "
+                "it (one killed on another host; one killed on this host is recognised without it).")
+
+
+def allow_break_lock(value: bool) -> None:
+    from featcache.storage import configure
+
+    configure(break_lock=value)
 
 
 def flag(*names: str, help: str, default: bool = False, **kwargs: Any) -> Any:

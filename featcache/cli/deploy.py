@@ -9,7 +9,9 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from featcache.cli.console import err, flag, friendly_errors, human_bytes, out, print_json, progress_updates, table
+from featcache.cli.console import (
+    allow_break_lock, break_lock_flag, err, flag, friendly_errors, human_bytes, out, place, print_json, progress_updates, table,
+)
 
 app = typer.Typer()
 
@@ -17,7 +19,7 @@ app = typer.Typer()
 @app.command(epilog="Example: featcache export --run runs/paper --weights open_clip_pytorch_model.bin --out submission.zip")
 @friendly_errors
 def export(
-    run: Path = typer.Option(..., "--run", "-r", help="A finished train-head run directory."),
+    run: str = typer.Option(..., "--run", "-r", help="A finished train-head run directory (a folder or a URL)."),
     out_path: Path = typer.Option(..., "--out", help="Model file; its suffix picks the format: .pt (TorchScript), .zip (GUIEC submission), .onnx."),
     weights: Optional[Path] = typer.Option(None, help="The backbone's weights file; its sha256 must be the one the run's cache recorded. \\[needed when the cache was extracted from a local file]"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda: where the model is traced. \\[default: cpu]"),
@@ -35,6 +37,8 @@ def export(
     """
     from featcache.deploy.export import export as run_export, sidecar
     from featcache.devices import resolve_device
+
+    run = place(run)
 
     result = run_export(run, out_path, weights=weights, device=resolve_device(device or "cpu"), precision=precision,
                         overwrite=overwrite)
@@ -55,13 +59,14 @@ def export(
 @app.command(epilog="Example: featcache index --cache cache/demo/tiny-vit.zarr --run runs/demo --out runs/demo/index")
 @friendly_errors
 def index(
-    cache: Path = typer.Option(..., "--cache", "-c", help="The collection: every valid row of this cache."),
-    run: Optional[Path] = typer.Option(None, "--run", "-r", help="Embed the rows with this run's head. \\[default: the raw features]"),
-    out_path: Path = typer.Option(..., "--out", help="Index directory to write."),
+    cache: str = typer.Option(..., "--cache", "-c", help="The collection: every valid row of this cache (a folder or a URL)."),
+    run: Optional[str] = typer.Option(None, "--run", "-r", help="Embed the rows with this run's head. \\[default: the raw features]"),
+    out_path: str = typer.Option(..., "--out", help="Index directory to write: a folder, or an s3:// or gs:// URL."),
     ivf: Optional[int] = typer.Option(None, help="An IVF index with this many lists instead of exact search."),
     nprobe: Optional[int] = typer.Option(None, help="IVF lists searched per query. \\[default: lists / 16]"),
     hnsw: Optional[int] = typer.Option(None, help="An HNSW graph with this many links per node instead of exact search."),
     overwrite: bool = flag(help="Replace an index already at --out."),
+    break_lock: bool = break_lock_flag(),
     json_out: bool = flag("--json", help="Print index.json's content as JSON."),
 ) -> None:
     """Build a faiss index of a cache's rows (L2-normalised, inner product) for `featcache search`.
@@ -72,6 +77,8 @@ def index(
     from featcache.deploy.index import build_index, index_spec
 
     spec = index_spec(ivf, hnsw, nprobe)
+    allow_break_lock(break_lock)
+    cache, run, out_path = place(cache), place(run), place(out_path)
     with progress_updates(f"index ({spec.kind})", disable=json_out) as update:
         meta = build_index(cache, out_path, run=run, spec=spec, overwrite=overwrite, progress=update)
     if json_out:
@@ -87,12 +94,12 @@ def index(
 @app.command(epilog="Example: featcache search --index runs/demo/index manifests/demo/images/digit7_0007.png --k 5")
 @friendly_errors
 def search(
-    images: Optional[List[Path]] = typer.Argument(None, help="Query images."),
-    index_dir: Path = typer.Option(..., "--index", "-i", help="An index written by `featcache index`."),
+    images: Optional[List[str]] = typer.Argument(None, help="Query images (files or URLs)."),
+    index_dir: str = typer.Option(..., "--index", "-i", help="An index written by `featcache index` (a folder or a URL)."),
     k: int = typer.Option(10, "--k", min=1, help="Neighbours per query."),
     weights: Optional[Path] = typer.Option(None, help="The backbone's weights file, when the index's cache was extracted from one."),
     model: Optional[Path] = typer.Option(None, help="Embed the queries with this `featcache export` .pt (or .zip) instead of rebuilding backbone and head."),
-    query_cache: Optional[Path] = typer.Option(None, help="Search with every valid row of this cache instead of image files."),
+    query_cache: Optional[str] = typer.Option(None, help="Search with every valid row of this cache instead of image files."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda. \\[default: cuda when available]"),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write {queries: [{query, neighbours: [{path, label, score}]}]} to this file."),
     plot: Optional[Path] = typer.Option(None, help="Draw each query (the first 16) beside its neighbours (the first 10) into this PNG."),
@@ -110,6 +117,7 @@ def search(
     from featcache.evaluate.plots import is_our_png
     from featcache.files import check_file_replaceable, is_featcache_json
 
+    index_dir, query_cache = place(index_dir), place(query_cache)
     if bool(images) == (query_cache is not None):
         raise typer.BadParameter("give query IMAGE files or --query-cache, not both (and not neither)")
     for file, ours, what, option in ((json_file, is_featcache_json, "search results", "--json"),
@@ -134,8 +142,9 @@ def search(
     if json_file:
         from featcache import __version__
         from featcache.files import write_user_json
+        from featcache.storage import absolute
 
-        write_user_json(json_file, {"featcache_version": __version__, "index": str(idx.path.resolve()), "queries": results},
+        write_user_json(json_file, {"featcache_version": __version__, "index": absolute(idx.path, resolve=True), "queries": results},
                         what="search results", overwrite=overwrite)
         err.print(f"wrote {json_file}", markup=False)
     if plot:
@@ -156,11 +165,12 @@ def shown(path: str) -> str:
 @app.command("export-embeddings", epilog="Example: featcache export-embeddings --cache cache/demo/tiny-vit.zarr --run runs/demo --out embeddings/demo")
 @friendly_errors
 def export_embeddings(
-    cache: Path = typer.Option(..., "--cache", "-c", help="The cache whose valid rows are written."),
-    run: Optional[Path] = typer.Option(None, "--run", "-r", help="Write this run's L2-normalised head embeddings. \\[default: the raw features]"),
-    out_path: Path = typer.Option(..., "--out", help="Folder to write img_emb/ and metadata/ into."),
+    cache: str = typer.Option(..., "--cache", "-c", help="The cache whose valid rows are written (a folder or a URL)."),
+    run: Optional[str] = typer.Option(None, "--run", "-r", help="Write this run's L2-normalised head embeddings. \\[default: the raw features]"),
+    out_path: str = typer.Option(..., "--out", help="Folder (or s3://, gs:// URL) to write img_emb/ and metadata/ into."),
     shard_rows: int = typer.Option(1_000_000, min=1, help="Rows per shard."),
     overwrite: bool = flag(help="Replace embeddings that featcache wrote at --out before."),
+    break_lock: bool = break_lock_flag(),
     json_out: bool = flag("--json", help="Print the result as JSON."),
 ) -> None:
     """Write embeddings in the LAION ecosystem's layout (clip-retrieval's; embedding-reader and autofaiss read it).
@@ -169,6 +179,9 @@ def export_embeddings(
     shard i of both row-aligned. `featcache import --features DIR` reads it back.
     """
     from featcache.deploy.embeddings import export_embeddings as write
+
+    allow_break_lock(break_lock)
+    cache, run, out_path = place(cache), place(run), place(out_path)
 
     with progress_updates("export-embeddings", disable=json_out) as update:
         record = write(cache, out_path, run=run, shard_rows=shard_rows, overwrite=overwrite, progress=update)

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from featcache.cli.console import UserError, err, flag, friendly_errors, out, print_json, table
+from featcache.cli.console import UserError, err, flag, friendly_errors, out, place, print_json, table
 from featcache.evaluate.baselines import ZERO_SHOT
 from featcache.evaluate.metrics import PROTOCOLS
 
@@ -43,12 +43,12 @@ def scores_table(title: str, results: dict[str, dict], k: int):
 @app.command(name="eval", epilog="Example: featcache eval --cache cache/demo/tiny-vit.zarr --run runs/demo --plot runs/demo/plots")
 @friendly_errors
 def eval_(
-    cache: Optional[Path] = typer.Option(None, "--cache", "-c", help="Cache whose query/index rows (or all rows) are scored."),
-    run: Optional[Path] = typer.Option(None, "--run", "-r", help="A train-head run directory: its head makes the embeddings."),
+    cache: Optional[str] = typer.Option(None, "--cache", "-c", help="Cache whose query/index rows (or all rows) are scored (a folder or a URL)."),
+    run: Optional[str] = typer.Option(None, "--run", "-r", help="A train-head run directory (or URL): its head makes the embeddings."),
     zero_shot: Optional[ZeroShot] = typer.Option(None, help="No head: 'pooled' (feature averaged to 64 dims, the paper's baseline) or 'raw'. [default when no --run: pooled]"),
     protocol: Protocol = typer.Option(Protocol.guiec, help="guiec: same label is relevant, mean over queries. uned: same label and domain, mean over domains."),
-    query_cache: Optional[Path] = typer.Option(None, help="Queries from this cache (all valid rows) instead of --cache's query split."),
-    index_cache: Optional[Path] = typer.Option(None, help="Index from this cache (all valid rows)."),
+    query_cache: Optional[str] = typer.Option(None, help="Queries from this cache (all valid rows) instead of --cache's query split."),
+    index_cache: Optional[str] = typer.Option(None, help="Index from this cache (all valid rows)."),
     domain: List[str] = typer.Option([], "--domain", help="Score only this domain's rows, queries and index (repeatable)."),
     k: int = typer.Option(5, min=1, help="Neighbours scored per query (the @5)."),
     label_sep: Optional[str] = typer.Option(None, help="Declare multi-label queries: a query label holding this text is relevant to each of its parts (UnED's GLDv2 queries: --label-sep '|'). \\[default: labels are compared whole]"),
@@ -68,6 +68,7 @@ def eval_(
     from featcache.evaluate.protocols import EvalSet, run_eval
 
     mem = parse_bytes(max_memory)
+    cache, run, query_cache, index_cache = place(cache), place(run), place(query_cache), place(index_cache)
     if label_sep == "":
         raise UserError("--label-sep '': give the text that separates a query's labels, e.g. --label-sep '|'")
     if plot is not None and plot.exists() and not plot.is_dir():
@@ -108,7 +109,7 @@ def eval_(
 @app.command()
 @friendly_errors
 def runs(
-    folder: Path = typer.Argument(Path("runs"), help="Where to look for run directories (searched recursively)."),
+    folder: str = typer.Argument("runs", help="Where to look for run directories (searched recursively): a folder or a URL."),
     json_out: bool = flag("--json", help="Print JSON instead of a table."),
 ) -> None:
     """List trained runs: loss, key options, epochs, training time and mMP@5, to compare at a glance.
@@ -118,6 +119,7 @@ def runs(
     """
     from featcache.train.runs import list_runs
 
+    folder = place(folder)
     rows = list_runs(folder)
     if json_out:
         print_json(rows)

@@ -11,11 +11,14 @@ from rich.markup import escape
 
 from featcache.cli.console import (
     UserError,
+    allow_break_lock,
+    break_lock_flag,
     err,
     flag,
     friendly_errors,
     human_bytes,
     out,
+    place,
     print_json,
     progress_bar,
     table,
@@ -73,10 +76,10 @@ def models(json_out: bool = flag("--json", help="Print JSON instead of a table."
 @friendly_errors
 def extract(
     model: str = typer.Option(..., "--model", "-m", help="Backbone: a name from `featcache models`, open_clip:ARCH\\[@TAG] or timm:NAME."),
-    manifest: Path = typer.Option(..., "--manifest", help="CSV with columns path,label[,domain,split,x1,y1,x2,y2]."),
-    root: Optional[Path] = typer.Option(None, help="Folder the manifest's relative paths start from. \\[default: the manifest's folder]"),
+    manifest: str = typer.Option(..., "--manifest", help="CSV with columns path,label[,domain,split,x1,y1,x2,y2] (a path or an s3://, gs:// URL)."),
+    root: Optional[str] = typer.Option(None, help="Folder (or URL) the manifest's relative paths start from. \\[default: the manifest's folder]"),
     weights: Optional[Path] = typer.Option(None, help="Local checkpoint file to load instead of downloading the pretrained weights."),
-    out_path: Optional[Path] = typer.Option(None, "--out", help="Cache to write. \\[default: cache/<manifest stem>/<model>.zarr]"),
+    out_path: Optional[str] = typer.Option(None, "--out", help="Cache to write: a folder, or an s3:// or gs:// URL. \\[default: cache/<manifest stem>/<model>.zarr]"),
     dtype: DType = typer.Option(DType.float16, help="Storage type of the features."),
     batch_size: int = typer.Option(64, min=1, help="Images per forward pass (with --views, batch-size // (1 + V) rows, each with its 1 + V images)."),
     workers: Optional[int] = typer.Option(None, min=0, help="DataLoader processes that decode images. \\[default: all cores on GPU, half on CPU]"),
@@ -87,6 +90,7 @@ def extract(
     retry_failed: bool = flag("--retry-failed", help="Read the rows that failed again (after fixing the files, or from another --root)."),
     views: Optional[int] = typer.Option(None, "--views", min=1, help="Also store V augmented views of every image (array `augmented`, for `train-head --views`); needs --augment. \\[default: 1 with --augment]"),
     augment: Optional[Augment] = typer.Option(None, "--augment", help="How the views are made: flip (the mirrored image, one view), openclip (random square crop of 90-100 % of the area), siglip (random 8-100 % crop + colour jitter 0.6-1.4), custom (the openclip crop, a random flip, the jitter)."),
+    break_lock: bool = break_lock_flag(),
     quiet: bool = flag("--quiet", "-q", help="No progress bar."),
     json_out: bool = flag("--json", help="Print the summary as JSON."),
 ) -> None:
@@ -114,8 +118,10 @@ def extract(
     if views is not None and augment is None:
         raise UserError(f"--views {views}: say how the views are made with --augment {'|'.join(a.value for a in Augment)}")
     augmentation = Augmentation(augment.value, views or 1) if augment else None
+    allow_break_lock(break_lock)
+    manifest = place(manifest)
     m = read_manifest(manifest, root)
-    target = out_path or default_cache_path(manifest, model)
+    target = place(out_path) or default_cache_path(manifest, model)
     dist.init(dev)
     show = dist.coordinator and not quiet and not json_out
     try:
@@ -186,7 +192,7 @@ def _views_text(summary: dict) -> str:
     return f"{summary['rows']:,} x {a['views']} x {summary['dim']} ({a['augment']}, seed {a.get('seed', 0)})"
 
 
-def _report_interrupted(target: Path) -> None:
+def _report_interrupted(target) -> None:
     try:
         from featcache.cache import FeatureCache
 
@@ -200,7 +206,7 @@ def _report_interrupted(target: Path) -> None:
 @app.command()
 @friendly_errors
 def info(
-    cache: Path = typer.Argument(..., help="A cache written by `featcache extract` or `featcache import`."),
+    cache: str = typer.Argument(..., help="A cache written by `featcache extract` or `featcache import` (a folder or a URL)."),
     verify: bool = flag("--verify", help="Read every chunk and check its crc32c (a full read of the cache)."),
     json_out: bool = flag("--json", help="Print JSON instead of tables."),
 ) -> None:
@@ -261,14 +267,15 @@ def info(
 @app.command("import")
 @friendly_errors
 def import_(
-    features: Path = typer.Option(..., "--features", help="A .npy array (rows, dim), row i for manifest row i; or a folder in the LAION layout (img_emb/img_emb_{i}.npy + metadata/metadata_{i}.parquet), matched by image_path."),
-    manifest: Path = typer.Option(..., "--manifest", help="The manifest the rows come from."),
-    root: Optional[Path] = typer.Option(None, help="Folder the manifest's relative paths start from (to match absolute image_path values). \\[default: the manifest's folder]"),
-    out_path: Path = typer.Option(..., "--out", help="Cache to write."),
+    features: str = typer.Option(..., "--features", help="A .npy array (rows, dim), row i for manifest row i; or a folder in the LAION layout (img_emb/img_emb_{i}.npy + metadata/metadata_{i}.parquet), matched by image_path."),
+    manifest: str = typer.Option(..., "--manifest", help="The manifest the rows come from."),
+    root: Optional[str] = typer.Option(None, help="Folder the manifest's relative paths start from (to match absolute image_path values). \\[default: the manifest's folder]"),
+    out_path: str = typer.Option(..., "--out", help="Cache to write (a folder or a URL)."),
     dtype: DType = typer.Option(DType.float16, help="Storage type of the features."),
     chunk_rows: Optional[int] = typer.Option(None, min=1, help="Rows per Zarr chunk. \\[default: about 4 MB per chunk]"),
     space: Optional[str] = typer.Option(None, help="Name the kind of vectors these are (e.g. 'clip-vit-l14 openai'): caches imported with the same --space compare with each other. \\[default: a featcache embeddings folder's own record, else these vectors only]"),
     overwrite: bool = flag(help="Replace an existing cache at --out."),
+    break_lock: bool = break_lock_flag(),
     json_out: bool = flag("--json", help="Print the cache's attributes as JSON."),
 ) -> None:
     """Build a cache from embeddings computed elsewhere, so the rest of featcache can use them.
@@ -287,6 +294,8 @@ def import_(
     """
     from featcache.manifest import read_manifest
 
+    allow_break_lock(break_lock)
+    features, out_path = place(features), place(out_path)
     m = read_manifest(manifest, root)
     if features.is_dir():
         from featcache.deploy.embeddings import import_embeddings

@@ -8,11 +8,12 @@ from typing import List, Optional
 
 import typer
 
-from featcache.cli.console import err, flag, friendly_errors, out, print_json, progress_bar, table
+from featcache.cli.console import UserError, err, flag, friendly_errors, out, place, print_json, progress_bar, table
 from featcache.manifest.builders import BUILDERS
 from featcache.manifest.builders import build as build_rows
 from featcache.manifest.builders.common import recording_reads
 from featcache.manifest.schema import Rows, check_manifest_out, file_ids
+from featcache.storage import Remote
 
 manifest_app = typer.Typer(
     help=(
@@ -71,8 +72,8 @@ def _build_help() -> str:
 @friendly_errors
 def build(
     source: Source = typer.Argument(..., help="Which dataset's annotation files to read (see the list above)."),
-    root: Path = typer.Option(..., "--root", help="The dataset's folder as downloaded; manifest paths are relative to it."),
-    out_path: Path = typer.Option(..., "--out", help="Manifest CSV to write (columns path,label,domain,split[,x1,y1,x2,y2])."),
+    root: str = typer.Option(..., "--root", help="The dataset's folder as downloaded; manifest paths are relative to it (webdataset: also an s3:// or gs:// URL)."),
+    out_path: str = typer.Option(..., "--out", help="Manifest CSV to write, a file or a URL (columns path,label,domain,split[,x1,y1,x2,y2])."),
     domain: Optional[str] = typer.Option(
         None, "--domain", help="Domain name, also the label prefix (each source's default is in its summary above; "
         "imagefolder: the folder's name). For uned: which UnED domains, e.g. cars,sop (default all 8)."),
@@ -96,6 +97,10 @@ def build(
         "(or a column of img2dataset's parquet beside the shard, read instead of the tar when it has it)."),
     overwrite: bool = flag("--overwrite", help=OVERWRITE_HELP),
 ) -> None:
+    root, out_path = place(root), place(out_path)
+    if isinstance(root, Remote) and source.value != "webdataset":
+        raise UserError(f"--root {root}: only the webdataset builder reads an object store; {source.value} reads a "
+                        "local copy of the dataset")
     _refuse_foreign_out(out_path, [colors] if colors else [])
     with recording_reads() as reads:
         rows = build_rows(source.value, root, domain=domain, partition=partition, annotations=annotations,
@@ -128,8 +133,8 @@ def _root_hint(manifest: Path, root: Path) -> None:
 @manifest_app.command()
 @friendly_errors
 def curate(
-    inputs: List[Path] = typer.Argument(..., help="Manifests to combine (paths are copied as written: give manifests with one root)."),
-    out_path: Path = typer.Option(..., "--out", help="Curated manifest CSV to write."),
+    inputs: List[str] = typer.Argument(..., help="Manifests to combine, files or URLs (paths are copied as written: give manifests with one root)."),
+    out_path: str = typer.Option(..., "--out", help="Curated manifest CSV to write (a file or a URL)."),
     min_per_class: int = typer.Option(3, "--min-per-class", help="Drop classes with fewer images than this."),
     max_per_class: Optional[int] = typer.Option(None, "--max-per-class", help="Keep at most this many images per class (random, seeded)."),
     max_classes: Optional[int] = typer.Option(None, "--max-classes", help="Keep at most this many classes (random among those big enough, seeded)."),
@@ -148,6 +153,7 @@ def curate(
     from featcache.manifest.curate import curate as curate_rows
 
     rule = Rule(min_per_class, max_per_class, max_classes)
+    inputs, out_path = [place(i) for i in inputs], place(out_path)
     reads = _refuse_foreign_out(out_path, inputs)
     rows = read_inputs(inputs)
     kept = curate_rows(rows, rule, seed)
@@ -160,7 +166,7 @@ def curate(
 def recipe(
     recipe_file: Path = typer.Argument(..., help="Recipe TOML, e.g. manifests/m4d-35k.toml."),
     root: Path = typer.Option(..., "--root", help="Data root holding one folder per source (named in the recipe)."),
-    out_path: Path = typer.Option(..., "--out", help="Manifest CSV to write; paths are relative to --root."),
+    out_path: str = typer.Option(..., "--out", help="Manifest CSV to write (a file or a URL); paths are relative to --root."),
     overwrite: bool = flag("--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Build a whole training set from a recipe: each source's builder, then its curation rule; combined, with the counts next to the published ones.
@@ -171,6 +177,7 @@ def recipe(
     """
     from featcache.manifest.recipe import load_recipe, run_recipe
 
+    out_path = place(out_path)
     _refuse_foreign_out(out_path, [recipe_file])
     with recording_reads() as reads:
         r = load_recipe(recipe_file)
@@ -205,8 +212,8 @@ def recipe(
 @manifest_app.command()
 @friendly_errors
 def check(
-    manifest: Path = typer.Argument(..., help="Manifest CSV to check."),
-    root: Optional[Path] = typer.Option(None, "--root", help="Folder the manifest's paths are relative to (default: the manifest's folder)."),
+    manifest: str = typer.Argument(..., help="Manifest CSV to check (a file or a URL)."),
+    root: Optional[str] = typer.Option(None, "--root", help="Folder (or URL) the manifest's paths are relative to (default: the manifest's folder)."),
     min_per_class: int = typer.Option(2, "--min-per-class", help="Warn about classes with fewer images (a class of 1 has no positive pair)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Threads opening images (default 2 x CPU cores, at most 32)."),
     decode: bool = typer.Option(True, "--decode/--no-decode", help="Decode every image (default), or only check the files exist and hash them."),
@@ -226,7 +233,7 @@ def check(
     from featcache.manifest.check import check_manifest, default_workers
 
     workers = default_workers(workers)  # a bad value is refused before the progress bar is drawn
-    m = read_manifest(manifest, root)
+    m = read_manifest(place(manifest), place(root))
     with progress_bar("img", disable=json_out) as bar:
         task = bar.add_task("checking images", total=len(m))
         report = check_manifest(m, min_per_class=min_per_class, workers=workers, decode=decode,

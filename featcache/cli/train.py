@@ -8,7 +8,10 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from featcache.cli.console import UserError, err, flag, friendly_errors, out, print_json, progress_bar, progress_updates, table
+from featcache.cli.console import (
+    UserError, allow_break_lock, break_lock_flag, err, flag, friendly_errors, out, place, print_json, progress_bar,
+    progress_updates, table,
+)
 from featcache.train.options import TrainOptions
 
 app = typer.Typer()
@@ -30,7 +33,7 @@ def parse_loss_opts(items: list[str]) -> dict[str, float]:
     return opts
 
 
-def default_run_dir(cache: Path, loss: str) -> Path:
+def default_run_dir(cache, loss: str) -> Path:
     import datetime as dt
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -40,7 +43,7 @@ def default_run_dir(cache: Path, loss: str) -> Path:
 @app.command("train-head", epilog="Example: featcache train-head --cache cache/m4d-35k/siglip-so400m.zarr --loss arcface --margin 0.3")
 @friendly_errors
 def train_head(
-    cache: Path = typer.Option(..., "--cache", "-c", help="Feature cache to train from (rows with split == train)."),
+    cache: str = typer.Option(..., "--cache", "-c", help="Feature cache to train from (rows with split == train): a folder or a URL."),
     loss: str = typer.Option(DEFAULTS.loss, "--loss", "-l", help="Loss name; `featcache losses` lists them."),
     sub_centers: Optional[int] = typer.Option(None, help="Sub-centers per class (k) for subcenter-arcface. \\[default: 3]"),
     margin: Optional[float] = typer.Option(None, help="Margin; radians for angular losses. \\[default: the loss's]"),
@@ -62,9 +65,10 @@ def train_head(
     views: bool = flag("--views", help="Each epoch, train every row on one of its clean and augmented views, drawn at random (needs a cache extracted with --views)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda. \\[default: cuda when available]"),
     precision: Optional[str] = typer.Option(None, help="Class-logit matmul precision, fp32 or bf16. \\[default: bf16 on GPU, fp32 on CPU]"),
-    out_path: Optional[Path] = typer.Option(None, "--out", help="Run directory. \\[default: runs/<cache>-<loss>-<time>]"),
+    out_path: Optional[str] = typer.Option(None, "--out", help="Run directory: a folder, or an s3:// or gs:// URL. \\[default: runs/<cache>-<loss>-<time>]"),
     resume: bool = flag(help="Continue an interrupted run in --out from its last finished epoch."),
     overwrite: bool = flag(help="Replace an existing run directory."),
+    break_lock: bool = break_lock_flag(),
     quiet: bool = flag("--quiet", "-q", help="No progress bar."),
     json_out: bool = flag("--json", help="Print the result as JSON."),
 ) -> None:
@@ -85,9 +89,11 @@ def train_head(
                            warmup_epochs=warmup_epochs, min_lr=min_lr, seed=seed, device=dev,
                            optimizer=optimizer, momentum=momentum, warmup=warmup,
                            precision=precision or default_precision(dev), sample_classes=sample_classes, views=views)
+    allow_break_lock(break_lock)
+    cache = place(cache)
     data = load_train_data(cache, dev, views=views)
     check_options(options, data)
-    target = out_path or default_run_dir(cache, loss)
+    target = place(out_path) or default_run_dir(cache, loss)
     total = epochs * -(-len(data.labels) // batch_size)
     with progress_updates(f"train {loss}", unit="step", disable=quiet or json_out) as update:
         def on_step(info) -> None:
@@ -138,7 +144,7 @@ def losses(json_out: bool = flag("--json", help="Print JSON instead of a table."
 @app.command(epilog="Example: featcache sweep -c cache/demo/tiny-vit.zarr --loss arcface --loss cosface --margin 0.2 --margin 0.4 --seeds 3")
 @friendly_errors
 def sweep(
-    cache: list[Path] = typer.Option(..., "--cache", "-c", help="Feature cache to train from; repeat it to compare backbones (a backbone column, and each cache's zero-shot rows)."),
+    cache: list[str] = typer.Option(..., "--cache", "-c", help="Feature cache to train from; repeat it to compare backbones (a backbone column, and each cache's zero-shot rows)."),
     loss: list[str] = typer.Option([DEFAULTS.loss], "--loss", "-l", help="Losses to compare (repeatable)."),
     margin: list[float] = typer.Option([], help="Margins to try (repeatable; radians for angular losses)."),
     scale: list[float] = typer.Option([], help="Scales to try (repeatable)."),
@@ -157,11 +163,11 @@ def sweep(
     sample_classes: float = typer.Option(DEFAULTS.sample_classes, help="Partial FC fraction."),
     views: bool = flag("--views", help="Train on the caches' augmented views too (see train-head --views)."),
     seeds: int = typer.Option(1, help="Seeds per combination (42, 43, ...): scores are mean ± std over them."),
-    eval_cache: Optional[Path] = typer.Option(None, help="Cache with query/index rows to score each head on. \\[default: --cache, when it has them]"),
+    eval_cache: Optional[str] = typer.Option(None, help="Cache with query/index rows to score each head on. \\[default: --cache, when it has them]"),
     label_sep: Optional[str] = typer.Option(None, help="Declare multi-label queries when scoring, as `featcache eval --label-sep` does."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda. \\[default: cuda when available]"),
     precision: Optional[str] = typer.Option(None, help="fp32 or bf16. \\[default: bf16 on GPU, fp32 on CPU]"),
-    out_path: Optional[Path] = typer.Option(None, "--out", help="Sweep directory. \\[default: runs/sweep-<time>]"),
+    out_path: Optional[str] = typer.Option(None, "--out", help="Sweep directory (a folder or a URL). \\[default: runs/sweep-<time>]"),
     quiet: bool = flag("--quiet", "-q", help="No progress bar."),
     json_out: bool = flag("--json", help="Print the results as JSON."),
 ) -> None:
@@ -182,7 +188,8 @@ def sweep(
                    "sample_classes": sample_classes, "views": views, "device": dev, "precision": precision or default_precision(dev)})
     import datetime as dt
 
-    target = out_path or Path("runs") / f"sweep-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    cache, eval_cache = [place(c) for c in cache], place(eval_cache)
+    target = place(out_path) or Path("runs") / f"sweep-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     if eval_cache is not None and len(cache) > 1:
         raise UserError("--eval-cache goes with one --cache (each backbone is scored on its own cache's query/index rows)")
     same_images(cache)  # refused before the progress bar is drawn

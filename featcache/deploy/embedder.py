@@ -23,6 +23,7 @@ from featcache.cache import CacheError, FeatureCache, feature_space, file_sha256
 from featcache.evaluate.protocols import check_run_fits
 from featcache.extract.backbones import Backbone, create_backbone
 from featcache.train.heads import ProjectionHead
+from featcache.storage import location
 from featcache.train.runs import Run, RunError
 
 
@@ -36,7 +37,7 @@ def open_run(path: str | os.PathLike) -> tuple[Run, FeatureCache]:
     if not run.config.get("complete"):
         raise DeployError(f"{run.path}: the run is incomplete ({run.config.get('epochs_done', 0)} of "
                           f"{run.config['options']['epochs']} epochs); finish it with `featcache train-head --resume`")
-    cache_path = Path(run.config["cache"]["path"])
+    cache_path = location(run.config["cache"]["path"])
     try:
         cache = FeatureCache.open(cache_path)
     except CacheError:

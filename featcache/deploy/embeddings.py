@@ -24,6 +24,7 @@ from featcache.deploy.embedder import DeployError, collection
 from featcache.evaluate.search import l2_normalize
 from featcache.files import build_dir, strict_json
 from featcache.manifest import Manifest, resolve
+from featcache.storage import absolute, is_url, local_dir, location
 
 EMB_DIR, META_DIR = "img_emb", "metadata"
 MARKER = "featcache-embeddings.json"  # what featcache wrote here, and from what
@@ -47,7 +48,7 @@ def export_embeddings(cache_path: str | os.PathLike, out: str | os.PathLike, *, 
 
     if shard_rows < 1:
         raise DeployError(f"--shard-rows {shard_rows}: must be at least 1")
-    out = Path(out)
+    out = location(out)
     cache, rows, head_run = collection(cache_path, run)
     paths, domains, splits = cache.strings("paths"), cache.strings("domains"), cache.strings("splits")
     labels = cache.classes()[cache.labels()]
@@ -71,9 +72,9 @@ def export_embeddings(cache_path: str | os.PathLike, out: str | os.PathLike, *, 
                 progress(lo + len(part), len(rows))
         record.update({
             "featcache_version": __version__,
-            "cache": str(cache.path.resolve()),
+            "cache": absolute(cache.path, resolve=True),
             "cache_key": cache.key,
-            "run": str(head_run.path.resolve()) if head_run is not None else None,
+            "run": absolute(head_run.path, resolve=True) if head_run is not None else None,
             "embeddings": "run head, L2-normalised" if head_run is not None else "raw backbone features",
             # which vectors these are: `featcache import` gives the cache it makes of them this same space
             "feature_space": head_run.embedding_space() if head_run is not None else feature_space(cache.meta),
@@ -81,11 +82,11 @@ def export_embeddings(cache_path: str | os.PathLike, out: str | os.PathLike, *, 
             "dim": int(emb.shape[1]),
             "dtype": str(emb.dtype),
             "shards": i + 1,
-            "root": os.path.abspath(cache.meta["root"]),
+            "root": absolute(cache.meta["root"]),
         })
         (tmp / MARKER).write_text(strict_json(record) + "\n")
 
-    build_dir(out, build, ours=lambda d: (d / MARKER).is_file(), what="an embeddings folder", overwrite=overwrite,
+    build_dir(out, build, record=MARKER, what="an embeddings folder", overwrite=overwrite,
               owned=_owned)
     return record
 
@@ -145,7 +146,7 @@ def _manifest_keys(manifest: Manifest) -> dict[str, int]:
             raise DeployError(f"{manifest.source}: rows {keys[os.path.normpath(p)]} and {i} are crops of one image ({p}); "
                               "the LAION layout matches rows by image_path alone: import a .npy array instead")
         keys[os.path.normpath(p)] = i
-        keys[os.path.abspath(resolve(manifest.root, p))] = i
+        keys[absolute(resolve(manifest.root, p))] = i
     return keys
 
 
@@ -160,9 +161,13 @@ def import_embeddings(folder: str | os.PathLike, manifest: Manifest, out: str | 
     for a folder from elsewhere. Returns the cache's attributes plus ``matched``, ``missing``, ``extra``
     and ``non_finite``.
     """
-    import pyarrow.parquet as pq
+    folder = location(folder)
+    with local_dir(folder) as here:
+        return _import_embeddings(here, str(folder), manifest, out, dtype, chunk_rows, overwrite, space)
 
-    folder = Path(folder)
+
+def _import_embeddings(folder: Path, source: str, manifest, out, dtype, chunk_rows, overwrite, space) -> dict[str, Any]:
+    """import_embeddings from a local ``folder`` (a copy of ``source`` when that is on an object store)."""
     shards = list_shards(folder)
     keys = _manifest_keys(manifest)
     n = len(manifest)
@@ -186,7 +191,7 @@ def import_embeddings(folder: str | os.PathLike, manifest: Manifest, out: str | 
         for j, path in enumerate(image_paths.column("image_path").to_pylist()):
             if not path:
                 raise DeployError(f"{shard.metadata}: row {j} has no image_path")
-            key = os.path.abspath(path) if os.path.isabs(path) else os.path.normpath(path)
+            key = path if is_url(path) else os.path.abspath(path) if os.path.isabs(path) else os.path.normpath(path)
             i = keys.get(key)
             if i is None:
                 extra += 1
@@ -199,9 +204,9 @@ def import_embeddings(folder: str | os.PathLike, manifest: Manifest, out: str | 
         for f in (shard.embeddings, shard.metadata):
             digest.update(f"{f.relative_to(folder)}:{file_sha256(f)}\n".encode())
     missing = shard_of < 0
-    meta = import_features(_Gathered(arrays, shard_of, position, dim), manifest, out, source=str(folder),
+    meta = import_features(_Gathered(arrays, shard_of, position, dim), manifest, out, source=source,
                            source_sha256=digest.hexdigest(), dtype=dtype, chunk_rows=chunk_rows, overwrite=overwrite,
-                           missing=missing, missing_reason=f"no embedding in {folder}",
+                           missing=missing, missing_reason=f"no embedding in {source}",
                            space=space or _recorded_space(folder))
     return {**meta, "matched": int(n - missing.sum()), "extra": extra}
 

@@ -38,6 +38,7 @@ from featcache import __version__
 from featcache.deploy.embedder import DeployError, Embedder
 from featcache.deploy.preprocess import Preprocess, plan
 from featcache.files import check_file_replaceable, exclusive, is_featcache_json, strict_json, write_file
+from featcache.storage import absolute
 
 FORMATS = (".pt", ".zip", ".onnx")
 GUIEC_MAX_DIM = 64
@@ -120,7 +121,7 @@ def export_metadata(embedder: Embedder, fmt: str, precision: str) -> dict[str, A
         "featcache_version": __version__,
         "format": fmt,
         "precision": precision,
-        "run": str(run.path.resolve()) if run else None,  # provenance; `space` is what is checked
+        "run": absolute(run.path, resolve=True) if run else None,  # provenance; `space` is what is checked
         "space": embedder.space(),
         "cache_key": run.cache_key if run else embedder.cache_meta["key"],
         "backbone": embedder.cache_meta["backbone"],

@@ -32,6 +32,7 @@ from featcache.deploy.embedder import DeployError, Embedder, collection, rebuild
 from featcache.evaluate.search import import_faiss, l2_normalize
 from featcache.files import build_dir, strict_json
 from featcache.images import ImageFailure, load_image
+from featcache.storage import Remote, absolute, is_url, local_dir, location
 from featcache.train.heads import ProjectionHead
 from featcache.train.runs import HEAD, apply_head, damage, load_head
 
@@ -115,7 +116,7 @@ def build_index(cache_path: str | os.PathLike, out: str | os.PathLike, *, run: s
     import pyarrow.parquet as pq
 
     spec = spec or IndexSpec()
-    out = Path(out)
+    out = location(out)
     cache, rows, head_run = collection(cache_path, run)
     head_sha = head_run.head_sha256 if head_run is not None else None  # of the bytes loaded, copied below
     if spec.kind == "ivf" and spec.nlist > len(rows):
@@ -180,10 +181,10 @@ def build_index(cache_path: str | os.PathLike, out: str | os.PathLike, *, run: s
             "features_space": features,
             "head": head_run.head.config() if head_run is not None else None,
             "head_sha256": head_sha,
-            "run": str(head_run.path.resolve()) if head_run is not None else None,  # provenance only
-            "cache": str(cache.path.resolve()),
+            "run": absolute(head_run.path, resolve=True) if head_run is not None else None,  # provenance only
+            "cache": absolute(cache.path, resolve=True),
             "cache_key": cache.key,
-            "root": os.path.abspath(cache.meta["root"]),
+            "root": absolute(cache.meta["root"]),
             "backbone": cache.meta["backbone"],
             "preprocessing": cache.meta["preprocessing"],
             "precision": cache.meta.get("precision"),
@@ -194,7 +195,7 @@ def build_index(cache_path: str | os.PathLike, out: str | os.PathLike, *, run: s
         })
         (tmp / META_FILE).write_text(strict_json(meta) + "\n")
 
-    build_dir(out, build, ours=lambda d: (d / META_FILE).is_file(), what="an index", overwrite=overwrite,
+    build_dir(out, build, record=META_FILE, what="an index", overwrite=overwrite,
               owned=lambda rel: rel in (INDEX_FILE, ROWS_FILE, META_FILE, HEAD_FILE))
     return meta
 
@@ -203,7 +204,7 @@ def build_index(cache_path: str | os.PathLike, out: str | os.PathLike, *, run: s
 class Index:
     """An index directory, opened for search."""
 
-    path: Path
+    path: Path | Remote
     meta: dict[str, Any]
     faiss_index: Any
     rows: Any  # pyarrow Table: row, path, label, domain, split
@@ -213,8 +214,15 @@ class Index:
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Index":
         """Open an index, checking every file against index.json; anything damaged, swapped or of another
-        format is one line naming the file."""
-        path = Path(path)
+        format is one line naming the file. An index on an object store is read through a local copy."""
+        where = location(path)
+        with local_dir(where) as here:
+            index = cls._open(here)
+        index.path = where
+        return index
+
+    @classmethod
+    def _open(cls, path: Path) -> "Index":
         if not (path / META_FILE).is_file():
             raise DeployError(f"{path}: not a featcache index (no {META_FILE}); build one with `featcache index`")
         meta = _read_meta(path / META_FILE)
@@ -281,6 +289,8 @@ class Index:
 def _resolver(root: str) -> Callable[[list[str]], list[str]]:
     """Manifest paths to file paths (``manifest.resolve``'s rule, with string joins: a search maps
     thousands of neighbours a block)."""
+    if is_url(root):
+        return lambda paths: [p if is_url(p) or os.path.isabs(p) else f"{root.rstrip('/')}/{p}" for p in paths]
     root = str(Path(root))
     if root == ".":  # as pathlib writes it: Path(".") / "a.jpg" is "a.jpg"
         return list

@@ -11,6 +11,7 @@ from featcache.evaluate.protocols import EvalOutput
 from featcache.files import write_output
 from featcache.images import ImageFailure, load_image
 from featcache.manifest import resolve
+from featcache.storage import Remote, location
 
 PNG_SOFTWARE = "featcache"  # the PNG text chunk that marks a picture featcache drew (and so may replace)
 PLOT_FILES = ("neighbours.png", "domains.png")  # what write_plots draws into its folder
@@ -20,7 +21,7 @@ BORDER = 6
 GREEN, RED, BLUE, GREY = (40, 170, 60), (210, 40, 40), (40, 90, 200), (200, 200, 200)
 
 
-def _thumb(root: Path, path: str, colour: tuple[int, int, int]) -> Image.Image:
+def _thumb(root: Path | Remote, path: str, colour: tuple[int, int, int]) -> Image.Image:
     try:
         im = ImageOps.pad(load_image(resolve(root, path)), (THUMB - 2 * BORDER, THUMB - 2 * BORDER), color=(255, 255, 255))
     except ImageFailure:
@@ -65,7 +66,7 @@ def _save_figure(fig, dest: Path, overwrite: bool, option: str) -> Path:
 def neighbours_grid(ev: EvalOutput, dest: Path, overwrite: bool = False, option: str = "--plot") -> Path:
     """One row per shown query: the query (blue frame), then its top neighbours (at most ``MAX_COLUMNS``),
     green if relevant, red if not."""
-    q_root, i_root = Path(ev.queries.cache.meta["root"]), Path(ev.index.cache.meta["root"])
+    q_root, i_root = location(ev.queries.cache.meta["root"]), location(ev.index.cache.meta["root"])
     q_paths, i_paths = ev.queries.cache.strings("paths"), ev.index.cache.strings("paths")
     rows, k = ev.neighbours.shape
     k = min(k, MAX_COLUMNS)

@@ -18,6 +18,7 @@ from featcache.evaluate.baselines import POOLED_DIM, ZERO_SHOT, pooled
 from featcache.evaluate.metrics import evaluate, query_metrics, summarize
 from featcache.evaluate.search import l2_normalize, search
 from featcache import __version__
+from featcache.storage import absolute
 from featcache.train.runs import Run, RunError
 
 class EvalError(ValueError):
@@ -237,8 +238,8 @@ class EvalSet:
         if len(index.rows) == 0:
             raise EvalError("the index set is empty (no valid index rows)")
         same = index.rows is queries.rows
-        source = (str(Path(cache_path).resolve()) if cache_path is not None
-                  else {"query": str(Path(query_cache).resolve()), "index": str(Path(index_cache).resolve())})
+        source = (absolute(cache_path, resolve=True) if cache_path is not None
+                  else {"query": absolute(query_cache, resolve=True), "index": absolute(index_cache, resolve=True)})
         return cls(queries, index, self_ids, caches, source, queries.cache.features(queries.rows),
                    None if same else index.cache.features(index.rows), sorted(domains) if domains else None)
 

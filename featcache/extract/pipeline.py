@@ -44,6 +44,7 @@ from featcache.files import OutputError, exclusive
 from featcache.images import ImageFailure, load_image, load_image_bytes
 from featcache.manifest import Manifest, resolve
 from featcache.manifest.webdataset import parse_sample, read_samples
+from featcache.storage import StorageError, location, same_place
 
 MAX_PENDING_WRITES = 4
 
@@ -61,6 +62,8 @@ def prepared(row: int, decode: Callable[[], Any], transform: Callable, views: Vi
         return row, image, ""
     except ImageFailure as e:
         return row, None, str(e)
+    except StorageError:  # the store refused or is unreachable: a fault of the run, not of this image
+        raise
     except Exception as e:  # a transform that chokes on an odd image must not stop the run
         return row, None, f"{stage} error: {type(e).__name__}: {e}"
 
@@ -208,7 +211,7 @@ def prepare_store(out: Path, manifest: Manifest, meta: dict[str, Any], overwrite
                 f"{out} holds a different cache ({diffs}); pass --overwrite to replace it, or --out to write elsewhere"
             )
         old_root, new_root = existing.meta.get("root"), meta["root"]
-        moved = old_root is not None and Path(old_root).resolve() != Path(new_root).resolve()
+        moved = old_root is not None and not same_place(old_root, new_root)
         if moved and not retry_failed:
             raise CacheError(f"{out} was extracted from --root {old_root}, this run reads --root {new_root}: other files. "
                              "Pass --retry-failed to read its failed rows again from the new root, or --overwrite")
@@ -253,7 +256,7 @@ def run_extract(
     """Extract features for every row of ``manifest`` not yet done in the store at ``out``; with
     ``augmentation``, also its V augmented views (a batch is then ``max(1, batch_size // (1 + V))`` rows, each
     with its 1 + V images). A row is valid when all of its images give finite embeddings."""
-    out = Path(out)
+    out = location(out)
     dist = dist or Dist()
     progress = progress or Progress()
     start = time.perf_counter()
@@ -267,8 +270,10 @@ def run_extract(
         try:
             held.enter_context(exclusive(out, "a feature cache"))
             meta = prepare_store(out, manifest, meta, overwrite, retry_failed)
-        except (CacheError, OutputError) as e:
+        except BaseException as e:  # a lock object is not dropped by the kernel: release it on any failure
             held.close()
+            if not isinstance(e, (CacheError, OutputError)):
+                raise
             status = e
     status = dist.share(status)
     if isinstance(status, Exception):

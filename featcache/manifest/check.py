@@ -59,7 +59,7 @@ def inspect_file(path: Path, box: tuple[float, float, float, float] | None, deco
             load_image(path, box)
         elif not path.is_file():
             return MISSING if not path.exists() else "not a regular file", None
-        with open(path, "rb") as f:
+        with path.open("rb") as f:  # a local file, or an object (storage.Remote)
             return None, hashlib.file_digest(f, "sha256").hexdigest()
     except ImageFailure as e:
         return str(e), None
@@ -109,7 +109,7 @@ def check_manifest(
     files = [m.resolve(i) for i in range(len(m))]
     by_norm: dict[tuple, list[int]] = {}
     for i, f in enumerate(files):  # crops of one image (rows with other boxes) are not duplicates
-        by_norm.setdefault((os.path.normpath(f), m.box(i)), []).append(i)
+        by_norm.setdefault((os.path.normpath(str(f)), m.box(i)), []).append(i)
     report.duplicate_paths = [[m.paths[i] for i in group] for group in by_norm.values() if len(group) > 1]
 
     reasons: list[str | None] = [None] * len(m)

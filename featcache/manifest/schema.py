@@ -21,7 +21,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from featcache.files import OutputError, write_file
+from featcache.files import OutputError, check_writable, write_file
+from featcache.storage import Remote, is_url, location
 
 REQUIRED_COLUMNS = ("path", "label")
 BOX_COLUMNS = ("x1", "y1", "x2", "y2")
@@ -41,8 +42,8 @@ class ManifestError(ValueError):
 class Manifest:
     """A validated manifest. Row i here is row i of every cache array built from it."""
 
-    source: Path
-    root: Path
+    source: Path | Remote  # a local file, or an object on a store (featcache.storage)
+    root: Path | Remote
     paths: list[str]
     labels: list[str]
     domains: list[str]
@@ -63,7 +64,7 @@ class Manifest:
     def has_boxes(self) -> bool:
         return bool(np.isfinite(self.boxes).any())
 
-    def resolve(self, i: int) -> Path:
+    def resolve(self, i: int) -> Path | Remote:
         """The file for row i: relative paths are taken from the root."""
         return resolve(self.root, self.paths[i])
 
@@ -98,8 +99,10 @@ def escapes_root(path: str) -> bool:
     return norm == ".." or norm.startswith("../")
 
 
-def resolve(root: Path, path: str) -> Path:
-    """A manifest path as a file: relative paths are taken from the root, absolute ones as they are."""
+def resolve(root: Path | Remote, path: str) -> Path | Remote:
+    """A manifest path as a file: relative paths are taken from the root, absolute ones (and URLs) as they are."""
+    if is_url(path):
+        return location(path)
     p = Path(path)
     return p if p.is_absolute() else root / p
 
@@ -145,12 +148,12 @@ def _not_utf8(source: Path) -> ManifestError:
 
 def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Manifest:
     """Read and validate a manifest CSV. ``root`` defaults to the manifest's own folder."""
-    source = Path(path)
+    source = location(path)
     if not source.is_file():
         raise ManifestError(f"{source}: manifest not found")
-    root_dir = Path(root) if root is not None else source.parent
+    root_dir = location(root) if root is not None else source.parent
     try:
-        f = source.open(newline="", encoding="utf-8-sig")
+        f = source.open("r", newline="", encoding="utf-8-sig")
     except OSError as e:
         raise ManifestError(f"{source}: cannot read it ({e.strerror or e})") from None
     with f:
@@ -277,7 +280,7 @@ def write_manifest(
     only when at least one row has one. This writes wherever it is told: commands first ask
     ``check_manifest_out`` whether ``out`` may be replaced.
     """
-    out = Path(out)
+    out = location(out)
     n = len(paths)
     domains = [DEFAULT_DOMAIN] * n if domains is None else domains
     splits = [DEFAULT_SPLIT] * n if splits is None else splits
@@ -324,19 +327,23 @@ def is_written_manifest(path: str | os.PathLike) -> bool:
     """True when ``path`` is a regular file whose first line is a header ``write_manifest`` writes."""
     headers = {(",".join(h) + "\n").encode() for h in WRITTEN_HEADERS}
     try:
-        with open(path, "rb") as f:
-            return f.readline(max(map(len, headers)) + 1) in headers
-    except OSError:
+        with location(path).open("rb") as f:
+            start = f.read(max(map(len, headers)))
+        return any(start.startswith(h) for h in headers)
+    except (OSError, ValueError):
         return False
 
 
-FileIds = Mapping[tuple[int, int], Path]
+FileIds = Mapping[tuple, Path]  # (device, inode) of a local file, ("url", URL) of an object
 
 
 def file_ids(paths: Iterable[str | os.PathLike]) -> dict[tuple[int, int], Path]:
     """The (device, inode) of each existing file in ``paths``: another name or a link to one is the same file."""
     ids = {}
     for p in paths:
+        if isinstance(p, Remote):  # an object is known by its URL
+            ids[("url", p.url)] = p
+            continue
         try:
             st = os.stat(p)
         except (OSError, ValueError):
@@ -348,7 +355,10 @@ def file_ids(paths: Iterable[str | os.PathLike]) -> dict[tuple[int, int], Path]:
 def check_manifest_out(out: str | os.PathLike, *, overwrite: bool, reads: FileIds | None = None) -> None:
     """Refuse to write a manifest at ``out`` unless nothing is there, or a manifest featcache wrote is there and
     ``overwrite`` was given; never over a file the command reads (``reads``), ``overwrite`` or not."""
-    out = Path(out)
+    out = location(out)
+    if isinstance(out, Remote):
+        _check_manifest_object(out, overwrite, reads or {})
+        return
     try:
         st = out.lstat()
     except FileNotFoundError:
@@ -364,6 +374,20 @@ def check_manifest_out(out: str | os.PathLike, *, overwrite: bool, reads: FileId
                 else "a file" if stat.S_ISREG(st.st_mode) else "something")
         raise OutputError(f"{out} is {kind} that featcache did not make (a manifest goes there); "
                           "nothing was changed: choose another --out")
+    if not overwrite:
+        raise OutputError(f"{out} already holds a manifest; pass --overwrite to replace it, or choose another --out")
+
+
+def _check_manifest_object(out: Remote, overwrite: bool, reads: FileIds) -> None:
+    """``check_manifest_out`` for a manifest on an object store."""
+    if ("url", out.url) in reads:
+        raise OutputError(f"{out} is a file this command reads; nothing was changed: choose another --out")
+    if not out.exists():
+        check_writable(out, "--out")
+        return
+    if not out.is_file() or not is_written_manifest(out):
+        raise OutputError(f"{out} is {'an object' if out.is_file() else 'a folder'} that featcache did not make (a "
+                          "manifest goes there); nothing was changed: choose another --out")
     if not overwrite:
         raise OutputError(f"{out} already holds a manifest; pass --overwrite to replace it, or choose another --out")
 

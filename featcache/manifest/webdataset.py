@@ -12,10 +12,13 @@ Extraction reads such rows by streaming each shard once, front to back.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tarfile
 from typing import Iterator
+
+from featcache.storage import Remote, StorageError, location
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm")
 _SAMPLE = re.compile(r"(.+?\.tar)#(.+)")  # split at the first ".tar#": keys may hold '#' 
@@ -68,7 +71,10 @@ def read_samples(shard: str | os.PathLike, keys: set[str]) -> Iterator[tuple[str
     left = set(keys)
     problem = None
     try:
-        with tarfile.open(shard, mode="r|*") as tar:
+        with contextlib.ExitStack() as stack:
+            shard = location(shard)
+            source = stack.enter_context(shard.open("rb"))  # a local file, or an object streamed from a store
+            tar = stack.enter_context(tarfile.open(fileobj=source, mode="r|*"))
             for member in tar:
                 key, field = split_member(member.name)
                 if key in left and field in IMAGE_FIELDS and member.isfile():
@@ -79,6 +85,10 @@ def read_samples(shard: str | os.PathLike, keys: set[str]) -> Iterator[tuple[str
                         break
     except FileNotFoundError:
         problem = "missing shard"
+    except PermissionError as e:
+        if isinstance(shard, Remote):  # the store refused: every shard would fail alike, so the run stops
+            raise StorageError(f"{shard}: access denied ({e}); check the credentials") from None
+        problem = f"unreadable shard: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
     except (tarfile.TarError, OSError, EOFError) as e:
         problem = f"unreadable shard: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
     for key in sorted(left):

@@ -23,11 +23,12 @@ import torch
 from featcache import __version__
 from featcache.cache import CacheError, FeatureCache, feature_space
 from featcache.files import exclusive
+from featcache.storage import absolute, location, named_as, working_copy
 from featcache.train.heads import ProjectionHead
 from featcache.train.losses import LOSSES, build_loss, canonical_name
 from featcache.train.options import OPTIMIZERS, WARMUPS, TrainOptions  # noqa: F401  (re-exported)
 from featcache.train.runs import (
-    CONFIG, STATE, RunError, load_state, read_config, read_metrics, remove_run_files, remove_state, save_state, save_weights,
+    CONFIG, STATE, WRITE_ORDER, RunError, load_state, read_config, read_metrics, remove_run_files, remove_state, save_state, save_weights,
     start_run, write_config, write_metrics,
 )
 
@@ -201,72 +202,83 @@ def train(
 ) -> TrainResult:
     """Train a head; with ``out``, write the run directory as it goes (each finished epoch is kept), as its
     only writer (a second process training into it is refused)."""
-    out = Path(out) if out is not None else None
+    out = location(out) if out is not None else None
     if options.views and data.views is None:
         raise CacheError(f"{data.cache_path}: --views needs the cache's augmented views, and they were not loaded "
                          "(load_train_data(..., views=True))")
-    with exclusive(out, "a training run") if out is not None else contextlib.nullcontext():
-        head, loss_fn = build_model(options, data)
-        opt = make_optimizer([*head.parameters(), *loss_fn.parameters()], options)
-        order = torch.Generator().manual_seed(options.seed)
-        n = len(data.labels)
-        steps_per_epoch = math.ceil(n / options.batch_size)
-        total = options.epochs * steps_per_epoch
-        config = _config(data, options, head)
-        metrics: list[dict[str, Any]] = []
-        start_epoch, seconds = 0, 0.0
-        if out is not None:
-            start_epoch, seconds, metrics = _open_run_dir(out, config, resume, overwrite, head, loss_fn, opt, order)
+    if out is None:
+        return _train(data, options, None, None, resume, overwrite, on_step)
+    with exclusive(out, "a training run"), working_copy(out) as copy, named_as(copy.path, out):
+        return _train(data, options, out, copy, resume, overwrite, on_step)
 
-        complete = start_epoch >= options.epochs
-        try:
-            for epoch in range(start_epoch, options.epochs):
-                t0 = time.perf_counter()
-                head.train()
-                loss_fn.train()
-                perm = torch.randperm(n, generator=order).to(options.device)
-                draw = view_draw(data, options.seed, epoch) if options.views else None
-                step_losses = torch.zeros(steps_per_epoch, device=options.device)
-                correct = torch.zeros((), dtype=torch.int64, device=options.device)
-                for step in range(steps_per_epoch):
-                    lr = lr_at(epoch * steps_per_epoch + step, total, steps_per_epoch, options)
-                    for group in opt.param_groups:
-                        group["lr"] = lr
-                    idx = perm[step * options.batch_size:(step + 1) * options.batch_size]
-                    y = data.labels.index_select(0, idx)
-                    opt.zero_grad(set_to_none=True)  # before the forward: last step's gradients are freed first
-                    loss, hits = loss_fn.forward_with_hits(head(batch_features(data, idx, draw)), y)
-                    loss.backward()
-                    opt.step()
-                    step_losses[step] = loss.detach() * len(idx)
-                    correct += hits.sum()
-                    if on_step is not None:
-                        on_step(StepInfo(epoch, step, steps_per_epoch, loss.detach()))
-                epoch_loss, epoch_correct = float(step_losses.sum()), int(correct)  # waits for the GPU's queued work
-                if not math.isfinite(epoch_loss):
-                    bad = int(torch.nonzero(~torch.isfinite(step_losses))[0])
-                    raise RunError(f"epoch {epoch + 1}, step {bad + 1} of {steps_per_epoch}: the training loss is "
-                                   f"{float(step_losses[bad])}; "
-                                   f"stopped{f' ({out} keeps the {len(metrics)} finished epochs, not complete)' if out else ''}. "
-                                   "Try a lower --lr or another loss scale")
-                epoch_seconds = time.perf_counter() - t0
-                seconds += epoch_seconds
-                metrics.append({
-                    "epoch": epoch + 1,
-                    "loss": round(epoch_loss / n, 6),
-                    "train_acc": round(epoch_correct / n, 6),
-                    "lr": lr,
-                    "seconds": round(epoch_seconds, 4),
-                })
-                if out is not None:
-                    _save_epoch(out, config, metrics, seconds, head, loss_fn, opt, order, done=epoch + 1 == options.epochs)
-            complete = True
-        except KeyboardInterrupt:
-            if out is None:
-                raise
-        head.eval()
-        loss_fn.eval()
-        return TrainResult(head, loss_fn, metrics, seconds, complete, out)
+
+def _train(data, options, out, copy, resume, overwrite, on_step) -> TrainResult:
+    """The loop; the run directory (with ``out``) is written into ``copy``, pushed to ``out`` after each epoch
+    when it is on an object store."""
+    local = copy.path if copy is not None else None
+    head, loss_fn = build_model(options, data)
+    opt = make_optimizer([*head.parameters(), *loss_fn.parameters()], options)
+    order = torch.Generator().manual_seed(options.seed)
+    n = len(data.labels)
+    steps_per_epoch = math.ceil(n / options.batch_size)
+    total = options.epochs * steps_per_epoch
+    config = _config(data, options, head)
+    metrics: list[dict[str, Any]] = []
+    start_epoch, seconds = 0, 0.0
+    if out is not None:
+        start_epoch, seconds, metrics = _open_run_dir(local, config, resume, overwrite, head, loss_fn, opt, order)
+        copy.push(WRITE_ORDER)
+
+    complete = start_epoch >= options.epochs
+    try:
+        for epoch in range(start_epoch, options.epochs):
+            t0 = time.perf_counter()
+            head.train()
+            loss_fn.train()
+            perm = torch.randperm(n, generator=order).to(options.device)
+            draw = view_draw(data, options.seed, epoch) if options.views else None
+            step_losses = torch.zeros(steps_per_epoch, device=options.device)
+            correct = torch.zeros((), dtype=torch.int64, device=options.device)
+            for step in range(steps_per_epoch):
+                lr = lr_at(epoch * steps_per_epoch + step, total, steps_per_epoch, options)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                idx = perm[step * options.batch_size:(step + 1) * options.batch_size]
+                y = data.labels.index_select(0, idx)
+                opt.zero_grad(set_to_none=True)  # before the forward: last step's gradients are freed first
+                loss, hits = loss_fn.forward_with_hits(head(batch_features(data, idx, draw)), y)
+                loss.backward()
+                opt.step()
+                step_losses[step] = loss.detach() * len(idx)
+                correct += hits.sum()
+                if on_step is not None:
+                    on_step(StepInfo(epoch, step, steps_per_epoch, loss.detach()))
+            epoch_loss, epoch_correct = float(step_losses.sum()), int(correct)  # waits for the GPU's queued work
+            if not math.isfinite(epoch_loss):
+                bad = int(torch.nonzero(~torch.isfinite(step_losses))[0])
+                raise RunError(f"epoch {epoch + 1}, step {bad + 1} of {steps_per_epoch}: the training loss is "
+                               f"{float(step_losses[bad])}; "
+                               f"stopped{f' ({out} keeps the {len(metrics)} finished epochs, not complete)' if out else ''}. "
+                               "Try a lower --lr or another loss scale")
+            epoch_seconds = time.perf_counter() - t0
+            seconds += epoch_seconds
+            metrics.append({
+                "epoch": epoch + 1,
+                "loss": round(epoch_loss / n, 6),
+                "train_acc": round(epoch_correct / n, 6),
+                "lr": lr,
+                "seconds": round(epoch_seconds, 4),
+            })
+            if out is not None:
+                _save_epoch(local, config, metrics, seconds, head, loss_fn, opt, order, done=epoch + 1 == options.epochs)
+                copy.push(WRITE_ORDER)
+        complete = True
+    except KeyboardInterrupt:
+        if out is None:
+            raise
+    head.eval()
+    loss_fn.eval()
+    return TrainResult(head, loss_fn, metrics, seconds, complete, out)
 
 
 def _config(data: TrainData, options: TrainOptions, head: ProjectionHead) -> dict[str, Any]:
@@ -279,7 +291,7 @@ def _config(data: TrainData, options: TrainOptions, head: ProjectionHead) -> dic
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "complete": False,
         "epochs_done": 0,
-        "cache": {"path": str(Path(data.cache_path).resolve()), "key": data.cache_key, "backbone": data.backbone, "dim": data.dim,
+        "cache": {"path": absolute(data.cache_path, resolve=True), "key": data.cache_key, "backbone": data.backbone, "dim": data.dim,
                   "feature_space": data.feature_space},
         "options": {**asdict(options), "loss": spec.name, "loss_opts": resolved},
         "head": head.config(),

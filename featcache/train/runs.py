@@ -28,12 +28,14 @@ from safetensors.torch import load as load_tensors, save_file
 from featcache import __version__
 from featcache.cache import head_space
 from featcache.files import exclusive, write_file, write_json, write_text
+from featcache.storage import Remote, location
 from featcache.train.heads import ProjectionHead
 
 CONFIG, METRICS, HEAD, CLASS_WEIGHTS, STATE, EVAL = (
     "config.json", "metrics.jsonl", "head.safetensors", "class_weights.safetensors", "state.pt", "eval.json",
 )
 RUN_FILES = (CONFIG, METRICS, HEAD, CLASS_WEIGHTS, STATE, EVAL)  # what train-head writes into a run directory
+WRITE_ORDER = (HEAD, CLASS_WEIGHTS, METRICS, STATE, CONFIG)  # an epoch's files as written: config.json commits it
 
 
 class RunError(ValueError):
@@ -47,7 +49,7 @@ class ForeignConfig(RunError):
 def read_config(path: str | os.PathLike) -> dict[str, Any] | None:
     """The config.json of the run directory ``path``, or None where it holds none; a damaged or foreign
     one is a one-line RunError naming the file (ForeignConfig for a foreign one)."""
-    file = Path(path) / CONFIG
+    file = location(path) / CONFIG
     if not file.is_file():
         return None
     try:
@@ -144,14 +146,14 @@ def damage(e: BaseException) -> str:
 class Run:
     """A trained head. ``Run.load(path).embed(features)`` gives L2-normalisable E-dim embeddings."""
 
-    path: Path
+    path: Path | Remote
     config: dict[str, Any]
     head: ProjectionHead
     head_bytes: bytes = field(default=b"", repr=False)  # head.safetensors as loaded: what was hashed is what runs
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Run":
-        path = Path(path)
+        path = location(path)
         if not (path / CONFIG).is_file() or not (path / HEAD).is_file():
             raise RunError(f"{path}: not a featcache run (needs {CONFIG} and {HEAD}; train one with `featcache train-head`)")
         config = read_config(path)
@@ -251,7 +253,7 @@ def list_runs(folder: str | os.PathLike) -> list[dict[str, Any]]:
     """Every run below ``folder``, oldest first, with what a comparison table needs. A run whose files are
     damaged is listed with status "damaged: why"; a config.json that is not a run's is passed over."""
     rows = []
-    for cfg in sorted(Path(folder).rglob(CONFIG), key=lambda p: p.stat().st_mtime):
+    for cfg in _configs_below(location(folder)):
         try:
             config = read_config(cfg.parent) or {}  # None: a config.json that is not a file, listed as unreadable
         except ForeignConfig:
@@ -270,6 +272,13 @@ def list_runs(folder: str | os.PathLike) -> list[dict[str, Any]]:
             row["status"] = f"damaged: {reason}"
         rows.append(row)
     return rows
+
+
+def _configs_below(folder: Path | Remote) -> list[Path | Remote]:
+    """Every config.json below ``folder``, oldest first (by modification time; by name on an object store)."""
+    if isinstance(folder, Remote):
+        return [folder / rel for rel in sorted(folder.files()) if rel.rsplit("/", 1)[-1] == CONFIG]
+    return sorted(folder.rglob(CONFIG), key=lambda p: p.stat().st_mtime)
 
 
 def _summary(run: Run) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import numpy as np
 
 from featcache.cache import FeatureCache, safe_name
 from featcache.files import write_json, write_text
+from featcache.storage import Remote, location
 from featcache.train.loop import TrainOptions, check_options, load_train_data, train
 from featcache.train.losses import LOSSES, canonical_name
 
@@ -78,13 +79,14 @@ def same_images(caches: list[Path]) -> None:
                              "a sweep compares backbones on one manifest; extract both from the same one")
 
 
-def run_sweep(caches: Path | list[Path], combos: list[TrainOptions], seeds: int, out: Path,
+def run_sweep(caches: Path | Remote | list[Path | Remote], combos: list[TrainOptions], seeds: int, out: Path | Remote,
               scorers: Scorer | None | list[Scorer | None] = None,
               on_run: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train every combination ``seeds`` times on each cache (one load of its features each), scoring each
     run with that cache's scorer when it has one, beside its zero-shot baselines. ``sweep.json`` and
     ``sweep.md`` in ``out`` hold the finished rows, also after Ctrl-C."""
-    caches = [caches] if isinstance(caches, (str, Path)) else list(caches)
+    caches = [location(c) for c in ([caches] if isinstance(caches, (str, Path, Remote)) else caches)]
+    out = location(out)
     scorers = scorers if isinstance(scorers, list) else [scorers] * len(caches)
     if seeds < 1:
         raise ValueError(f"--seeds {seeds}: need at least 1")
@@ -106,8 +108,8 @@ def run_sweep(caches: Path | list[Path], combos: list[TrainOptions], seeds: int,
                "seeds": seeds, "metric": metric, "complete": False, "results": results}
     names = [d.backbone for d in datasets]
     # the backbone column: its registry name, with the cache's own name where two caches share one
-    labels = [n if names.count(n) == 1 else f"{n} ({Path(c).stem})" for n, c in zip(names, caches)]
-    folders = [f"{i:02d}-{safe_name(Path(c).parent.name + '-' + Path(c).stem)}" for i, c in enumerate(caches)]
+    labels = [n if names.count(n) == 1 else f"{n} ({c.stem})" for n, c in zip(names, caches)]
+    folders = [f"{i:02d}-{safe_name(c.parent.name + '-' + c.stem)}" for i, c in enumerate(caches)]
     try:
         for data, score, backbone, folder in zip(datasets, scorers, labels, folders):
             where = out if len(caches) == 1 else out / folder

@@ -19,6 +19,7 @@ import os
 import tarfile
 from pathlib import Path
 
+from featcache.storage import location
 from featcache.manifest.builders.common import Builder, check_inside_root, prefix_labels, require_dir, single_split
 from featcache.manifest.schema import ManifestError, Rows
 from featcache.manifest.webdataset import IMAGE_FIELDS, expand_braces, sample_path, split_member
@@ -29,7 +30,7 @@ TEXT_FIELDS = ("cls", "txt")
 def webdataset(root: str | os.PathLike, *, shards: str | None = None, label: str | None = None,
                domain: str | None = None) -> Rows:
     """One row per sample of the shards; see the module docstring."""
-    root = Path(root)
+    root = location(root)  # a local folder, or a URL on an object store
     require_dir(root, "WebDataset shards")
     if not label:
         raise ManifestError("webdataset: say where each sample's label is with --label (cls, txt, or a key of its json)")
@@ -106,10 +107,12 @@ def _from_parquet(root: Path, name: str, label: str, not_fetched: list[str]) -> 
     if not table_file.is_file():
         return None
     try:
-        schema = pq.read_schema(table_file)
-        if label not in schema.names or "key" not in schema.names:
-            return None
-        table = pq.read_table(table_file, columns=["key", label] + (["status"] if "status" in schema.names else []))
+        with table_file.open("rb") as f:
+            schema = pq.read_schema(f)
+            if label not in schema.names or "key" not in schema.names:
+                return None
+            f.seek(0)
+            table = pq.read_table(f, columns=["key", label] + (["status"] if "status" in schema.names else []))
     except (OSError, pa.ArrowException) as e:
         raise ManifestError(f"{table_file}: not a readable parquet file ({type(e).__name__}: {first_line(e)})") from None
     if not pa.types.is_string(schema.field("key").type) and not pa.types.is_large_string(schema.field("key").type):
@@ -132,7 +135,7 @@ def _from_tar(root: Path, name: str, label: str) -> list[tuple[str, object, bool
     """(key, label or None, has an image) per sample of one shard, in the shard's order."""
     samples: dict[str, dict] = {}
     try:
-        with tarfile.open(root / name, mode="r|*") as tar:  # a stream: front to back, once
+        with (root / name).open("rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:  # a stream: front to back, once
             for member in tar:
                 if not member.isfile():
                     continue
