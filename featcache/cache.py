@@ -441,8 +441,9 @@ class FeatureCache:
         return self.group["chunk_done"][:]
 
     # row-aligned arrays
-    def valid(self) -> np.ndarray:
-        return self._read_rows("valid", None, 64 << 20, None)
+    def valid(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Whether each row (of ``rows``: a mask or increasing row numbers) holds a real embedding."""
+        return self._read_rows("valid", rows, 64 << 20, None)
 
     def labels(self) -> np.ndarray:
         return self.group["labels"][:]
@@ -483,6 +484,9 @@ class FeatureCache:
             raise self._damaged(problems) from e
 
     def _rows_of(self, arr: zarr.Array, rows: np.ndarray | None, block_bytes: int, out: np.ndarray | None) -> np.ndarray:
+        """The ``rows`` (a mask, or increasing row numbers) of ``arr``, reading only the chunks of the span they
+        lie in: a block of a 100M-row cache costs that block, not a pass over the whole."""
+        per_chunk = self.meta["rows_per_chunk"]
         if rows is None:
             rows = np.ones(self.rows, dtype=bool)
         rows = np.asarray(rows)
@@ -493,34 +497,37 @@ class FeatureCache:
                     return picked
                 out[...] = picked
                 return out
-            mask = np.zeros(self.rows, dtype=bool)
-            mask[rows] = True
-            rows = mask
+            start = (int(rows[0]) // per_chunk) * per_chunk if rows.size else 0
+            span = np.zeros((int(rows[-1]) + 1 - start) if rows.size else 0, dtype=bool)
+            span[rows - start] = True
+        else:
+            start, span = 0, rows
         if out is None:
-            out = np.empty((int(rows.sum()), *arr.shape[1:]), dtype=arr.dtype)
-        if isinstance(self.path, Remote) and _plain_chunks(arr) and arr.chunks[0] == self.meta["rows_per_chunk"] \
-                and self._fetch_rows(arr, rows, out):
+            out = np.empty((int(span.sum()), *arr.shape[1:]), dtype=arr.dtype)
+        if isinstance(self.path, Remote) and _plain_chunks(arr) and arr.chunks[0] == per_chunk \
+                and self._fetch_rows(arr, start, span, out):
             return out
         row_bytes = arr.dtype.itemsize * math.prod(arr.shape[1:])
-        step = self.meta["rows_per_chunk"] * max(1, block_bytes // (self.meta["rows_per_chunk"] * row_bytes))
+        step = per_chunk * max(1, block_bytes // (per_chunk * row_bytes))
         filled = 0
-        for i in range(0, self.rows, step):
-            block = rows[i:i + step]
+        for i in range(0, len(span), step):
+            block = span[i:i + step]
             if block.any():
                 n = int(block.sum())
-                out[filled:filled + n] = arr[i:i + step][block]
+                out[filled:filled + n] = arr[start + i:start + i + len(block)][block]
                 filled += n
         return out
 
-    def _fetch_rows(self, arr: zarr.Array, rows: np.ndarray, out: np.ndarray, batch: int = 64) -> bool:
-        """The ``rows`` (a mask) of a plain row array on an object store into ``out``, fetching its chunk objects
-        many at a time and checking their crc32c here: about 1.5x zarr's own read of the same objects
-        (BENCHMARKS.md, "Object stores"). False, with nothing promised about ``out``, where a chunk is missing
-        or does not check out: the caller's zarr read then gives zarr's answer (fill values, or the error)."""
+    def _fetch_rows(self, arr: zarr.Array, start: int, span: np.ndarray, out: np.ndarray, batch: int = 64) -> bool:
+        """The rows ``start + flatnonzero(span)`` (``start`` a chunk boundary) of a plain row array on an object
+        store into ``out``, fetching its chunk objects many at a time and checking their crc32c here: about 1.5x
+        zarr's own read of the same objects (BENCHMARKS.md, "Object stores"). False, with nothing promised
+        about ``out``, where a chunk is missing or does not check out: the caller's zarr read then gives zarr's
+        answer (fill values, or the error)."""
         import google_crc32c
 
         per_chunk, width = self.meta["rows_per_chunk"], arr.shape[1:]
-        chunks = np.unique(np.flatnonzero(rows) // per_chunk)
+        chunks = (start + np.unique(np.flatnonzero(span) // per_chunk * per_chunk)) // per_chunk
         filled = 0
         for lo in range(0, len(chunks), batch):  # a batch of 4 MB chunks at a time bounds the memory held
             keys = {int(k): (self.path / chunk_file(arr.basename, arr.ndim, int(k))).key for k in chunks[lo:lo + batch]}
@@ -531,7 +538,7 @@ class FeatureCache:
                         np.uint32(google_crc32c.value(data[:-4])).tobytes() != data[-4:]:
                     return False
                 block = np.frombuffer(data, dtype=arr.dtype.newbyteorder("<"), count=per_chunk * math.prod(width)).reshape(per_chunk, *width)
-                wanted = rows[k * per_chunk:(k + 1) * per_chunk]
+                wanted = span[k * per_chunk - start:(k + 1) * per_chunk - start]
                 n = int(wanted.sum())
                 out[filled:filled + n] = block[:n] if n == len(wanted) else block[:len(wanted)][wanted]
                 filled += n

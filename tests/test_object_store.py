@@ -434,3 +434,17 @@ def test_image_paths_that_are_urls(s3, tmp_path, cli, monkeypatch):
             "--dtype", "float32", "--json")
     assert json.loads(r.stdout)["matched"] == 6
     np.testing.assert_array_equal(FeatureCache.open(tmp_path / "c.zarr").features(), x)
+
+
+def test_row_reads_from_s3_equal_the_array(s3, tmp_path):
+    from featcache.cache import import_features
+    from featcache.manifest import read_manifest, write_manifest
+    from tests.test_streaming import rows_cases
+
+    x = np.random.default_rng(1).normal(size=(45, 5)).astype(np.float16)
+    m = read_manifest(write_manifest(tmp_path / "m.csv", [f"i{i}" for i in range(45)], ["a"] * 45))
+    import_features(x, m, f"{s3}/c.zarr", source="x", source_sha256="0" * 64, chunk_rows=7)
+    c = FeatureCache.open(f"{s3}/c.zarr")
+    for rows in rows_cases(45):
+        np.testing.assert_array_equal(c.features(rows), x[rows])
+        np.testing.assert_array_equal(c.valid()[rows], np.ones(45, dtype=bool)[rows])

@@ -46,15 +46,20 @@ def eval_(
     cache: Optional[str] = typer.Option(None, "--cache", "-c", help="Cache whose query/index rows (or all rows) are scored (a folder or a URL)."),
     run: Optional[str] = typer.Option(None, "--run", "-r", help="A train-head run directory (or URL): its head makes the embeddings."),
     zero_shot: Optional[ZeroShot] = typer.Option(None, help="No head: 'pooled' (feature averaged to 64 dims, the paper's baseline) or 'raw'. [default when no --run: pooled]"),
-    protocol: Protocol = typer.Option(Protocol.guiec, help="guiec: same label is relevant, mean over queries. uned: same label and domain, mean over domains."),
+    protocol: Protocol = typer.Option(Protocol.guiec, help="guiec: same label is relevant, mean over queries. uned: same label and domain, mean over domains. ilias: same label, mAP@1000 with ILIAS's tie rule, mean over queries."),
     query_cache: Optional[str] = typer.Option(None, help="Queries from this cache (all valid rows) instead of --cache's query split."),
     index_cache: Optional[str] = typer.Option(None, help="Index from this cache (all valid rows)."),
     domain: List[str] = typer.Option([], "--domain", help="Score only this domain's rows, queries and index (repeatable)."),
-    k: int = typer.Option(5, min=1, help="Neighbours scored per query (the @5)."),
+    k: Optional[int] = typer.Option(None, min=1, help="Neighbours scored per query (the @5). \\[default: 5; 1000 with --protocol ilias]"),
     label_sep: Optional[str] = typer.Option(None, help="Declare multi-label queries: a query label holding this text is relevant to each of its parts (UnED's GLDv2 queries: --label-sep '|'). \\[default: labels are compared whole]"),
+    distractors: List[str] = typer.Option([], "--distractors", metavar="CACHE", help="A cache whose valid rows are searched after the index and are never relevant (ILIAS's YFCC images); repeatable. Big indexes are streamed from disk block by block."),
+    qe: int = typer.Option(0, "--qe", min=0, help="Alpha query expansion: search again with each query plus its first N neighbours, weighted by similarity ** --alpha. \\[default: 0, off]"),
+    dba: int = typer.Option(0, "--dba", min=0, help="Database-side augmentation: each index row plus its N nearest index rows, weighted alike (the index must fit in --max-memory). \\[default: 0, off]"),
+    alpha: float = typer.Option(3.0, "--alpha", min=0, help="The weight exponent of --qe and --dba (ILIAS's own expansion uses 1)."),
+    per_query: Optional[Path] = typer.Option(None, "--per-query", metavar="FILE", help="Write each query's path, label, domain, AP, precision@5 and the rank of its first relevant neighbour to this parquet file."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the scores to this JSON file (strict JSON: a score with nothing to average is null)."),
     plot: Optional[Path] = typer.Option(None, help="Write neighbours.png and domains.png into this folder."),
-    overwrite: bool = flag(help="Replace the --json file and --plot pictures featcache wrote there before."),
+    overwrite: bool = flag(help="Replace the --json, --per-query and --plot files featcache wrote there before."),
     max_memory: str = typer.Option("2GB", help="Bound on the search's temporary memory."),
 ) -> None:
     """Score retrieval: mMP@k (GUIEC), mAP@k (UnED) and R@1, overall and per domain, by exact search.
@@ -68,6 +73,7 @@ def eval_(
     from featcache.evaluate.protocols import EvalSet, run_eval
 
     mem = parse_bytes(max_memory)
+    k = k or (1000 if protocol.value == "ilias" else 5)
     cache, run, query_cache, index_cache = place(cache), place(run), place(query_cache), place(index_cache)
     if label_sep == "":
         raise UserError("--label-sep '': give the text that separates a query's labels, e.g. --label-sep '|'")
@@ -79,15 +85,19 @@ def eval_(
     # refused before the work, not after it
     if json_file is not None:
         check_file_replaceable(json_file, is_featcache_json, "scores", overwrite, "--json")
+    if per_query is not None:
+        from featcache.evaluate.protocols import per_query_is_ours
+
+        check_file_replaceable(per_query, per_query_is_ours, "per-query scores", overwrite, "--per-query")
     for name in PLOT_FILES if plot is not None else ():
         check_file_replaceable(plot / name, is_our_png, "a featcache picture", overwrite, "--plot")
-    es = EvalSet.load(cache, query_cache, index_cache, domain)
+    es = EvalSet.load(cache, query_cache, index_cache, domain, [place(d) for d in distractors], max_memory=mem)
     ev = run_eval(run=run, zero_shot=zero_shot.value if zero_shot else None, protocol=protocol.value, k=k,
-                  max_memory=mem, show=8 if plot else 0, eval_set=es, label_sep=label_sep)
+                  max_memory=mem, show=8 if plot else 0, eval_set=es, label_sep=label_sep, qe=qe, dba=dba, alpha=alpha)
     results = {("run" if run else (zero_shot.value if zero_shot else "pooled")): ev.result}
     if plot and run is not None:
         results["zero-shot"] = run_eval(zero_shot="pooled", protocol=protocol.value, k=k, max_memory=mem, eval_set=es,
-                                        label_sep=label_sep).result
+                                        label_sep=label_sep, qe=qe, dba=dba, alpha=alpha).result
     out.print(scores_table(f"featcache eval ({protocol.value}, {ev.result['embeddings']})", results, k))
     excluded = ev.result["overall"]["excluded"]
     if excluded:
@@ -95,6 +105,11 @@ def eval_(
         if label_sep is None and any("|" in str(x) for x in es.queries.labels):
             err.print("Some query labels hold '|' and are compared whole; if they list several labels (UnED's "
                       "GLDv2 queries do), pass --label-sep '|'.", highlight=False)
+    if per_query:
+        from featcache.evaluate.protocols import write_per_query
+
+        write_per_query(per_query, ev, es, overwrite=overwrite)
+        err.print(f"per-query scores: {per_query}", markup=False)
     if json_file:
         from featcache.files import write_user_json
 

@@ -9,6 +9,12 @@ m_q = min(n_q, k), rel_q(j) = 1 if the j-th neighbour is relevant, P(j) = precis
 - ``R@1``: rel_q(1)
 
 Queries with n_q = 0 are excluded from every mean and counted as ``excluded``.
+
+ILIAS (Kordopatis-Zilos et al., CVPR 2025) scores ``mAP@k`` (k = 1000) by the same formula, except for
+ties: its evaluation runs scikit-learn's ``average_precision_score`` on the top-k list, which gives every
+relevant row of a run of equal scores the precision at the end of that run, and rescales the result to
+the min(n_q, k) denominator. Under ``protocol="ilias"`` (relevant = same label, mean over queries)
+``mAP@k`` is that: (1/m_q) sum_{j <= k} rel_q(j) * P(e_q(j)), e_q(j) the last rank holding j's score.
 """
 
 from __future__ import annotations
@@ -20,9 +26,10 @@ import numpy as np
 
 from featcache.evaluate.search import as_embeddings, l2_normalize, search, to_numpy
 
-__all__ = ["PROTOCOLS", "QueryMetrics", "count_relevant", "evaluate", "query_metrics", "relevance", "summarize"]
+__all__ = ["PROTOCOLS", "QueryMetrics", "count_relevant", "evaluate", "query_metrics", "relevance", "score_ranked",
+           "summarize", "tied_ap"]
 
-PROTOCOLS = ("guiec", "uned")
+PROTOCOLS = ("guiec", "uned", "ilias")
 
 
 def relevance(ids: Any, query_keys: Any, index_keys: Any) -> np.ndarray:
@@ -86,6 +93,24 @@ def query_metrics(rel: Any, n_relevant: Any) -> QueryMetrics:
 
 # --------------------------------------------------------------------------------------------
 # evaluation
+
+
+def tied_ap(rel: Any, sims: Any, n_relevant: Any) -> np.ndarray:
+    """ILIAS's AP@k per query (see the module docstring): ``rel`` and ``sims`` (Q, k), best first; NaN where
+    n_q = 0."""
+    rel = to_numpy(rel).astype(bool)
+    sims = to_numpy(sims)
+    n_q = to_numpy(n_relevant).astype(np.int64)
+    q, k = rel.shape
+    end = np.broadcast_to(np.arange(k), (q, k)).copy()  # end[:, j]: the last rank tied with rank j
+    for j in range(k - 2, -1, -1):
+        tied = sims[:, j] == sims[:, j + 1]
+        end[tied, j] = end[tied, j + 1]
+    cum = np.cumsum(rel, axis=1, dtype=np.float64)
+    at_end = np.take_along_axis(cum, end, 1) / (end + 1)
+    valid = n_q > 0
+    ap = (rel * at_end).sum(axis=1) / np.where(valid, np.minimum(n_q, k), 1)
+    return np.where(valid, ap, np.nan)
 
 
 def _labels_1d(x: Any, n: int, name: str) -> np.ndarray:
@@ -171,24 +196,64 @@ def evaluate(
     "excluded"}, "domains": {name: same keys}}``; "queries" counts scored queries, "excluded"
     those with no relevant index row. A domain with no scored query has NaN scores.
     """
+    k = _check_k(protocol, k)
+    same_input = query_emb is index_emb
+    xq = as_embeddings(query_emb, "query embeddings")
+    xb = xq if same_input else as_embeddings(index_emb, "index embeddings")
+    if xq.shape[0] == 0:
+        raise ValueError("the query set is empty")
+    if xb.shape[0] == 0:
+        raise ValueError("the index set is empty")
+    keys = _keys(query_labels, index_labels, query_domains, index_domains, protocol, xq.shape[0], xb.shape[0])
+    xqn = l2_normalize(xq)
+    xbn = xqn if same_input else l2_normalize(xb)
+    sims, ids = search(xqn, xbn, k, self_ids=self_ids, max_memory=max_memory)
+    del xqn, xbn
+    return _scores(ids, keys, protocol, k, self_ids, sims)[0]
+
+
+def score_ranked(
+    ids: Any,
+    query_labels: Sequence[Hashable] | np.ndarray,
+    index_labels: Sequence[Hashable] | np.ndarray,
+    *,
+    query_domains: Sequence[Hashable] | np.ndarray | None = None,
+    index_domains: Sequence[Hashable] | np.ndarray | None = None,
+    protocol: str = "guiec",
+    self_ids: Any = None,
+    sims: Any = None,
+) -> tuple[dict, QueryMetrics, np.ndarray]:
+    """:func:`evaluate`'s scores of neighbours already found: ``ids`` (Q, k) positions into the index, best
+    first. Positions at or past ``len(index_labels)`` are distractors: rows that are never relevant (a
+    streamed search appends them after the labelled index). Also returns the per-query metrics and the
+    (Q, k) relevance, for per-query reports."""
+    ids = to_numpy(ids).astype(np.int64)
+    k = _check_k(protocol, ids.shape[1] if ids.ndim == 2 else 0)
+    nq, nb = len(query_labels), len(index_labels)
+    keys = _keys(query_labels, index_labels, query_domains, index_domains, protocol, nq, nb)
+    return _scores(ids, keys, protocol, k, self_ids, sims)
+
+
+def _check_k(protocol: str, k: Any) -> int:
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    k = int(k)
-    same_input = query_emb is index_emb
-    xq = as_embeddings(query_emb, "query embeddings")
-    xb = xq if same_input else as_embeddings(index_emb, "index embeddings")
-    nq, nb = xq.shape[0], xb.shape[0]
-    if nq == 0:
-        raise ValueError("the query set is empty")
-    if nb == 0:
-        raise ValueError("the index set is empty")
+    return int(k)
 
+
+class _Keys(NamedTuple):
+    query: np.ndarray  # (Q,) int64 relevance key of each query
+    index: np.ndarray  # (N,) int64 relevance key of each labelled index row
+    query_domain: np.ndarray  # (Q,) domain code
+    domain_names: list
+
+
+def _keys(query_labels, index_labels, query_domains, index_domains, protocol: str, nq: int, nb: int) -> _Keys:
+    """Integer relevance keys: equal keys are relevant (label, and under uned label and domain)."""
     ql = _labels_1d(query_labels, nq, "query_labels")
     il = _labels_1d(index_labels, nb, "index_labels")
     (qlab, ilab), _ = _factorize(ql, il)
-
     if protocol == "uned" and (query_domains is None) != (index_domains is None):
         raise ValueError("the uned protocol needs both query_domains and index_domains, or neither")
     if query_domains is None:
@@ -203,35 +268,38 @@ def evaluate(
         else:
             (qdom,), dom_names = _factorize(qd)
             idom = None
+    if protocol != "uned":
+        return _Keys(qlab, ilab, qdom, dom_names)
+    nd = len(dom_names)
+    return _Keys(qlab * nd + qdom, ilab * nd + idom, qdom, dom_names)
 
-    if protocol == "guiec":
-        qkey, ikey = qlab, ilab
+
+def _scores(ids: np.ndarray, keys: _Keys, protocol: str, k: int, self_ids, sims=None) -> tuple[dict, QueryMetrics, np.ndarray]:
+    nq = len(keys.query)
+    labelled = ids < len(keys.index)
+    index_keys = np.append(keys.index, -1)  # -1: a distractor's key, equal to no query's
+    rel = relevance(np.where(labelled, ids, len(keys.index)), keys.query, index_keys)
+    self_ids = None if self_ids is None else to_numpy(self_ids).astype(np.int64)
+    if self_ids is not None and (self_ids < 0).any():  # some queries are not index rows: count theirs whole
+        n_rel = count_relevant(keys.query, keys.index)
+        own = self_ids >= 0
+        n_rel[own] -= (keys.index[self_ids[own]] == keys.query[own]).astype(np.int64)
     else:
-        nd = len(dom_names)
-        qkey, ikey = qlab * nd + qdom, ilab * nd + idom
-
-    xqn = l2_normalize(xq)
-    xbn = xqn if same_input else l2_normalize(xb)
-    _, ids = search(xqn, xbn, k, self_ids=self_ids, max_memory=max_memory)
-    del xqn, xbn
-
-    n_rel = count_relevant(qkey, ikey, self_ids=self_ids)
-    m = query_metrics(relevance(ids, qkey, ikey), n_rel)
+        n_rel = count_relevant(keys.query, keys.index, self_ids=self_ids)
+    m = query_metrics(rel, n_rel)
+    if protocol == "ilias":
+        if sims is None:
+            raise ValueError("the ilias protocol needs the neighbours' scores (its mAP gives ties one precision)")
+        m = m._replace(ap=tied_ap(rel, sims, n_rel))
     names = (f"mMP@{k}", f"mAP@{k}", "R@1")
-
     domains: dict[str, dict] = {}
-    present = np.unique(qdom)
-    for code in present:
-        domains[str(dom_names[int(code)])] = summarize(m, qdom == code, k)
-
-    if protocol == "guiec":
+    for code in np.unique(keys.query_domain):
+        domains[str(keys.domain_names[int(code)])] = summarize(m, keys.query_domain == code, k)
+    if protocol != "uned":
         overall = summarize(m, np.ones(nq, dtype=bool), k)
     else:
         scored = [d for d in domains.values() if d["queries"] > 0]
-        overall = {
-            name: (float(np.mean([d[name] for d in scored])) if scored else float("nan"))
-            for name in names
-        }
+        overall = {name: (float(np.mean([d[name] for d in scored])) if scored else float("nan")) for name in names}
         overall["queries"] = int(np.count_nonzero(m.valid))
         overall["excluded"] = int(np.count_nonzero(~m.valid))
-    return {"protocol": protocol, "k": k, "overall": overall, "domains": domains}
+    return {"protocol": protocol, "k": k, "overall": overall, "domains": domains}, m, rel

@@ -7,16 +7,16 @@ neither, every valid row is a query against all other valid rows, itself exclude
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from featcache.cache import FeatureCache, describe_space, feature_space
 from featcache.evaluate.baselines import POOLED_DIM, ZERO_SHOT, pooled
-from featcache.evaluate.metrics import evaluate, query_metrics, summarize
-from featcache.evaluate.search import l2_normalize, search
+from featcache.evaluate.metrics import query_metrics, score_ranked, summarize
+from featcache.evaluate.search import l2_normalize, search_blocks
 from featcache import __version__
 from featcache.storage import absolute
 from featcache.train.runs import Run, RunError
@@ -88,26 +88,44 @@ def select(cache: FeatureCache, query_cache: FeatureCache | None, index_cache: F
     return both, both, np.arange(len(both.rows), dtype=np.int64)
 
 
-def scores(xq, queries: Side, xb, index: Side, self_ids, protocol: str, k: int, max_memory: int,
-           label_sep: str | None = None) -> dict[str, Any]:
-    """``metrics.evaluate``, extended to queries that are only partly index rows (``self_ids`` -1 for the
-    others) and, with ``label_sep``, to multi-label queries (a query labelled ``a|b`` with ``label_sep="|"``
-    is relevant to index rows labelled a or b, as UnED's GLDv2 queries are): each kind is scored on its own
-    against the same index, then merged. Labels are data: without ``label_sep`` no character means anything."""
+# (L2-normalised queries, self ids) -> (Q, k) scores and positions of the top k, best first
+Finder = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def scores(xq, queries: Side, index: Side, self_ids, protocol: str, k: int, find: Finder,
+           label_sep: str | None = None) -> tuple[dict[str, Any], np.ndarray, dict[str, np.ndarray]]:
+    """Scores of the queries ``xq`` against the index, whose top-k positions ``find`` returns (one pass over
+    the index for every query: it may be streamed from disk). ``self_ids`` (-1 for queries that are not
+    index rows) keeps each query from finding itself. With ``label_sep``, a query labelled ``a|b`` is
+    relevant to index rows labelled a or b (UnED's GLDv2 queries); labels are data: without it no character
+    means anything. Positions past the labelled index are distractors, never relevant.
+
+    Returns the result, the (Q, k) neighbours and per-query arrays (ap, precision at min(5, k), rank of the
+    first relevant neighbour or 0, whether the query was scored)."""
     multi = np.zeros(len(queries.labels), dtype=bool) if not label_sep else np.fromiter(
         (label_sep in str(x) for x in queries.labels), dtype=bool, count=len(queries.labels))
     ids = np.full(len(queries.rows), -1, dtype=np.int64) if self_ids is None else self_ids
+    sims, neighbours = find(l2_normalize(xq), ids)
+    rel = np.zeros(neighbours.shape, dtype=bool)
+    ap = np.full(len(ids), np.nan)
+    valid = np.zeros(len(ids), dtype=bool)
     parts = []
-    for group in (~multi & (ids < 0), ~multi & (ids >= 0)):
-        if group.any():
-            xg = xq if group.all() else xq[group]  # the same array object lets evaluate() normalise it once
-            parts.append(evaluate(xg, queries.labels[group], xb, index.labels, query_domains=queries.domains[group],
-                                  index_domains=index.domains, self_ids=ids[group] if (ids[group] >= 0).all() else None,
-                                  protocol=protocol, k=k, max_memory=max_memory))
+    single = ~multi
+    if single.any():
+        result, m, r = score_ranked(neighbours[single], queries.labels[single], index.labels,
+                                    query_domains=queries.domains[single], index_domains=index.domains,
+                                    protocol=protocol, self_ids=ids[single], sims=sims[single])
+        parts.append(result)
+        rel[single], ap[single], valid[single] = r, m.ap, m.valid
     if multi.any():
-        parts.append(multi_label_scores(xq[multi], queries.labels[multi], queries.domains[multi], xb, index,
-                                        ids[multi], protocol, k, max_memory, label_sep))
-    return merge_scores(parts, protocol, k) if multi.any() or len(parts) > 1 else parts[0]
+        result, m, r = multi_label_scores(neighbours[multi], queries.labels[multi], queries.domains[multi], index,
+                                          ids[multi], protocol, k, label_sep)
+        parts.append(result)
+        rel[multi], ap[multi], valid[multi] = r, m.ap, m.valid
+    top = min(5, k)
+    first = np.where(rel.any(axis=1), rel.argmax(axis=1) + 1, 0)
+    per_query = {"ap": ap, f"precision@{top}": rel[:, :top].mean(axis=1), "first_relevant": first, "scored": valid}
+    return (merge_scores(parts, protocol, k) if multi.any() or len(parts) > 1 else parts[0]), neighbours, per_query
 
 
 def query_labels(label: Any, label_sep: str | None) -> set[str]:
@@ -117,18 +135,19 @@ def query_labels(label: Any, label_sep: str | None) -> set[str]:
 
 def relevant_to(label: Any, domain: Any, index: "Side", positions, protocol: str, label_sep: str | None) -> np.ndarray:
     """The relevance rule, row by row: index rows at ``positions`` relevant to a query of ``label`` and ``domain``
-    (same label, one of its labels with ``label_sep``; under uned, also the same domain). ``metrics.evaluate``
-    applies the same rule vectorised, to label (and domain) codes."""
+    (same label, one of its labels with ``label_sep``; under uned, also the same domain). ``metrics`` applies
+    the same rule vectorised, to label (and domain) codes. Positions past the index are distractors."""
     wanted = query_labels(label, label_sep)
-    return np.array([index.labels[j] in wanted and (protocol != "uned" or index.domains[j] == domain)
+    n = len(index.labels)
+    return np.array([j < n and index.labels[j] in wanted and (protocol != "uned" or index.domains[j] == domain)
                      for j in positions], dtype=bool)
 
 
-def multi_label_scores(xq, labels, domains, xb, index: Side, self_ids, protocol: str, k: int, max_memory: int,
-                       label_sep: str) -> dict[str, Any]:
-    """Per-domain scores of queries with several labels ("a|b"): a neighbour is relevant when its label is
-    one of them (and, under uned, its domain is the query's). Index rows carry one label each."""
-    neighbours = neighbours_of(xq, xb, k, self_ids, max_memory)
+def multi_label_scores(neighbours, labels, domains, index: Side, self_ids, protocol: str, k: int,
+                       label_sep: str):
+    """Per-domain scores of queries with several labels ("a|b") from their ``neighbours``: a neighbour is
+    relevant when its label is one of them (and, under uned, its domain is the query's). Index rows carry
+    one label each. Returns the result, the per-query metrics and the relevance."""
     same_domain = protocol == "uned"
     counts = Counter(zip(index.domains, index.labels)) if same_domain else Counter(index.labels)
     rel = np.zeros(neighbours.shape, dtype=bool)
@@ -140,19 +159,7 @@ def multi_label_scores(xq, labels, domains, xb, index: Side, self_ids, protocol:
             n_rel[i] -= 1
     m = query_metrics(rel, n_rel)
     out = {str(dom): summarize(m, domains == dom, k) for dom in dict.fromkeys(domains)}
-    return {"protocol": protocol, "k": k, "overall": {}, "domains": out}
-
-
-def neighbours_of(xq, xb, k: int, self_ids, max_memory: int) -> np.ndarray:
-    """Top-k index positions per query; ``self_ids`` as in ``scores`` (-1: the query is not in the index)."""
-    qn, bn = l2_normalize(xq), l2_normalize(xb)
-    if self_ids is None or (self_ids >= 0).all():
-        return search(qn, bn, k, self_ids=self_ids, max_memory=max_memory)[1]
-    out = np.zeros((len(qn), k), dtype=np.int64)
-    for group, ids in ((self_ids < 0, None), (self_ids >= 0, self_ids)):
-        if group.any():
-            out[group] = search(qn[group], bn, k, self_ids=None if ids is None else ids[group], max_memory=max_memory)[1]
-    return out
+    return {"protocol": protocol, "k": k, "overall": {}, "domains": out}, m, rel
 
 
 def merge_scores(parts: list[dict[str, Any]], protocol: str, k: int) -> dict[str, Any]:
@@ -202,10 +209,16 @@ def embed(features: np.ndarray, run: Run | None, zero_shot: str | None) -> np.nd
     raise EvalError(f"unknown zero-shot mode {zero_shot!r}; expected one of {', '.join(ZERO_SHOT)}")
 
 
+IN_MEMORY_SHARE = 4  # the index's features are kept in memory when they take at most max_memory / this
+
+
 @dataclass
 class EvalSet:
-    """Queries and index with their features read once: any number of heads can be scored against it
-    (``sweep`` does, for every head it trains)."""
+    """Queries and index, with the queries' features read once. The index's features are read once too when
+    they fit in memory (any number of heads can then be scored against it: ``sweep`` does, for every head
+    it trains); otherwise each evaluation streams them block by block, and peak memory is the queries, their
+    top-k and one block, whatever the index size. ``distractors`` are rows searched after the index that
+    are never relevant (ILIAS's 100M YFCC images)."""
 
     queries: Side
     index: Side
@@ -213,19 +226,25 @@ class EvalSet:
     caches: list[FeatureCache]
     source: Any  # what the result records as its "cache"
     query_features: np.ndarray
-    index_features: np.ndarray | None  # None: the index is the query set itself
+    index_features: np.ndarray | None  # None: the index is the query set itself, or it is streamed
     domains: list[str] | None = None  # the domains taking part; None: all
+    distractors: list[tuple[FeatureCache, int]] = field(default_factory=list)  # (cache, its valid rows)
+    streamed: bool = False
+    block_rows: int = 1 << 18
 
     @classmethod
-    def load(cls, cache_path=None, query_cache=None, index_cache=None, domains: list[str] | None = None) -> "EvalSet":
-        """Queries and index of a cache (or of two caches), optionally of ``domains`` only."""
+    def load(cls, cache_path=None, query_cache=None, index_cache=None, domains: list[str] | None = None,
+             distractors: list | None = None, max_memory: int = 2 << 30) -> "EvalSet":
+        """Queries and index of a cache (or of two caches), optionally of ``domains`` only, and the valid rows of
+        the ``distractors`` caches."""
         main = FeatureCache.open(cache_path) if cache_path is not None else None
         qc = FeatureCache.open(query_cache) if query_cache is not None else None
         ic = FeatureCache.open(index_cache) if index_cache is not None else None
         if main is None and qc is None:
             raise EvalError("give --cache, or --query-cache and --index-cache")
+        extra = [FeatureCache.open(d) for d in distractors or []]
         caches = [c for c in (main, qc, ic) if c is not None]
-        for c in caches:
+        for c in caches + extra:
             c.require_complete()
         if domains:
             known = set().union(*(set(c.strings("domains").tolist()) for c in caches))
@@ -237,11 +256,73 @@ class EvalSet:
             raise EvalError("the query set is empty (no valid query rows)")
         if len(index.rows) == 0:
             raise EvalError("the index set is empty (no valid index rows)")
-        same = index.rows is queries.rows
+        space = feature_space(index.cache.meta)
+        for d in extra:
+            if feature_space(d.meta) != space:
+                raise EvalError(f"--distractors {d.path} ({describe_space(feature_space(d.meta))}) and the index "
+                                f"{index.cache.path} ({describe_space(space)}) hold different kinds of vectors")
+        parts = [(d, int(d.valid().sum())) for d in extra]
+        same = index.rows is queries.rows and not parts
         source = (absolute(cache_path, resolve=True) if cache_path is not None
                   else {"query": absolute(query_cache, resolve=True), "index": absolute(index_cache, resolve=True)})
-        return cls(queries, index, self_ids, caches, source, queries.cache.features(queries.rows),
-                   None if same else index.cache.features(index.rows), sorted(domains) if domains else None)
+        if parts:
+            source = {"index": source, "distractors": [absolute(d.path, resolve=True) for d in extra]}
+        row_bytes = index.cache.dim * np.dtype(index.cache.meta["dtype"]).itemsize
+        total = len(index.rows) + sum(n for _, n in parts)
+        streamed = total * row_bytes > max_memory // IN_MEMORY_SHARE
+        block_rows = max(1, (max_memory // (4 * IN_MEMORY_SHARE)) // max(row_bytes, 4 * index.cache.dim))
+        index_features = None if same or streamed else np.concatenate(
+            [index.cache.features(index.rows)] + [d.features(d.valid()) for d, _ in parts])
+        return cls(queries, index, self_ids, caches + extra, source, queries.cache.features(queries.rows),
+                   index_features, sorted(domains) if domains else None, parts, streamed, block_rows)
+
+    @property
+    def index_rows(self) -> int:
+        """Rows searched: the index, then the distractors."""
+        return len(self.index.rows) + sum(n for _, n in self.distractors)
+
+    def features_at(self, positions: np.ndarray) -> np.ndarray:
+        """Raw features of index positions (the index's rows, then the distractors' valid rows), in the order
+        given: what query expansion adds to a query."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if not self.streamed:
+            source = self.query_features if self.index_features is None else self.index_features
+            return source[positions]
+        out = np.empty((len(positions), self.index.cache.dim), dtype=self.index.cache.meta["dtype"])
+        start = 0
+        for cache, rows in [(self.index.cache, self.index.rows)] + [(c, None) for c, _ in self.distractors]:
+            n = len(rows) if rows is not None else int(cache.valid().sum())
+            here = (positions >= start) & (positions < start + n)
+            if here.any():
+                rows = rows if rows is not None else np.flatnonzero(cache.valid())
+                wanted = rows[positions[here] - start]
+                order = np.argsort(wanted)
+                unique, back = np.unique(wanted[order], return_inverse=True)
+                got = cache.features(unique)[back]
+                placed = np.empty_like(got)
+                placed[order] = got
+                out[here] = placed
+            start += n
+        return out
+
+    def index_blocks(self, embed_block: Callable[[np.ndarray], np.ndarray], xq: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """(offset, embedded rows) of the index then the distractors: one block when the features are in
+        memory, else blocks of ``block_rows`` read from the caches as they are searched."""
+        if not self.streamed:
+            yield 0, xq if self.index_features is None else embed_block(self.index_features)
+            return
+        offset = 0
+        for lo in range(0, len(self.index.rows), self.block_rows):
+            rows = self.index.rows[lo:lo + self.block_rows]
+            yield offset, embed_block(self.index.cache.features(rows))
+            offset += len(rows)
+        for cache, _ in self.distractors:  # by spans of the cache: no list of its 100M row numbers is held
+            for lo in range(0, cache.rows, self.block_rows):
+                span = np.arange(lo, min(cache.rows, lo + self.block_rows))
+                rows = span[cache.valid(span)]
+                if len(rows):
+                    yield offset, embed_block(cache.features(rows))
+                    offset += len(rows)
 
 
 @dataclass
@@ -251,6 +332,7 @@ class EvalOutput:
     index: Side
     neighbours: np.ndarray  # (S, k) positions into index.rows, for the S shown queries
     relevant: np.ndarray  # (S, k) bool
+    per_query: dict[str, np.ndarray] = field(default_factory=dict)  # every query: ap, precision@5, first_relevant
 
 
 def run_eval(
@@ -266,48 +348,139 @@ def run_eval(
     show: int = 0,
     eval_set: EvalSet | None = None,
     label_sep: str | None = None,
+    qe: int = 0,
+    dba: int = 0,
+    alpha: float = 3.0,
 ) -> EvalOutput:
     """Score a run's head (or a zero-shot baseline) on a cache's queries and index; ``eval_set`` reuses
     features already loaded. With ``show`` > 0, also keep the top-k neighbours of ``show`` queries (for plots).
     ``label_sep`` declares multi-label queries (see ``scores``). A run's result is recorded in its directory
-    as the latest of its kind (which caches, protocol, k, domains)."""
+    as the latest of its kind (which caches, protocol, k, domains, expansion).
+
+    Off by default, so that GUIEC and UnED scores are the plain ones: ``qe`` > 0 is alpha query expansion
+    (Radenovic et al., 2018): each query is searched again as the L2-normalised sum of itself and its ``qe``
+    first neighbours, neighbour j weighted by max(0, s_j) ** ``alpha`` (ILIAS's own expansion is
+    ``alpha`` = 1). ``dba`` > 0 is database-side augmentation: every index row becomes the same weighted sum
+    of itself and its ``dba`` nearest other index rows, before any query is searched (it needs the index in
+    memory)."""
     if run is not None and zero_shot is not None:
         raise EvalError("give --run or --zero-shot, not both")
     if run is None and zero_shot is None:
         zero_shot = "pooled"
     run = Run.load(run) if run is not None and not isinstance(run, Run) else run
-    es = eval_set or EvalSet.load(cache_path, query_cache, index_cache)
+    es = eval_set or EvalSet.load(cache_path, query_cache, index_cache, max_memory=max_memory)
     if run is not None:
         for c in es.caches:
             check_run_fits(run, c)
     queries, index, self_ids = es.queries, es.index, es.self_ids
-    available = len(index.rows) - (1 if self_ids is not None else 0)
+    available = es.index_rows - (1 if self_ids is not None else 0)
     if k > available:
         raise EvalError(f"--k {k} is larger than the index ({available} rows{' besides the query itself' if self_ids is not None else ''})")
     xq = embed(es.query_features, run, zero_shot)
-    xb = xq if es.index_features is None else embed(es.index_features, run, zero_shot)
-    bad = int((~np.isfinite(xq)).any(axis=1).sum() + (0 if xb is xq else (~np.isfinite(xb)).any(axis=1).sum()))
-    if bad:
-        raise EvalError(f"{bad} embeddings are NaN or infinite; the head or the cache is broken")
-    result = scores(xq, queries, xb, index, self_ids, protocol, k, max_memory, label_sep)
+    check_finite(xq, "")
+
+    def embed_block(raw: np.ndarray) -> np.ndarray:
+        x = embed(raw, run, zero_shot)
+        check_finite(x, "index ")
+        return l2_normalize(x)
+
+    if min(qe, dba) < 0 or alpha < 0:
+        raise EvalError(f"--qe {qe}, --dba {dba}, --alpha {alpha}: give numbers of neighbours and an alpha >= 0")
+    augmented = None
+    if dba:
+        if es.streamed:
+            raise EvalError(f"--dba {dba}: database-side augmentation needs the index in memory ({es.index_rows:,} rows "
+                            "are streamed from disk); raise --max-memory or leave --dba out")
+        xb = next(es.index_blocks(embed_block, l2_normalize(xq)))[1]
+        sims, near = search_blocks(xb, iter([(0, xb)]), min(dba, len(xb) - 1), self_ids=np.arange(len(xb)),
+                                   max_memory=max_memory // 2)
+        augmented = l2_normalize(expanded(xb, xb[near], sims, alpha))
+
+    def find(qn: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        def blocks():
+            return iter([(0, augmented)]) if augmented is not None else es.index_blocks(embed_block, qn)
+
+        found = search_blocks(qn, blocks(), k, self_ids=ids, max_memory=max_memory // 2, total=es.index_rows)
+        if not qe:
+            return found
+        sims, near = found[0][:, :qe], found[1][:, :qe]
+        rows = augmented[near] if augmented is not None else \
+            l2_normalize(embed(es.features_at(near.ravel()), run, zero_shot)).reshape(*near.shape, -1)
+        return search_blocks(l2_normalize(expanded(qn, rows, sims, alpha)), blocks(), k, self_ids=ids,
+                             max_memory=max_memory // 2, total=es.index_rows)
+
+    result, neighbours, per_query = scores(xq, queries, index, self_ids, protocol, k, find, label_sep)
+    if qe or dba:
+        result["expansion"] = {"qe": qe, "dba": dba, "alpha": alpha}
     result["embeddings"] = f"run {run.path}" if run is not None else f"zero-shot {zero_shot}"
     result["cache"] = es.source
     result["domains_scored"] = es.domains or "all"
     result["label_sep"] = label_sep
     result["featcache_version"] = __version__
-    neighbours = np.zeros((0, k), dtype=np.int64)
+    shown_neighbours = np.zeros((0, k), dtype=np.int64)
     relevant = np.zeros((0, k), dtype=bool)
     if show:
         picked = np.linspace(0, len(queries.rows) - 1, min(show, len(queries.rows))).round().astype(np.int64)
-        ids = self_ids[picked] if self_ids is not None else None
-        neighbours = neighbours_of(xq[picked], xb, k, ids, max_memory)
+        shown_neighbours = neighbours[picked]
         queries = Side(queries.cache, queries.rows[picked], queries.labels[picked], queries.domains[picked])
         relevant = np.array([relevant_to(lab, dom, index, row, protocol, label_sep)
-                             for row, lab, dom in zip(neighbours, queries.labels, queries.domains)], dtype=bool).reshape(neighbours.shape)
+                             for row, lab, dom in zip(shown_neighbours, queries.labels, queries.domains)],
+                            dtype=bool).reshape(shown_neighbours.shape)
     if run is not None:
         run.record_eval({"cache": es.source, "protocol": protocol, "k": k, "domains": es.domains,
-                         "label_sep": label_sep}, result)
-    return EvalOutput(result, queries, index, neighbours, relevant)
+                         "label_sep": label_sep, **({"expansion": result["expansion"]} if qe or dba else {})}, result)
+    return EvalOutput(result, queries, index, shown_neighbours, relevant, per_query)
+
+
+PER_QUERY_MARK = b"featcache-per-query"  # the key featcache puts in the schema metadata of a --per-query file
+
+
+def write_per_query(out, output: "EvalOutput", es: "EvalSet", *, overwrite: bool = False) -> None:
+    """``eval --per-query FILE.parquet``: one row per query, in query order: its path, label, domain, whether it
+    was scored (it has a relevant index row), its AP@k (the mAP@k term), precision at min(5, k) and the rank
+    of its first relevant neighbour (0: none in the top k)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from featcache.files import write_output
+
+    q, pq_ = es.queries, output.per_query
+    top = next(name for name in pq_ if name.startswith("precision@"))
+    table = pa.table({
+        "path": pa.array(q.cache.strings("paths", q.rows).tolist(), pa.string()),
+        "label": pa.array([str(x) for x in q.labels], pa.string()),
+        "domain": pa.array([str(x) for x in q.domains], pa.string()),
+        "scored": pa.array(pq_["scored"], pa.bool_()),
+        f"ap@{output.result['k']}": pa.array(np.where(pq_["scored"], pq_["ap"], np.nan), pa.float64()),
+        top: pa.array(pq_[top], pa.float64()),
+        "first_relevant": pa.array(pq_["first_relevant"], pa.int64()),
+    }).replace_schema_metadata({PER_QUERY_MARK: __version__.encode()})
+
+    write_output(out, lambda tmp: pq.write_table(table, str(tmp)), ours=per_query_is_ours, what="per-query scores",
+                 overwrite=overwrite, option="--per-query")
+
+
+def per_query_is_ours(path) -> bool:
+    """A parquet file ``eval --per-query`` wrote (its schema metadata says so)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return PER_QUERY_MARK in (pq.read_schema(str(path)).metadata or {})
+    except Exception:  # not parquet, or unreadable: not one featcache wrote
+        return False
+
+
+def expanded(x: np.ndarray, neighbours: np.ndarray, sims: np.ndarray, alpha: float) -> np.ndarray:
+    """Each row of ``x`` plus its neighbours (N, n, D) weighted by max(0, similarity) ** alpha: alpha query
+    expansion, and database-side augmentation when ``x`` is the index."""
+    weights = np.maximum(sims, 0).astype(np.float64) ** alpha
+    return x + np.einsum("nj,njd->nd", weights, neighbours.astype(np.float64)).astype(np.float32)
+
+
+def check_finite(x: np.ndarray, side: str) -> None:
+    bad = int((~np.isfinite(x)).any(axis=1).sum())
+    if bad:
+        raise EvalError(f"{bad} {side}embeddings are NaN or infinite; the head or the cache is broken")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["import_faiss", "l2_normalize", "search"]
+__all__ = ["import_faiss", "l2_normalize", "search", "search_blocks"]
 
 _CHUNK_ROWS = 1 << 16  # rows per chunk for finiteness checks and normalisation
 _EXTRA_CANDIDATES_MIN = 4  # candidates searched beyond k (+1 for self) to settle boundary ties
@@ -335,3 +335,50 @@ def search(
         if old_threads is not None:
             faiss.omp_set_num_threads(old_threads)
     return out_s, out_i
+
+
+def search_blocks(queries: Any, blocks, k: int, *, self_ids: Any = None, max_memory: int = 2 << 30,
+                  total: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`search` over an index that arrives block by block and is never whole in memory.
+
+    ``blocks`` yields ``(offset, rows)``: consecutive slices of the index (offsets 0, n0, n0 + n1, ...),
+    each an (n, D) array. Each block is searched exactly (:func:`search`, its ids shifted by the offset)
+    and merged into a running top-k on (-score, id): a row dropped from a block's top-k ranks after the
+    k-th of that block, hence after the k-th of the whole, so the result equals :func:`search` on the
+    concatenated index (the same order, ties included; scores of one row are computed within its block).
+    Memory: the (Q, k) running lists, one block, and one block's search (bounded by ``max_memory``).
+    ``self_ids`` are positions in the whole index (-1: the query is not an index row). ``total``, when
+    known, checks ``k`` before the first block is read.
+    """
+    xq = as_embeddings(queries, "queries")
+    nq = xq.shape[0]
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = int(k)
+    ids_all = None if self_ids is None else to_numpy(self_ids).astype(np.int64)
+    if total is not None and k > total - (1 if ids_all is not None and (ids_all >= 0).any() else 0):
+        raise ValueError(f"k={k} exceeds the {total} index rows")
+    last = np.iinfo(np.int64).max  # ids of "nothing yet": after every real row in (-score, id) order
+    best_s = np.full((nq, k), -np.inf, dtype=np.float32)
+    best_i = np.full((nq, k), last, dtype=np.int64)
+    seen = 0
+    for offset, block in blocks:
+        if offset != seen:
+            raise ValueError(f"index blocks must be consecutive: block at {offset}, expected {seen}")
+        nb = len(block)
+        seen += nb
+        if nb == 0 or nq == 0:
+            continue
+        inside = np.zeros(nq, dtype=bool) if ids_all is None else (ids_all >= offset) & (ids_all < offset + nb)
+        for group, own in ((~inside, False), (inside, True)):
+            kb = min(k, nb - (1 if own else 0))
+            if not group.any() or kb < 1:
+                continue
+            sc, ix = search(xq[group] if not group.all() else xq, block, kb,
+                            self_ids=(ids_all[group] - offset) if own else None, max_memory=max_memory)
+            ix += offset
+            best_s[group], best_i[group] = _sort_candidates(np.concatenate([best_s[group], sc], axis=1),
+                                                            np.concatenate([best_i[group], ix], axis=1), k)
+    if nq and (best_i[:, -1] == last).any():
+        raise ValueError(f"k={k} exceeds the {seen} index rows available")
+    return best_s, best_i

@@ -231,7 +231,8 @@ class Run:
 
 
 def is_full(measured: dict[str, Any]) -> bool:
-    return not measured.get("domains") and measured.get("k") == 5
+    """The evaluation ``runs`` shows as a run's score: every domain, k = 5, plain search (no expansion)."""
+    return not measured.get("domains") and measured.get("k") == 5 and not measured.get("expansion")
 
 
 def describe_measured(measured: dict[str, Any]) -> str:
@@ -246,6 +247,8 @@ def describe_measured(measured: dict[str, Any]) -> str:
         parts.append("domain " + ", ".join(map(str, measured["domains"])))
     if measured.get("groups"):
         parts.append(str(measured["groups"]))
+    if measured.get("expansion"):
+        parts.append(", ".join(f"{key}={value}" for key, value in measured["expansion"].items()))
     return f"{Path(str(cache)).name} ({', '.join(parts)})"
 
 

@@ -17,6 +17,7 @@ from featcache.manifest.builders import (
     furniture180,
     gldv2,
     hm,
+    ilias,
     imagefolder,
     m4d35k,
     met,
@@ -52,6 +53,7 @@ BUILDERS: dict[str, Builder] = {
         storefronts146,
         m4d35k,
         uned,
+        ilias,
         imagefolder,
         webdataset,
     )

@@ -1,0 +1,142 @@
+"""Evaluation with the index streamed from disk block by block: the same neighbours as one search over the
+whole index (ties included), distractors that are searched but never relevant, and per-query results."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from featcache.evaluate.search import search_blocks
+from tests.conftest import blobs, make_cache
+
+
+def brute_force(q: np.ndarray, b: np.ndarray, k: int, self_ids: np.ndarray) -> np.ndarray:
+    """Top-k by (-score, id), the query's own row left out: scores of small integers are exact in float32."""
+    out = []
+    for i, row in enumerate(q.astype(np.int64) @ b.astype(np.int64).T):
+        order = [j for j in sorted(range(len(b)), key=lambda j: (-row[j], j)) if j != self_ids[i]]
+        out.append(order[:k])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("sizes", [(37,), (5, 11, 1, 20), (1,) * 37, (30, 7)])
+def test_blocks_give_the_neighbours_of_one_search_ties_included(sizes):
+    rng = np.random.default_rng(len(sizes))
+    b = rng.integers(-2, 3, size=(37, 6)).astype(np.float32)
+    b[20:30] = b[3]  # ten exact copies of one row: ties that straddle blocks and the k-th place
+    q = np.concatenate([b[[3, 0, 21]], rng.integers(-2, 3, size=(5, 6)).astype(np.float32)])
+    self_ids = np.array([3, 0, 21, -1, -1, -1, -1, -1])  # the first three queries are index rows
+    for k in (1, 4, 12, 36):
+        blocks, at = [], 0
+        for n in sizes:
+            blocks.append((at, b[at:at + n]))
+            at += n
+        _, ids = search_blocks(q, iter(blocks), k, self_ids=self_ids, total=len(b))
+        np.testing.assert_array_equal(ids, brute_force(q, b, k, self_ids))
+
+
+def test_more_neighbours_than_rows_is_refused():
+    b = np.eye(4, dtype=np.float32)
+    with pytest.raises(ValueError, match="exceeds"):
+        search_blocks(b[:1], iter([(0, b)]), 4, self_ids=np.array([0]), total=4)
+
+
+def split_cache(tmp_path, n_classes=12, per_class=10, dim=16, seed=0, name="c"):
+    x, y = blobs(n_classes, per_class, dim=dim, noise=1.2, seed=seed)
+    splits = np.where(np.arange(len(y)) % 5 == 0, "query", "index")
+    domains = np.where(y % 2 == 0, "even", "odd")
+    return make_cache(tmp_path, x, y, splits=splits, domains=domains, name=name), x, y, splits, domains
+
+
+@pytest.mark.parametrize("protocol", ["guiec", "uned"])
+def test_streamed_evaluation_equals_the_in_memory_one(tmp_path, protocol):
+    from featcache.evaluate.protocols import EvalSet, run_eval
+
+    path, *_ = split_cache(tmp_path)
+    whole = EvalSet.load(path)
+    streamed = EvalSet.load(path, max_memory=1 << 14)  # 96 index rows of 64 bytes in blocks of 16
+    assert not whole.streamed and streamed.streamed and streamed.block_rows < len(streamed.index.rows)
+    for k in (1, 5, 40):
+        a = run_eval(eval_set=whole, protocol=protocol, k=k, zero_shot="raw", show=4)
+        b = run_eval(eval_set=streamed, protocol=protocol, k=k, zero_shot="raw", show=4)
+        assert a.result["overall"] == b.result["overall"] and a.result["domains"] == b.result["domains"]
+        np.testing.assert_array_equal(a.neighbours, b.neighbours)
+
+
+def test_distractors_are_searched_and_never_relevant(tmp_path):
+    from featcache.evaluate.metrics import evaluate
+    from featcache.evaluate.protocols import EvalSet, run_eval
+
+    path, x, y, splits, domains = split_cache(tmp_path)
+    # distractors: near copies of index rows (they push relevant rows down) and noise
+    rng = np.random.default_rng(5)
+    d = np.concatenate([x[splits == "index"][:40] + 0.01 * rng.normal(size=(40, 16)), rng.normal(size=(30, 16))])
+    d[5] = np.nan  # an invalid row: not searched
+    dpath = make_cache(tmp_path, d.astype(np.float32), [0] * len(d), name="d")  # labels of distractors are ignored
+    d = np.delete(d, 5, axis=0)
+    for max_memory in (2 << 30, 1 << 14):
+        es = EvalSet.load(path, distractors=[dpath], max_memory=max_memory)
+        got = run_eval(eval_set=es, k=10, zero_shot="raw").result
+        # independent: one in-memory index where every distractor has a label no query has
+        q, i = splits == "query", splits == "index"
+        index = np.concatenate([x[i], d.astype(np.float32)])
+        labels = [str(v) for v in y[i]] + [f"distractor {j}" for j in range(len(d))]
+        want = evaluate(x[q], [str(v) for v in y[q]], index, labels, query_domains=domains[q], k=10)
+        assert got["overall"] == pytest.approx(want["overall"])
+        assert got["cache"]["distractors"] == [str(dpath.resolve())]
+    no_distractors = run_eval(eval_set=EvalSet.load(path), k=10, zero_shot="raw").result
+    assert got["overall"]["mAP@10"] < no_distractors["overall"]["mAP@10"]
+
+
+def test_per_query_results(tmp_path, cli):
+    path, x, y, splits, _ = split_cache(tmp_path)
+    out = tmp_path / "q.parquet"
+    r = cli("eval", "--cache", path, "--zero-shot", "raw", "--k", "10", "--per-query", out, "--json", tmp_path / "s.json")
+    t = pq.read_table(out).to_pydict()
+    scores = json.loads((tmp_path / "s.json").read_text())["overall"]
+    assert len(t["path"]) == scores["queries"] + scores["excluded"] == int((splits == "query").sum())
+    assert np.mean([a for a, s in zip(t["ap@10"], t["scored"]) if s]) == pytest.approx(scores["mAP@10"])
+    # independent: the rank of the first relevant neighbour and precision@5, by brute force (cosine)
+    q, i = np.flatnonzero(splits == "query"), np.flatnonzero(splits == "index")
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    for j, row in enumerate(q):
+        order = i[np.argsort(-(xn[i] @ xn[row]), kind="stable")][:10]
+        hits = y[order] == y[row]
+        assert t["first_relevant"][j] == (int(np.argmax(hits)) + 1 if hits.any() else 0)
+        assert t["precision@5"][j] == pytest.approx(hits[:5].mean())
+    assert t["path"][0] == "img00000.png" and "per-query scores" in r.output
+    cli("eval", "--cache", path, "--zero-shot", "raw", "--per-query", out, code=2)  # featcache's file: --overwrite
+    cli("eval", "--cache", path, "--zero-shot", "raw", "--per-query", out, "--overwrite")
+    (tmp_path / "mine.parquet").write_bytes(b"PAR1 not ours")
+    cli("eval", "--cache", path, "--zero-shot", "raw", "--per-query", tmp_path / "mine.parquet", "--overwrite", code=2)
+
+
+def rows_cases(n: int):
+    rng = np.random.default_rng(0)
+    yield np.arange(n)
+    yield np.arange(9, 23)  # a span that starts and ends inside chunks
+    yield np.array([n - 1])  # the partial last chunk
+    yield np.sort(rng.choice(n, 11, replace=False))
+    yield np.zeros(0, dtype=np.int64)
+    yield rng.random(n) < 0.3  # a mask
+
+
+def test_rows_of_a_span_read_only_that_span(tmp_path, monkeypatch):
+    from featcache.cache import FeatureCache, import_features
+    from featcache.manifest import read_manifest, write_manifest
+
+    x = np.random.default_rng(1).normal(size=(45, 5)).astype(np.float32)
+    m = read_manifest(write_manifest(tmp_path / "m.csv", [f"i{i}" for i in range(45)], ["a"] * 45))
+    import_features(x, m, tmp_path / "c.zarr", source="x", source_sha256="0" * 64, dtype="float32", chunk_rows=7)
+    c = FeatureCache.open(tmp_path / "c.zarr")
+    for rows in rows_cases(45):
+        np.testing.assert_array_equal(c.features(rows), x[rows])
+    read = []
+    arr = type(c.group["features"])
+    real = arr.__getitem__
+    monkeypatch.setattr(arr, "__getitem__", lambda self, key: read.append(key) or real(self, key))
+    c.features(np.arange(30, 33))
+    assert read and all(k.start >= 28 for k in read)  # from the chunk holding row 30 on, not from row 0
