@@ -65,22 +65,35 @@ def index(
     ivf: Optional[int] = typer.Option(None, help="An IVF index with this many lists instead of exact search."),
     nprobe: Optional[int] = typer.Option(None, help="IVF lists searched per query. \\[default: lists / 16]"),
     hnsw: Optional[int] = typer.Option(None, help="An HNSW graph with this many links per node instead of exact search."),
+    factory: Optional[str] = typer.Option(None, help="Any faiss index_factory string, e.g. IVF65536,PQ32 or OPQ16_64,IVF262144_HNSW32,PQ16: a compressed index for collections that do not fit in memory, trained on a sample and filled block by block; `search` reads it memory-mapped."),
+    max_memory: str = typer.Option("8GB", help="Refuse, before starting, an index whose build needs more memory than this (the index, its training sample, one block)."),
     overwrite: bool = flag(help="Replace an index already at --out."),
     break_lock: bool = break_lock_flag(),
     json_out: bool = flag("--json", help="Print index.json's content as JSON."),
 ) -> None:
     """Build a faiss index of a cache's rows (L2-normalised, inner product) for `featcache search`.
 
-    Exact (flat) by default; --ivf or --hnsw build an approximate index and report its recall@10
-    against exact search on a sample of the rows.
+    Exact (flat) by default; --ivf, --hnsw or --factory build an approximate index and report its
+    recall@10 against exact search on a sample of the rows. The memory the build needs is printed before it
+    starts, and a build above --max-memory is refused.
     """
     from featcache.deploy.index import build_index, index_spec
 
-    spec = index_spec(ivf, hnsw, nprobe)
+    from featcache.cli.evaluate import parse_bytes
+
+    spec = index_spec(ivf, hnsw, nprobe, factory)
     allow_break_lock(break_lock)
     cache, run, out_path = place(cache), place(run), place(out_path)
-    with progress_updates(f"index ({spec.kind})", disable=json_out) as update:
-        meta = build_index(cache, out_path, run=run, spec=spec, overwrite=overwrite, progress=update)
+
+    def say_plan(plan: dict) -> None:
+        if not json_out:
+            err.print(f"{spec.factory or spec.kind}: about {human_bytes(plan['index'])} of index ({plan['per_vector']} bytes "
+                      f"a vector) + {human_bytes(plan['training'])} of training sample ({plan['training_rows']:,} rows) + "
+                      f"{human_bytes(plan['block'])} a block", markup=False)
+
+    with progress_updates(f"index ({spec.factory or spec.kind})", disable=json_out) as update:
+        meta = build_index(cache, out_path, run=run, spec=spec, overwrite=overwrite, progress=update,
+                           max_memory=parse_bytes(max_memory), on_plan=say_plan)
     if json_out:
         print_json(meta)
         return

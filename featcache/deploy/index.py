@@ -30,7 +30,7 @@ from featcache import __version__
 from featcache.cache import FeatureCache, describe_space, feature_space, file_sha256, head_space
 from featcache.deploy.embedder import DeployError, Embedder, collection, rebuild_backbone
 from featcache.evaluate.search import import_faiss, l2_normalize
-from featcache.files import build_dir, strict_json
+from featcache.files import build_dir, check_replaceable, strict_json
 from featcache.images import ImageFailure, load_image
 from featcache.storage import Remote, absolute, is_url, local_dir, location
 from featcache.train.heads import ProjectionHead
@@ -48,13 +48,15 @@ HNSW_EF_SEARCH = 128
 
 @dataclass
 class IndexSpec:
-    """Which faiss index: exact (``flat``), ``ivf`` with ``nlist`` lists (``nprobe`` searched), or ``hnsw``
-    with ``m`` links per node."""
+    """Which faiss index: exact (``flat``), ``ivf`` with ``nlist`` lists (``nprobe`` searched), ``hnsw`` with
+    ``m`` links per node, or any string of faiss's ``index_factory`` (``factory``: ``IVF65536,PQ32``,
+    ``OPQ16_64,IVF262144_HNSW32,PQ16``, ...), compressed indexes for collections that do not fit in memory."""
 
     kind: str = "flat"
     nlist: int | None = None
     nprobe: int | None = None
     m: int | None = None
+    factory: str | None = None
 
     def describe(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if v is not None}
@@ -72,14 +74,86 @@ def _empty_index(spec: IndexSpec, dim: int):
         index = faiss.IndexHNSWFlat(dim, spec.m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = HNSW_EF_SEARCH
         return index
-    raise DeployError(f"unknown index kind {spec.kind!r}; expected flat, ivf or hnsw")
+    if spec.kind == "factory":
+        try:
+            index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            raise DeployError(f"--factory {spec.factory}: faiss cannot build it for {dim}-d vectors ({_faiss_reason(e)})") from None
+        ivf = _ivf_of(index)
+        if ivf is not None:
+            if spec.nprobe is not None and spec.nprobe > ivf.nlist:
+                raise DeployError(f"--nprobe {spec.nprobe}: more than the {ivf.nlist} lists of --factory {spec.factory}")
+            spec.nlist, spec.nprobe = ivf.nlist, spec.nprobe or max(1, ivf.nlist // 16)
+            ivf.nprobe = spec.nprobe
+        elif spec.nprobe is not None:
+            raise DeployError(f"--nprobe {spec.nprobe}: --factory {spec.factory} has no inverted lists to probe")
+        return index
+    raise DeployError(f"unknown index kind {spec.kind!r}; expected flat, ivf, hnsw or factory")
 
 
-def index_spec(ivf: int | None = None, hnsw: int | None = None, nprobe: int | None = None) -> IndexSpec:
-    if ivf is not None and hnsw is not None:
-        raise DeployError("give --ivf or --hnsw, not both")
+def _faiss_reason(e: BaseException) -> str:
+    """The readable part of a faiss error (its C++ trace dropped): what failed, and why."""
+    text = " ".join(str(e).split())
+    for marker in ("failed: ", "Error: "):
+        if marker in text:
+            return text.split(marker, 1)[1][:160]
+    return text[:160]
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def _ivf_of(index):
+    """The inverted-file part of a faiss index (for nprobe), or None."""
+    try:
+        return import_faiss().extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def memory_plan(index, spec: IndexSpec, rows: int, dim: int, block_rows: int = BLOCK_ROWS) -> dict[str, int]:
+    """What building ``index`` over ``rows`` vectors holds in memory, in bytes: the index itself (its codes, the
+    ids of inverted lists, graph links, centroids), the training sample, and one block of vectors."""
+    faiss = import_faiss()
+    try:
+        per_vector = int(index.sa_code_size())
+    except RuntimeError:  # HNSW keeps full vectors and its graph
+        per_vector = 4 * dim
+    fixed = 0
+    ivf = _ivf_of(index)
+    if ivf is not None:
+        per_vector += 8  # each inverted list stores its vectors' ids
+        fixed += ivf.nlist * dim * 4
+    m = getattr(getattr(faiss.downcast_index(index), "hnsw", None), "nb_neighbors", None)
+    if m is not None:
+        per_vector += 4 * int(m(0)) + 8  # level-0 links, plus the upper levels' share
+    elif spec.kind == "factory" and "HNSW" in (spec.factory or "").split(",")[0]:
+        per_vector += 4 * 2 * 32 + 8
+    train = training_rows(index, rows)
+    return {"index": rows * per_vector + fixed, "training": train * dim * 4, "block": block_rows * dim * 4 * 2,
+            "per_vector": per_vector, "training_rows": train}
+
+
+def training_rows(index, rows: int) -> int:
+    """Rows an untrained index is trained on: 39 per centroid of its coarse quantizer, at least 10,000 (a
+    product quantizer's 256 centroids per sub-vector), at most every row."""
+    if index.is_trained:
+        return 0
+    ivf = _ivf_of(index)
+    return min(rows, max(10_000, 39 * (ivf.nlist if ivf is not None else 256)))
+
+
+def index_spec(ivf: int | None = None, hnsw: int | None = None, nprobe: int | None = None,
+               factory: str | None = None) -> IndexSpec:
+    if sum(x is not None for x in (ivf, hnsw, factory)) > 1:
+        raise DeployError("give one of --ivf, --hnsw and --factory")
+    if factory is not None:
+        if not factory.strip():
+            raise DeployError("--factory '': give a faiss index_factory string, e.g. IVF4096,PQ32")
+        return IndexSpec("factory", nprobe=nprobe, factory=factory.strip())
     if nprobe is not None and ivf is None:
-        raise DeployError(f"--nprobe {nprobe}: only an IVF index (--ivf NLIST) probes lists")
+        raise DeployError(f"--nprobe {nprobe}: only an IVF index (--ivf NLIST or --factory IVF...) probes lists")
     if ivf is not None:
         if ivf < 1:
             raise DeployError(f"--ivf {ivf}: the number of lists must be at least 1")
@@ -110,8 +184,11 @@ class _ExactTopK:
 
 def build_index(cache_path: str | os.PathLike, out: str | os.PathLike, *, run: str | os.PathLike | None = None,
                 spec: IndexSpec | None = None, overwrite: bool = False, block_rows: int = BLOCK_ROWS,
-                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Index every valid row of a cache (embedded by ``run``'s head, or raw); returns ``index.json``'s content."""
+                progress: Callable[[int, int], None] | None = None, max_memory: int | None = None,
+                on_plan: Callable[[dict[str, int]], None] | None = None) -> dict[str, Any]:
+    """Index every valid row of a cache (embedded by ``run``'s head, or raw), filled block by block from the
+    cache; returns ``index.json``'s content. ``on_plan`` hears the memory the build will hold before it
+    starts; above ``max_memory`` the build is refused."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -126,14 +203,27 @@ def build_index(cache_path: str | os.PathLike, out: str | os.PathLike, *, run: s
         return l2_normalize(head_run.embed(block) if head_run is not None else block)
 
     dim = head_run.head.embed_dim if head_run is not None else cache.dim
+    check_replaceable(out, lambda d: (d / META_FILE).is_file(), "an index", overwrite)  # before any work (again under the lock)
     index = _empty_index(spec, dim)
+    plan = memory_plan(index, spec, len(rows), dim, block_rows)
+    if on_plan is not None:
+        on_plan(plan)
+    needed = plan["index"] + plan["training"] + plan["block"]
+    if max_memory is not None and needed > max_memory:
+        raise DeployError(f"the {spec.factory or spec.kind} index of {len(rows):,} rows needs about {_gib(needed)} in memory "
+                          f"(index {_gib(plan['index'])}, training sample {_gib(plan['training'])}, a block "
+                          f"{_gib(plan['block'])}), more than --max-memory {_gib(max_memory)}; choose a smaller code (e.g. "
+                          "--factory IVF65536,PQ16) or raise --max-memory")
     rng = np.random.default_rng(0)
     approximate = spec.kind != "flat"
     sample = np.sort(rng.choice(len(rows), min(RECALL_QUERIES, len(rows)), replace=False)) if approximate else None
     truth = _ExactTopK(embed(cache.features(rows[sample])), min(RECALL_K, len(rows))) if approximate else None
-    if spec.kind == "ivf":
-        train = np.sort(rng.choice(len(rows), min(len(rows), max(39 * spec.nlist, 10_000)), replace=False))
-        index.train(embed(cache.features(rows[train])))
+    if not index.is_trained:
+        train = np.sort(rng.choice(len(rows), plan["training_rows"], replace=False))
+        try:
+            index.train(embed(cache.features(rows[train])))
+        except RuntimeError as e:
+            raise DeployError(f"--factory {spec.factory}: training on {len(train):,} rows failed ({_faiss_reason(e)})") from None
     meta: dict[str, Any] = {}
 
     classes = cache.classes()
@@ -234,17 +324,22 @@ class Index:
                 raise DeployError(f"{path / name}: not the file this index was built with (its size or sha256 differs "
                                   f"from {META_FILE}'s); rebuild the index with `featcache index`")
         rows = _read_rows(path / ROWS_FILE)
-        try:
-            index = import_faiss().read_index(str(path / INDEX_FILE))
-        except Exception as e:  # faiss reports a damaged file as a RuntimeError with a C++ trace
-            raise DeployError(f"{path / INDEX_FILE}: not a readable faiss index ({type(e).__name__})") from None
+        faiss = import_faiss()
+        try:  # memory-mapped where faiss can (flat, IVF and PQ codes): a large index is paged in as searched
+            index = faiss.read_index(str(path / INDEX_FILE), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        except Exception:
+            try:
+                index = faiss.read_index(str(path / INDEX_FILE))
+            except Exception as e:  # faiss reports a damaged file as a RuntimeError with a C++ trace
+                raise DeployError(f"{path / INDEX_FILE}: not a readable faiss index ({type(e).__name__})") from None
         if index.ntotal != meta["rows"] or rows.num_rows != meta["rows"] or index.d != meta["dim"]:
             raise DeployError(f"{path}: {INDEX_FILE} holds {index.ntotal} rows of {index.d} dims, {ROWS_FILE} "
                               f"{rows.num_rows} rows, {META_FILE} says {meta['rows']} of {meta['dim']}")
         if "nprobe" in meta["index"]:
-            index.nprobe = meta["index"]["nprobe"]
-        if meta["index"]["kind"] == "hnsw":
-            index.hnsw.efSearch = HNSW_EF_SEARCH
+            _ivf_of(index).nprobe = meta["index"]["nprobe"]
+        hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
+        if hnsw is not None:
+            hnsw.efSearch = HNSW_EF_SEARCH
         head = None
         if meta["head"] is not None:
             try:
@@ -380,7 +475,7 @@ def _read_meta(file: Path) -> dict[str, Any]:
     for key, kind in META_SHAPE.items():
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             raise DeployError(f"{file}: damaged ({key} = {str(meta.get(key))[:60]!r})")
-    if meta["index"].get("kind") not in ("flat", "ivf", "hnsw") or not all(
+    if meta["index"].get("kind") not in ("flat", "ivf", "hnsw", "factory") or not all(
             isinstance(v, str) and k in (INDEX_FILE, ROWS_FILE, HEAD_FILE) for k, v in meta["files"].items()) \
             or {INDEX_FILE, ROWS_FILE} - set(meta["files"]) or (meta["head"] is not None) != (HEAD_FILE in meta["files"]):
         raise DeployError(f"{file}: damaged (index kind or file list)")
