@@ -129,6 +129,17 @@ def test_labels_from_the_samples_and_what_is_left_out(shards, tmp_path, cli):
     assert list(failed) == ["00002.tar#x1"] and "not an image" in failed["00002.tar#x1"]
 
 
+def test_each_sample_its_own_class_for_distractors(shards, tmp_path, cli):
+    root, _, samples = shards
+    cli("manifest", "build", "webdataset", "--root", root, "--label", "__key__", "--out", tmp_path / "a.csv")
+    for f in root.glob("*.parquet"):
+        f.unlink()  # from the tars now: the same rows
+    cli("manifest", "build", "webdataset", "--root", root, "--label", "__key__", "--out", tmp_path / "b.csv")
+    for name in ("a.csv", "b.csv"):
+        rows = [line.split(",")[:2] for line in (tmp_path / name).read_text().splitlines()[1:]]
+        assert rows == [[p, f"wds/{p.split('#')[1]}"] for p, _, _ in samples]
+
+
 def test_odd_shards_are_one_line(shards, tmp_path, cli):
     root, _, _ = shards
     out = tmp_path / "m.csv"

@@ -94,7 +94,8 @@ def build(
         None, "--shards", help="webdataset: the shards under ROOT, a brace pattern like '{00000..00999}.tar' (default every *.tar in ROOT)."),
     label: Optional[str] = typer.Option(
         None, "--label", help="webdataset: each sample's label: cls or txt (that member's text), or a key of its json "
-        "(or a column of img2dataset's parquet beside the shard, read instead of the tar when it has it)."),
+        "(or a column of img2dataset's parquet beside the shard, read instead of the tar when it has it); __key__: each sample "
+        "its own class (distractors)."),
     overwrite: bool = flag("--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     root, out_path = place(root), place(out_path)

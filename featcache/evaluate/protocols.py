@@ -205,7 +205,7 @@ def embed(features: np.ndarray, run: Run | None, zero_shot: str | None) -> np.nd
     if zero_shot == "pooled":
         return pooled(features)
     if zero_shot == "raw":
-        return features.astype(np.float32)
+        return features  # normalised (into float32) where it is searched
     raise EvalError(f"unknown zero-shot mode {zero_shot!r}; expected one of {', '.join(ZERO_SHOT)}")
 
 
@@ -380,9 +380,10 @@ def run_eval(
     check_finite(xq, "")
 
     def embed_block(raw: np.ndarray) -> np.ndarray:
-        x = embed(raw, run, zero_shot)
-        check_finite(x, "index ")
-        return l2_normalize(x)
+        try:
+            return l2_normalize(embed(raw, run, zero_shot))
+        except ValueError as e:  # l2_normalize's count of rows that are not finite
+            raise EvalError(f"index {e}; the head or the cache is broken") from None
 
     if min(qe, dba) < 0 or alpha < 0:
         raise EvalError(f"--qe {qe}, --dba {dba}, --alpha {alpha}: give numbers of neighbours and an alpha >= 0")

@@ -30,6 +30,9 @@ __all__ = ["import_faiss", "l2_normalize", "search", "search_blocks"]
 
 _CHUNK_ROWS = 1 << 16  # rows per chunk for finiteness checks and normalisation
 _EXTRA_CANDIDATES_MIN = 4  # candidates searched beyond k (+1 for self) to settle boundary ties
+# ... and beyond that a 64th of k: faiss's heaps grow with the candidates (at k = 1000, a quarter more cost
+# a streamed evaluation about a fifth of its time), and a query whose tie runs past them is searched again
+_EXTRA_CANDIDATES_SHARE = 64
 # faiss's BLAS path works through 4096 x database_bs distance tiles, with an OpenMP fork/join (the
 # sgemm, then the heap updates) per tile. Its default database_bs of 1024 means 200 tiles per 4096
 # queries on a 200k index; on 2 busy cores that synchronisation made a 5k x 200k x 64 search 2-3x
@@ -102,10 +105,10 @@ def l2_normalize(x: Any) -> np.ndarray:
     _check_finite(a)
     out = np.empty(a.shape, dtype=np.float32)
     for i0 in range(0, a.shape[0], _CHUNK_ROWS):
-        c = a[i0 : i0 + _CHUNK_ROWS].astype(np.float64)
-        norms = np.sqrt(np.einsum("ij,ij->i", c, c))
+        c = a[i0 : i0 + _CHUNK_ROWS]
+        norms = np.sqrt(np.einsum("ij,ij->i", c, c, dtype=np.float64))  # float64 sums, no float64 copy of c
         norms[norms == 0] = 1.0
-        out[i0 : i0 + _CHUNK_ROWS] = c / norms[:, None]
+        np.divide(c, norms[:, None], out=out[i0 : i0 + _CHUNK_ROWS], casting="unsafe")
     return out
 
 
@@ -291,7 +294,7 @@ def search(
         faiss.cvar.distance_compute_blas_database_bs = db_bs
     try:
         needed = k + (1 if self_ids is not None else 0)
-        kk = min(n, needed + max(_EXTRA_CANDIDATES_MIN, needed // 4))
+        kk = min(n, needed + max(_EXTRA_CANDIDATES_MIN, needed // _EXTRA_CANDIDATES_SHARE))
         pending = np.arange(nq)
         single = None  # the whole index as one faiss index, built once when it fits one shard
         first = True
@@ -337,6 +340,15 @@ def search(
     return out_s, out_i
 
 
+def _merge_sorted(s1: np.ndarray, i1: np.ndarray, s2: np.ndarray, i2: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``keep`` of two lists per row, each sorted on (-score, id), where every id of the first is below
+    every id of the second: a stable sort on -score alone then keeps (-score, id) order, and runs as a merge
+    of the two sorted runs (numpy's stable sort is timsort)."""
+    scores = np.concatenate([s1, s2], axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :keep]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(np.concatenate([i1, i2], axis=1), order, 1)
+
+
 def search_blocks(queries: Any, blocks, k: int, *, self_ids: Any = None, max_memory: int = 2 << 30,
                   total: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """:func:`search` over an index that arrives block by block and is never whole in memory.
@@ -377,8 +389,10 @@ def search_blocks(queries: Any, blocks, k: int, *, self_ids: Any = None, max_mem
             sc, ix = search(xq[group] if not group.all() else xq, block, kb,
                             self_ids=(ids_all[group] - offset) if own else None, max_memory=max_memory)
             ix += offset
-            best_s[group], best_i[group] = _sort_candidates(np.concatenate([best_s[group], sc], axis=1),
-                                                            np.concatenate([best_i[group], ix], axis=1), k)
+            if kb == k and (best_i[group, 0] == last).all():  # nothing found before: the block's list is the list
+                best_s[group], best_i[group] = sc, ix
+                continue
+            best_s[group], best_i[group] = _merge_sorted(best_s[group], best_i[group], sc, ix, k)
     if nq and (best_i[:, -1] == last).any():
         raise ValueError(f"k={k} exceeds the {seen} index rows available")
     return best_s, best_i

@@ -7,7 +7,8 @@ to ROOT; default every ``*.tar`` in ROOT), and for each shard either
   in the tar) are listed; or
 - the tar itself, front to back: a sample is the members sharing a key; its image is its first member
   with an image field (``jpg``, ``png``, ``webp``, ...), its label the ``--label`` field: ``cls`` or ``txt``
-  (the member's text), or any other name, read as a key of the sample's ``json``.
+  (the member's text), or any other name, read as a key of the sample's ``json``; ``__key__`` makes each
+  sample its own class (distractors, whose labels never count).
 Samples without an image, or without a label, are left out, counted and named in the notes.
 Label = ``DOMAIN/value``; the domain defaults to ROOT's own name.
 """
@@ -25,6 +26,7 @@ from featcache.manifest.schema import ManifestError, Rows
 from featcache.manifest.webdataset import IMAGE_FIELDS, expand_braces, sample_path, split_member
 
 TEXT_FIELDS = ("cls", "txt")
+KEY_LABEL = "__key__"  # --label __key__: each sample is its own class (distractors, whose labels never matter)
 
 
 def webdataset(root: str | os.PathLike, *, shards: str | None = None, label: str | None = None,
@@ -106,13 +108,14 @@ def _from_parquet(root: Path, name: str, label: str, not_fetched: list[str]) -> 
     table_file = root / (name[: -len(".tar")] + ".parquet")
     if not table_file.is_file():
         return None
+    column = "key" if label == KEY_LABEL else label
     try:
         with table_file.open("rb") as f:
             schema = pq.read_schema(f)
-            if label not in schema.names or "key" not in schema.names:
+            if column not in schema.names or "key" not in schema.names:
                 return None
             f.seek(0)
-            table = pq.read_table(f, columns=["key", label] + (["status"] if "status" in schema.names else []))
+            table = pq.read_table(f, columns=list(dict.fromkeys(["key", column] + (["status"] if "status" in schema.names else []))))
     except (OSError, pa.ArrowException) as e:
         raise ManifestError(f"{table_file}: not a readable parquet file ({type(e).__name__}: {first_line(e)})") from None
     if not pa.types.is_string(schema.field("key").type) and not pa.types.is_large_string(schema.field("key").type):
@@ -121,7 +124,7 @@ def _from_parquet(root: Path, name: str, label: str, not_fetched: list[str]) -> 
     data = table.to_pydict()
     status = data.get("status") or ["success"] * table.num_rows
     found = []
-    for k, v, s in zip(data["key"], data[label], status):
+    for k, v, s in zip(data["key"], data[column], status):
         if k is None:
             continue
         if s == "success":
@@ -140,10 +143,10 @@ def _from_tar(root: Path, name: str, label: str) -> list[tuple[str, object, bool
                 if not member.isfile():
                     continue
                 key, field = split_member(member.name)
-                sample = samples.setdefault(key, {"image": False, "label": None})
+                sample = samples.setdefault(key, {"image": False, "label": key if label == KEY_LABEL else None})
                 if field in IMAGE_FIELDS:
                     sample["image"] = True
-                elif (field in TEXT_FIELDS and field == label) or (field == "json" and label not in TEXT_FIELDS):
+                elif (field in TEXT_FIELDS and field == label) or (field == "json" and label not in (*TEXT_FIELDS, KEY_LABEL)):
                     data = tar.extractfile(member).read()
                     sample["label"] = _label_of(data, field, label, f"{root / name}: {member.name}")
     except (tarfile.TarError, OSError, EOFError) as e:
