@@ -129,3 +129,22 @@ def test_ilias_evaluation_with_distractors_and_expansion(tmp_path, cli):
     assert "mAP@20" in r.output
     r = cli("eval", "--cache", path, "--zero-shot", "raw", "--protocol", "ilias", code=2)
     assert "--k 1000 is larger than the index" in r.output
+    # more neighbours expanded than scored: the first search finds them all
+    wide = run_eval(eval_set=EvalSet.load(path, distractors=[dpath]), k=3, zero_shot="raw", qe=6, alpha=1).result
+    assert wide["expansion"]["qe"] == 6
+
+
+def test_distractors_in_plots_and_in_a_run_s_record(tmp_path, cli):
+    from tests.conftest import blobs
+
+    x, y = blobs(4, 12, dim=8, noise=2.0)
+    splits = np.array(["query", "index", "train", "index"] * 12)
+    path = make_cache(tmp_path, x, y, splits=splits)
+    dpath = make_cache(tmp_path, x + 0.01, [0] * 48, name="d")  # near copies: among every query's neighbours
+    cli("train-head", "--cache", path, "--out", tmp_path / "run", "--epochs", "1", "--batch-size", "8", "--embed-dim",
+        "4", "--quiet")
+    cli("eval", "--cache", path, "--run", tmp_path / "run", "--distractors", dpath, "--plot", tmp_path / "plots")
+    assert (tmp_path / "plots" / "neighbours.png").is_file()
+    listed = cli("runs", tmp_path, "--json").stdout
+    row = json.loads(listed)[0]
+    assert row["mMP@5"] is None and "distractors d.zarr" in row["scored_on"]  # not the run's plain score

@@ -112,27 +112,37 @@ def _ivf_of(index):
         return None
 
 
-def memory_plan(index, spec: IndexSpec, rows: int, dim: int, block_rows: int = BLOCK_ROWS) -> dict[str, int]:
+def _hnsw_links(index) -> int:
+    """Bytes of graph links a vector costs in an HNSW index (level 0 holds 2M links, the upper levels about
+    1/M of that again, plus its level); 0 for other indexes."""
+    hnsw = getattr(import_faiss().downcast_index(index), "hnsw", None)
+    return 0 if hnsw is None else int(4 * hnsw.nb_neighbors(0) * 1.1) + 8
+
+
+def memory_plan(index, spec: IndexSpec, rows: int, dim: int, block_rows: int = BLOCK_ROWS,
+                raw_bytes: int = 4) -> dict[str, int]:
     """What building ``index`` over ``rows`` vectors holds in memory, in bytes: the index itself (its codes, the
-    ids of inverted lists, graph links, centroids), the training sample, and one block of vectors."""
+    ids of inverted lists, graph links, centroids and their graph), the training sample (the cache's rows,
+    their embedded and normalised copies, and faiss's own copy while it trains: about 3 float32 copies plus
+    the raw ones), and one block of vectors. ``raw_bytes``: a cache row's bytes per dimension."""
     faiss = import_faiss()
+    top = index
+    while isinstance(faiss.downcast_index(top), faiss.IndexPreTransform):  # OPQ, PCA...: look at what they feed
+        top = faiss.downcast_index(top).index
     try:
-        per_vector = int(index.sa_code_size())
-    except RuntimeError:  # HNSW keeps full vectors and its graph
-        per_vector = 4 * dim
+        per_vector = int(top.sa_code_size())
+    except RuntimeError:  # HNSW keeps the vectors (its storage) and its graph
+        storage = getattr(faiss.downcast_index(top), "storage", None)
+        per_vector = int(storage.sa_code_size()) if storage is not None else 4 * top.d
+    per_vector += _hnsw_links(top)
     fixed = 0
     ivf = _ivf_of(index)
     if ivf is not None:
         per_vector += 8  # each inverted list stores its vectors' ids
-        fixed += ivf.nlist * dim * 4
-    m = getattr(getattr(faiss.downcast_index(index), "hnsw", None), "nb_neighbors", None)
-    if m is not None:
-        per_vector += 4 * int(m(0)) + 8  # level-0 links, plus the upper levels' share
-    elif spec.kind == "factory" and "HNSW" in (spec.factory or "").split(",")[0]:
-        per_vector += 4 * 2 * 32 + 8
+        fixed += ivf.nlist * dim * 4 + ivf.nlist * _hnsw_links(ivf.quantizer)  # centroids, and their graph if any
     train = training_rows(index, rows)
-    return {"index": rows * per_vector + fixed, "training": train * dim * 4, "block": block_rows * dim * 4 * 2,
-            "per_vector": per_vector, "training_rows": train}
+    return {"index": rows * per_vector + fixed, "training": train * dim * (3 * 4 + raw_bytes),
+            "block": block_rows * dim * (2 * 4 + raw_bytes), "per_vector": per_vector, "training_rows": train}
 
 
 def training_rows(index, rows: int) -> int:
@@ -205,7 +215,7 @@ def build_index(cache_path: str | os.PathLike, out: str | os.PathLike, *, run: s
     dim = head_run.head.embed_dim if head_run is not None else cache.dim
     check_replaceable(out, lambda d: (d / META_FILE).is_file(), "an index", overwrite)  # before any work (again under the lock)
     index = _empty_index(spec, dim)
-    plan = memory_plan(index, spec, len(rows), dim, block_rows)
+    plan = memory_plan(index, spec, len(rows), dim, block_rows, raw_bytes=np.dtype(cache.meta["dtype"]).itemsize)
     if on_plan is not None:
         on_plan(plan)
     needed = plan["index"] + plan["training"] + plan["block"]
@@ -223,7 +233,8 @@ def build_index(cache_path: str | os.PathLike, out: str | os.PathLike, *, run: s
         try:
             index.train(embed(cache.features(rows[train])))
         except RuntimeError as e:
-            raise DeployError(f"--factory {spec.factory}: training on {len(train):,} rows failed ({_faiss_reason(e)})") from None
+            what = f"--factory {spec.factory}" if spec.factory else f"--{spec.kind} {spec.nlist or spec.m}"
+            raise DeployError(f"{what}: training on {len(train):,} rows failed ({_faiss_reason(e)})") from None
     meta: dict[str, Any] = {}
 
     classes = cache.classes()
@@ -325,17 +336,20 @@ class Index:
                                   f"from {META_FILE}'s); rebuild the index with `featcache index`")
         rows = _read_rows(path / ROWS_FILE)
         faiss = import_faiss()
-        try:  # memory-mapped where faiss can (flat, IVF and PQ codes): a large index is paged in as searched
+        try:  # memory-mapped: a large index is paged in as it is searched, not read whole
             index = faiss.read_index(str(path / INDEX_FILE), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-        except Exception:
+        except Exception as mapped:  # a kind faiss cannot map: read it whole; a damaged file fails both ways
             try:
                 index = faiss.read_index(str(path / INDEX_FILE))
             except Exception as e:  # faiss reports a damaged file as a RuntimeError with a C++ trace
-                raise DeployError(f"{path / INDEX_FILE}: not a readable faiss index ({type(e).__name__})") from None
+                raise DeployError(f"{path / INDEX_FILE}: not a readable faiss index ({_faiss_reason(e)}; "
+                                  f"memory-mapped: {_faiss_reason(mapped)})") from None
         if index.ntotal != meta["rows"] or rows.num_rows != meta["rows"] or index.d != meta["dim"]:
             raise DeployError(f"{path}: {INDEX_FILE} holds {index.ntotal} rows of {index.d} dims, {ROWS_FILE} "
                               f"{rows.num_rows} rows, {META_FILE} says {meta['rows']} of {meta['dim']}")
         if "nprobe" in meta["index"]:
+            if _ivf_of(index) is None:
+                raise DeployError(f"{path / INDEX_FILE}: {META_FILE} gives it lists to probe, but it has none; rebuild it")
             _ivf_of(index).nprobe = meta["index"]["nprobe"]
         hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
         if hnsw is not None:

@@ -80,6 +80,10 @@ def neighbours_grid(ev: EvalOutput, dest: Path, overwrite: bool = False, option:
         for j in range(k):
             pos = ev.neighbours[r, j]
             x = gap + (j + 1) * THUMB
+            if pos >= len(ev.index.rows):  # a distractor (eval --distractors): never relevant, drawn as a red tile
+                sheet.paste(ImageOps.expand(Image.new("RGB", (THUMB - 2 * BORDER,) * 2, GREY), border=BORDER, fill=RED), (x, y))
+                draw.text((x + 2, y + THUMB + 2), "distractor", fill="black")
+                continue
             sheet.paste(_thumb(i_root, i_paths[ev.index.rows[pos]], GREEN if ev.relevant[r, j] else RED), (x, y))
             draw.text((x + 2, y + THUMB + 2), str(ev.index.labels[pos])[:18], fill="black")
     return _save_sheet(sheet, dest, overwrite, option)

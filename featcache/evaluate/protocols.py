@@ -15,7 +15,7 @@ import numpy as np
 
 from featcache.cache import FeatureCache, describe_space, feature_space
 from featcache.evaluate.baselines import POOLED_DIM, ZERO_SHOT, pooled
-from featcache.evaluate.metrics import query_metrics, score_ranked, summarize
+from featcache.evaluate.metrics import query_metrics, score_ranked, summarize, tied_ap
 from featcache.evaluate.search import l2_normalize, search_blocks
 from featcache import __version__
 from featcache.storage import absolute
@@ -119,7 +119,7 @@ def scores(xq, queries: Side, index: Side, self_ids, protocol: str, k: int, find
         rel[single], ap[single], valid[single] = r, m.ap, m.valid
     if multi.any():
         result, m, r = multi_label_scores(neighbours[multi], queries.labels[multi], queries.domains[multi], index,
-                                          ids[multi], protocol, k, label_sep)
+                                          ids[multi], protocol, k, label_sep, sims[multi])
         parts.append(result)
         rel[multi], ap[multi], valid[multi] = r, m.ap, m.valid
     top = min(5, k)
@@ -144,7 +144,7 @@ def relevant_to(label: Any, domain: Any, index: "Side", positions, protocol: str
 
 
 def multi_label_scores(neighbours, labels, domains, index: Side, self_ids, protocol: str, k: int,
-                       label_sep: str):
+                       label_sep: str, sims=None):
     """Per-domain scores of queries with several labels ("a|b") from their ``neighbours``: a neighbour is
     relevant when its label is one of them (and, under uned, its domain is the query's). Index rows carry
     one label each. Returns the result, the per-query metrics and the relevance."""
@@ -158,6 +158,8 @@ def multi_label_scores(neighbours, labels, domains, index: Side, self_ids, proto
         if self_ids[i] >= 0 and relevant_to(label, dom, index, [self_ids[i]], protocol, label_sep)[0]:
             n_rel[i] -= 1
     m = query_metrics(rel, n_rel)
+    if protocol == "ilias":
+        m = m._replace(ap=tied_ap(rel, sims, n_rel))
     out = {str(dom): summarize(m, domains == dom, k) for dom in dict.fromkeys(domains)}
     return {"protocol": protocol, "k": k, "overall": {}, "domains": out}, m, rel
 
@@ -289,20 +291,32 @@ class EvalSet:
             source = self.query_features if self.index_features is None else self.index_features
             return source[positions]
         out = np.empty((len(positions), self.index.cache.dim), dtype=self.index.cache.meta["dtype"])
-        start = 0
-        for cache, rows in [(self.index.cache, self.index.rows)] + [(c, None) for c, _ in self.distractors]:
-            n = len(rows) if rows is not None else int(cache.valid().sum())
-            here = (positions >= start) & (positions < start + n)
+
+        def fill(cache: FeatureCache, rows: np.ndarray, here: np.ndarray) -> None:
+            unique, back = np.unique(rows, return_inverse=True)  # read in row order, once each
+            out[here] = cache.features(unique)[back]
+
+        n = len(self.index.rows)
+        here = positions < n
+        if here.any():
+            fill(self.index.cache, self.index.rows[positions[here]], here)
+        start = n
+        for cache, count in self.distractors:  # valid-row ordinals to rows, span by span (as index_blocks reads)
+            here = (positions >= start) & (positions < start + count)
             if here.any():
-                rows = rows if rows is not None else np.flatnonzero(cache.valid())
-                wanted = rows[positions[here] - start]
-                order = np.argsort(wanted)
-                unique, back = np.unique(wanted[order], return_inverse=True)
-                got = cache.features(unique)[back]
-                placed = np.empty_like(got)
-                placed[order] = got
-                out[here] = placed
-            start += n
+                ordinals = positions[here] - start
+                rows = np.empty(len(ordinals), dtype=np.int64)
+                seen = 0
+                for lo in range(0, cache.rows, self.block_rows):
+                    span = np.arange(lo, min(cache.rows, lo + self.block_rows))
+                    valid_rows = span[cache.valid(span)]
+                    inside = (ordinals >= seen) & (ordinals < seen + len(valid_rows))
+                    rows[inside] = valid_rows[ordinals[inside] - seen]
+                    seen += len(valid_rows)
+                    if seen > ordinals.max():
+                        break
+                fill(cache, rows, here)
+            start += count
         return out
 
     def index_blocks(self, embed_block: Callable[[np.ndarray], np.ndarray], xq: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
@@ -311,17 +325,23 @@ class EvalSet:
         if not self.streamed:
             yield 0, xq if self.index_features is None else embed_block(self.index_features)
             return
+        def embedded(cache: FeatureCache, rows: np.ndarray, offset: int) -> np.ndarray:
+            try:
+                return embed_block(cache.features(rows))
+            except EvalError as e:  # its row numbers count from the block: say where the block starts
+                raise EvalError(f"{cache.path}, the block from row {rows[0]}: {e}") from None
+
         offset = 0
         for lo in range(0, len(self.index.rows), self.block_rows):
             rows = self.index.rows[lo:lo + self.block_rows]
-            yield offset, embed_block(self.index.cache.features(rows))
+            yield offset, embedded(self.index.cache, rows, offset)
             offset += len(rows)
         for cache, _ in self.distractors:  # by spans of the cache: no list of its 100M row numbers is held
             for lo in range(0, cache.rows, self.block_rows):
                 span = np.arange(lo, min(cache.rows, lo + self.block_rows))
                 rows = span[cache.valid(span)]
                 if len(rows):
-                    yield offset, embed_block(cache.features(rows))
+                    yield offset, embedded(cache, rows, offset)
                     offset += len(rows)
 
 
@@ -387,6 +407,10 @@ def run_eval(
 
     if min(qe, dba) < 0 or alpha < 0:
         raise EvalError(f"--qe {qe}, --dba {dba}, --alpha {alpha}: give numbers of neighbours and an alpha >= 0")
+    if qe > available:
+        raise EvalError(f"--qe {qe} is larger than the index ({available} rows)")
+    if dba and (es.index_rows < 2 or dba >= es.index_rows):
+        raise EvalError(f"--dba {dba}: each index row needs that many other rows (the index has {es.index_rows})")
     augmented = None
     if dba:
         if es.streamed:
@@ -401,7 +425,7 @@ def run_eval(
         def blocks():
             return iter([(0, augmented)]) if augmented is not None else es.index_blocks(embed_block, qn)
 
-        found = search_blocks(qn, blocks(), k, self_ids=ids, max_memory=max_memory // 2, total=es.index_rows)
+        found = search_blocks(qn, blocks(), max(k, qe), self_ids=ids, max_memory=max_memory // 2, total=es.index_rows)
         if not qe:
             return found
         sims, near = found[0][:, :qe], found[1][:, :qe]

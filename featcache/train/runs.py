@@ -232,15 +232,22 @@ class Run:
 
 def is_full(measured: dict[str, Any]) -> bool:
     """The evaluation ``runs`` shows as a run's score: every domain, k = 5, plain search (no expansion)."""
-    return not measured.get("domains") and measured.get("k") == 5 and not measured.get("expansion")
+    cache = measured.get("cache")
+    with_distractors = isinstance(cache, dict) and "distractors" in cache
+    return not measured.get("domains") and measured.get("k") == 5 and not measured.get("expansion") and not with_distractors
 
 
 def describe_measured(measured: dict[str, Any]) -> str:
     """What an evaluation measured, in a few words: ``c.zarr (guiec)``, ``c.zarr (uned, k=10, domain cars)``."""
     cache = measured.get("cache")
+    distractors = cache.get("distractors") if isinstance(cache, dict) else None
+    if distractors is not None:
+        cache = cache.get("index")
     if isinstance(cache, dict):
         cache = f"{Path(str(cache.get('query'))).name} -> {Path(str(cache.get('index'))).name}"
     parts = [str(measured.get("protocol"))]
+    if distractors:
+        parts.append("distractors " + ", ".join(Path(str(d)).name for d in distractors))
     if measured.get("k") != 5:
         parts.append(f"k={measured.get('k')}")
     if measured.get("domains"):
@@ -249,7 +256,7 @@ def describe_measured(measured: dict[str, Any]) -> str:
         parts.append(str(measured["groups"]))
     if measured.get("expansion"):
         parts.append(", ".join(f"{key}={value}" for key, value in measured["expansion"].items()))
-    return f"{Path(str(cache)).name} ({', '.join(parts)})"
+    return f"{cache if ' -> ' in str(cache) else Path(str(cache)).name} ({', '.join(parts)})"
 
 
 def list_runs(folder: str | os.PathLike) -> list[dict[str, Any]]:
