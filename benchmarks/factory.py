@@ -8,7 +8,7 @@ A synthetic cache of --rows clustered --dim-d unit vectors (float16, written wit
   search   queries/s of --queries rows searched for 10 neighbours: the factory index opened by
            `Index.open` (memory-mapped) against faiss IndexFlatIP holding the same normalised rows
 
-    uv run python benchmarks/factory.py [--rows 10000000] [--dim 64] [--factory IVF16384,PQ16] [--json]
+    uv run python benchmarks/factory.py [--rows 10000000] [--dim 64] [--factory IVF4096,PQ16] [--json]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=10_000_000)
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--factory", default="IVF16384,PQ16")
+    p.add_argument("--factory", default="IVF4096,PQ16")
     p.add_argument("--queries", type=int, default=10_000)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
