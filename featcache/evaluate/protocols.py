@@ -307,9 +307,7 @@ class EvalSet:
                 ordinals = positions[here] - start
                 rows = np.empty(len(ordinals), dtype=np.int64)
                 seen = 0
-                for lo in range(0, cache.rows, self.block_rows):
-                    span = np.arange(lo, min(cache.rows, lo + self.block_rows))
-                    valid_rows = span[cache.valid(span)]
+                for valid_rows in self._valid_spans(cache):
                     inside = (ordinals >= seen) & (ordinals < seen + len(valid_rows))
                     rows[inside] = valid_rows[ordinals[inside] - seen]
                     seen += len(valid_rows)
@@ -325,7 +323,7 @@ class EvalSet:
         if not self.streamed:
             yield 0, xq if self.index_features is None else embed_block(self.index_features)
             return
-        def embedded(cache: FeatureCache, rows: np.ndarray, offset: int) -> np.ndarray:
+        def embedded(cache: FeatureCache, rows: np.ndarray) -> np.ndarray:
             try:
                 return embed_block(cache.features(rows))
             except EvalError as e:  # its row numbers count from the block: say where the block starts
@@ -334,15 +332,20 @@ class EvalSet:
         offset = 0
         for lo in range(0, len(self.index.rows), self.block_rows):
             rows = self.index.rows[lo:lo + self.block_rows]
-            yield offset, embedded(self.index.cache, rows, offset)
+            yield offset, embedded(self.index.cache, rows)
             offset += len(rows)
-        for cache, _ in self.distractors:  # by spans of the cache: no list of its 100M row numbers is held
-            for lo in range(0, cache.rows, self.block_rows):
-                span = np.arange(lo, min(cache.rows, lo + self.block_rows))
-                rows = span[cache.valid(span)]
+        for cache, _ in self.distractors:
+            for rows in self._valid_spans(cache):
                 if len(rows):
-                    yield offset, embedded(cache, rows, offset)
+                    yield offset, embedded(cache, rows)
                     offset += len(rows)
+
+    def _valid_spans(self, cache: FeatureCache) -> Iterator[np.ndarray]:
+        """A distractor cache's valid row numbers, one span of ``block_rows`` rows at a time: no list of its
+        100M row numbers is held."""
+        for lo in range(0, cache.rows, self.block_rows):
+            span = np.arange(lo, min(cache.rows, lo + self.block_rows))
+            yield span[cache.valid(span)]
 
 
 @dataclass
