@@ -36,7 +36,7 @@ from zarr.codecs import Crc32cCodec
 from featcache import __version__
 from featcache.files import check_replaceable, exclusive, install_dir, temp_dir_beside
 from featcache.manifest import Manifest
-from featcache.storage import Remote, Where, absolute, local_file, location, storage_options
+from featcache.storage import Remote, Where, absolute, filesystem_options, local_file, location
 
 FORMAT_VERSION = 1
 ATTRS = "featcache"
@@ -170,7 +170,7 @@ def zarr_store(path: Where, read_only: bool = False):
     if isinstance(path, Remote):
         from zarr.storage import FsspecStore
 
-        return FsspecStore.from_url(path.url, storage_options={"use_listings_cache": False, **storage_options()},
+        return FsspecStore.from_url(path.url, storage_options=filesystem_options(),
                                     read_only=read_only)
     return str(path)
 

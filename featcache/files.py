@@ -319,7 +319,7 @@ def exclusive(out: str | os.PathLike, what: str, *, remove: bool = False, wait: 
     it waits its turn instead. With ``remove`` (single-file outputs, which leave nothing else beside them),
     the lock file is deleted when the block ends; a writer that locked a lock file just deleted notices
     that it is no longer the file at that path and locks the new one. On an object store the lock is an
-    object (storage.lock_object); a small record's lock (``remove``) older than ten minutes is stale."""
+    object (storage.acquire_lock); a small record's lock (``remove``) older than ten minutes is stale."""
     out = location(out)
     if isinstance(out, Remote):
         try:

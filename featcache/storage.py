@@ -11,7 +11,7 @@ answers the part of Path's interface featcache reads with (``/``, ``name``, ``pa
 - a folder is published with its record object (``zarr.json``, ``index.json``, ...) deleted first and
   written last, so a reader never takes a half-written folder for a finished one;
 - one writer per output: a lock object ``.NAME.lock`` beside it, created with a conditional write
-  (``If-None-Match: *``) that only one writer can win, and deleted when the writer ends (:class:`LockObject`).
+  (``If-None-Match: *``) that only one writer can win, and deleted when the writer ends (:func:`acquire_lock`).
 
 Credentials come from where the storage library looks (environment, profiles, instance roles) or from
 ``--storage-options`` JSON; they are held in this process only, never written to a file or a message.
@@ -100,12 +100,17 @@ def location(text: "str | os.PathLike | Remote") -> "Path | Remote":
     return Path(text)
 
 
+def filesystem_options() -> dict[str, Any]:
+    """What every filesystem of a URL is made with: the user's storage options, and no cached listings (other
+    writers change what is there)."""
+    return {"use_listings_cache": False, **storage_options()}
+
+
 def filesystem(protocol: str):
     import fsspec
 
-    options = {"use_listings_cache": False, **storage_options()}  # other writers change what is there
     try:
-        return fsspec.filesystem(protocol, **options)
+        return fsspec.filesystem(protocol, **filesystem_options())
     except ImportError as e:
         raise StorageError(f"{protocol}:// needs a package that is not installed ({e}); install it and run again") from None
     except ValueError as e:
