@@ -140,3 +140,89 @@ def test_rows_of_a_span_read_only_that_span(tmp_path, monkeypatch):
     monkeypatch.setattr(arr, "__getitem__", lambda self, key: read.append(key) or real(self, key))
     c.features(np.arange(30, 33))
     assert read and all(k.start >= 28 for k in read)  # from the chunk holding row 30 on, not from row 0
+
+
+def brute_mp(q, q_labels, b, b_labels, k, self_ids):
+    """GUIEC's mMP@k by hand: (relevant in the top k) / min(relevant in the index, k), over scored queries, with
+    the cosine top k of a brute-force ranking (the query's own row left out)."""
+    qn, bn = q / np.linalg.norm(q, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)
+    values, neighbours = [], []
+    for i, row in enumerate(qn @ bn.T):
+        order = [j for j in np.argsort(-row, kind="stable") if j != self_ids[i]][:k]
+        neighbours.append(order)
+        n_rel = sum(1 for j, lab in enumerate(b_labels) if lab == q_labels[i] and j != self_ids[i])
+        if n_rel:
+            values.append(sum(b_labels[j] == q_labels[i] for j in order) / min(n_rel, k))
+    return float(np.mean(values)), np.array(neighbours)
+
+
+@pytest.mark.parametrize("max_memory", [2 << 30, 1 << 13])
+def test_several_index_caches_are_one_labelled_index(tmp_path, cli, max_memory):
+    from featcache.evaluate.protocols import EvalSet, run_eval
+
+    x, y = blobs(8, 12, dim=16, noise=1.0, seed=3)
+    first, second = np.arange(len(y)) % 3 == 0, np.arange(len(y)) % 3 == 1
+    queries = ~(first | second)
+    a = make_cache(tmp_path, x[first], y[first], name="a")
+    b = make_cache(tmp_path, x[second], y[second], name="b")
+    q = make_cache(tmp_path, x[queries], y[queries], name="q")
+    index, labels = np.concatenate([x[first], x[second]]), list(y[first]) + list(y[second])
+    # queries from another cache: nothing excluded
+    es = EvalSet.load(query_cache=q, index_cache=[a, b], max_memory=max_memory)
+    assert es.streamed == (max_memory < 1 << 20) and len(es.index) == first.sum() + second.sum()
+    got = run_eval(eval_set=es, k=5, zero_shot="raw", show=int(queries.sum()))
+    want, neighbours = brute_mp(x[queries], list(y[queries]), index, labels, 5, [-1] * int(queries.sum()))
+    assert got.result["overall"]["mMP@5"] == pytest.approx(want)
+    np.testing.assert_array_equal(got.neighbours, neighbours)
+    # the second index cache's rows as queries: each is an index row (offset past the first cache) and skips itself
+    es = EvalSet.load(query_cache=b, index_cache=[a, b], max_memory=max_memory)
+    n_b = int(second.sum())
+    got = run_eval(eval_set=es, k=5, zero_shot="raw", show=n_b)
+    want, neighbours = brute_mp(x[second], list(y[second]), index, labels, 5, list(first.sum() + np.arange(n_b)))
+    assert got.result["overall"]["mMP@5"] == pytest.approx(want)
+    np.testing.assert_array_equal(got.neighbours, neighbours)
+    # on the command line: repeatable, recorded, and refused when one cache is given twice
+    cli("eval", "--query-cache", q, "--index-cache", a, "--index-cache", b, "--zero-shot", "raw", "--json",
+        tmp_path / "s.json", "--max-memory", str(max_memory), "--overwrite", "--plot", tmp_path / "plots")
+    assert (tmp_path / "plots" / "neighbours.png").stat().st_size > 0  # tiles from both caches
+    recorded = json.loads((tmp_path / "s.json").read_text())
+    assert recorded["cache"]["index"] == [str(a.resolve()), str(b.resolve())]
+    r = cli("eval", "--query-cache", q, "--index-cache", a, "--index-cache", a, code=2)
+    assert "given twice" in r.output
+    r = cli("eval", "--cache", q, "--index-cache", a, code=2)
+    assert "not both" in r.output
+
+
+def test_search_streams_caches_as_an_index_would_answer(tmp_path, cli):
+    x, y = blobs(6, 10, dim=16, noise=1.0, seed=4)
+    first, second = np.arange(len(y)) % 3 == 0, np.arange(len(y)) % 3 == 1
+    queries = ~(first | second)
+    a = make_cache(tmp_path, x[first], y[first], name="a")
+    b = make_cache(tmp_path, x[second], y[second], name="b")
+    q = make_cache(tmp_path, x[queries], y[queries], name="q")
+    # raw vectors against two caches, streamed 8 rows a block: the brute-force cosine ranking
+    cli("search", "--query-cache", q, "--index-cache", a, "--index-cache", b, "--k", "7", "--max-memory", "8KB",
+        "--json", tmp_path / "s.json", "-q")
+    got = json.loads((tmp_path / "s.json").read_text())
+    index, labels = np.concatenate([x[first], x[second]]), np.concatenate([y[first], y[second]])
+    _, neighbours = brute_mp(x[queries], list(y[queries]), index, list(labels), 7, [-1] * int(queries.sum()))
+    qn, bn = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in (x[queries], index))
+    for i, result in enumerate(got["queries"]):
+        assert [n["label"] for n in result["neighbours"]] == [str(v) for v in labels[neighbours[i]]]
+        assert [n["score"] for n in result["neighbours"]] == pytest.approx((bn[neighbours[i]] @ qn[i]).tolist(), abs=1e-6)
+        want_paths = [str(tmp_path / f"img{j if j < first.sum() else j - first.sum():05d}.png") for j in neighbours[i]]
+        assert [n["path"] for n in result["neighbours"]] == want_paths
+    assert got["index"] == [str(a.resolve()), str(b.resolve())]
+    # with a run's head: what faiss's exact index of the same cache answers
+    cli("train-head", "--cache", a, "--epochs", "1", "--batch-size", "8", "--out", tmp_path / "run", "--embed-dim", "8")
+    cli("index", "--cache", a, "--run", tmp_path / "run", "--out", tmp_path / "idx")
+    cli("search", "--index", tmp_path / "idx", "--query-cache", q, "--k", "5", "--json", tmp_path / "flat.json", "-q")
+    cli("search", "--index-cache", a, "--run", tmp_path / "run", "--query-cache", q, "--k", "5", "--max-memory", "4KB",
+        "--json", tmp_path / "streamed.json", "-q")
+    flat, streamed = (json.loads((tmp_path / f).read_text())["queries"] for f in ("flat.json", "streamed.json"))
+    for f, s in zip(flat, streamed):
+        assert f["query"] == s["query"] and [n["path"] for n in f["neighbours"]] == [n["path"] for n in s["neighbours"]]
+        assert [n["score"] for n in f["neighbours"]] == pytest.approx([n["score"] for n in s["neighbours"]], abs=1e-5)
+    for bad, words in ((("--index-cache", a), "--query-cache"), (("--query-cache", q), "one of them"),
+                       (("--query-cache", q, "--index", tmp_path / "idx", "--run", tmp_path / "run"), "--run goes")):
+        assert words in " ".join(cli("search", *bad, code=2).output.replace("│", " ").split())

@@ -108,13 +108,16 @@ def index(
 @friendly_errors
 def search(
     images: Optional[List[str]] = typer.Argument(None, help="Query images (files or URLs)."),
-    index_dir: str = typer.Option(..., "--index", "-i", help="An index written by `featcache index` (a folder or a URL)."),
+    index_dir: Optional[str] = typer.Option(None, "--index", "-i", help="An index written by `featcache index` (a folder or a URL)."),
+    index_cache: List[str] = typer.Option([], "--index-cache", metavar="CACHE", help="Instead of --index: search these caches' valid rows exactly, streamed block by block (no index is built; repeatable; with --query-cache)."),
+    run: Optional[str] = typer.Option(None, "--run", "-r", help="With --index-cache: embed both sides with this run's head. \\[default: the caches' vectors as they are]"),
+    max_memory: str = typer.Option("2GB", help="With --index-cache: bound on the search's memory; a larger index is streamed from disk."),
     k: int = typer.Option(10, "--k", min=1, help="Neighbours per query."),
     weights: Optional[Path] = typer.Option(None, help="The backbone's weights file, when the index's cache was extracted from one."),
     model: Optional[Path] = typer.Option(None, help="Embed the queries with this `featcache export` .pt (or .zip) instead of rebuilding backbone and head."),
     query_cache: Optional[str] = typer.Option(None, help="Search with every valid row of this cache instead of image files."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda. \\[default: cuda when available]"),
-    json_file: Optional[Path] = typer.Option(None, "--json", help="Write {queries: [{query, neighbours: [{path, label, score}]}]} to this file."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Write {queries: [{query, neighbours: [{path, label, domain, score}]}]} to this file."),
     plot: Optional[Path] = typer.Option(None, help="Draw each query (the first 16) beside its neighbours (the first 10) into this PNG."),
     overwrite: bool = flag(help="Replace the --json file or --plot picture featcache wrote there before."),
     quiet: bool = flag("--quiet", "-q", help="No tables (with --json or --plot)."),
@@ -122,24 +125,38 @@ def search(
     """Find an index's nearest rows to query images, embedded exactly as the index's rows were.
 
     Prints a table per query (rank, cosine score, path, label). An image that cannot be read gives one
-    line and the others go on.
+    line and the others go on. With --index-cache instead of --index, the rows of --query-cache are searched
+    against caches directly, exactly and block by block from disk (one cache or several, of any size).
     """
-    from featcache.deploy.index import Index, search_cache, search_images
+    from featcache.deploy.index import Index, search_cache, search_caches, search_images
     from featcache.devices import resolve_device
 
     from featcache.evaluate.plots import is_our_png
     from featcache.files import check_file_replaceable, is_featcache_json
 
-    index_dir, query_cache = place(index_dir), place(query_cache)
+    from featcache.cli.evaluate import parse_bytes
+
+    index_dir, query_cache, run = place(index_dir), place(query_cache), place(run)
+    index_cache = [place(c) for c in index_cache]
     if bool(images) == (query_cache is not None):
         raise typer.BadParameter("give query IMAGE files or --query-cache, not both (and not neither)")
+    if (index_dir is None) == (not index_cache):
+        raise typer.BadParameter("give --index DIR or --index-cache CACHE (repeatable), one of them")
+    if index_cache and query_cache is None:
+        raise typer.BadParameter("--index-cache searches with --query-cache; to search by image, build an index "
+                                 "(`featcache index`) and give --index")
+    if run is not None and not index_cache:
+        raise typer.BadParameter("--run goes with --index-cache; an index embeds its queries with its own head")
+    mem = parse_bytes(max_memory)
     for file, ours, what, option in ((json_file, is_featcache_json, "search results", "--json"),
                                      (plot, is_our_png, "a featcache picture", "--plot")):
         if file is not None:  # refused before the search, not after it
             check_file_replaceable(file, ours, what, overwrite, option)
-    idx = Index.open(index_dir)
+    idx = Index.open(index_dir) if index_dir is not None else None
     failures: list[str] = []
-    if query_cache is not None:
+    if index_cache:
+        results = search_caches(query_cache, index_cache, run=run, k=k, max_memory=mem)
+    elif query_cache is not None:
         results = search_cache(idx, query_cache, k=k)
     else:
         results, failures = search_images(idx, images, k=k, weights=weights, device=resolve_device(device), model=model)
@@ -157,7 +174,8 @@ def search(
         from featcache.files import write_user_json
         from featcache.storage import absolute
 
-        write_user_json(json_file, {"featcache_version": __version__, "index": absolute(idx.path, resolve=True), "queries": results},
+        searched = absolute(idx.path, resolve=True) if idx is not None else [absolute(c, resolve=True) for c in index_cache]
+        write_user_json(json_file, {"featcache_version": __version__, "index": searched, "queries": results},
                         what="search results", overwrite=overwrite)
         err.print(f"wrote {json_file}", markup=False)
     if plot:

@@ -48,7 +48,7 @@ def eval_(
     zero_shot: Optional[ZeroShot] = typer.Option(None, help="No head: 'pooled' (feature averaged to 64 dims, the paper's baseline) or 'raw'. [default when no --run: pooled]"),
     protocol: Protocol = typer.Option(Protocol.guiec, help="guiec: same label is relevant, mean over queries. uned: same label and domain, mean over domains. ilias: same label, mAP@1000 with ILIAS's tie rule, mean over queries."),
     query_cache: Optional[str] = typer.Option(None, help="Queries from this cache (all valid rows) instead of --cache's query split."),
-    index_cache: Optional[str] = typer.Option(None, help="Index from this cache (all valid rows)."),
+    index_cache: List[str] = typer.Option([], "--index-cache", metavar="CACHE", help="Index from this cache (all valid rows); repeatable: the labelled index is every cache given, searched one after the other."),
     domain: List[str] = typer.Option([], "--domain", help="Score only this domain's rows, queries and index (repeatable)."),
     k: Optional[int] = typer.Option(None, min=1, help="Neighbours scored per query (the @5). \\[default: 5; 1000 with --protocol ilias]"),
     label_sep: Optional[str] = typer.Option(None, help="Declare multi-label queries: a query label holding this text is relevant to each of its parts (UnED's GLDv2 queries: --label-sep '|'). \\[default: labels are compared whole]"),
@@ -74,7 +74,8 @@ def eval_(
 
     mem = parse_bytes(max_memory)
     k = k or (1000 if protocol.value == "ilias" else 5)
-    cache, run, query_cache, index_cache = place(cache), place(run), place(query_cache), place(index_cache)
+    cache, run, query_cache = place(cache), place(run), place(query_cache)
+    index_cache = [place(c) for c in index_cache]
     if label_sep == "":
         raise UserError("--label-sep '': give the text that separates a query's labels, e.g. --label-sep '|'")
     if plot is not None and plot.exists() and not plot.is_dir():

@@ -388,15 +388,20 @@ class Index:
         """Per query (rows of ``scores`` and ``positions``, best first), its neighbours' path, label and
         score; faiss's -1 ("no more rows") dropped. One lookup in the rows table for the whole block."""
         found = positions >= 0
-        picked = self.rows.take(positions[found]).select(["path", "label"]).to_pydict()
+        picked = self.rows.take(positions[found]).select(["path", "label", "domain"]).to_pydict()
         paths = _resolver(self.meta["root"])(picked["path"])
-        out, at = [], 0
-        for q in range(len(positions)):
-            n = int(found[q].sum())
-            out.append([{"path": paths[at + j], "label": picked["label"][at + j], "score": float(s)}
-                        for j, s in enumerate(scores[q][found[q]])])
-            at += n
-        return out
+        return _per_query(found, scores, paths, picked["label"], picked["domain"])
+
+
+def _per_query(found: np.ndarray, scores: np.ndarray, paths: list, labels, domains) -> list[list[dict[str, Any]]]:
+    """Per query, the neighbours ``found`` (a (Q, k) mask) with their ``scores``, given the path, label and domain
+    of every found neighbour in query order."""
+    out, at = [], 0
+    for q in range(len(found)):
+        out.append([{"path": paths[at + j], "label": str(labels[at + j]), "domain": str(domains[at + j]), "score": float(s)}
+                    for j, s in enumerate(scores[q][found[q]])])
+        at += int(found[q].sum())
+    return out
 
 
 def _resolver(root: str) -> Callable[[list[str]], list[str]]:
@@ -473,6 +478,40 @@ def search_cache(index: Index, query_cache: str | os.PathLike, *, k: int = 10,
         for q, found in zip(queries, index.neighbours(scores, positions)):
             results.append({"query": q, "neighbours": found})
     return results
+
+
+def search_caches(query_cache: str | os.PathLike, index_caches: list, *, run: str | os.PathLike | None = None,
+                  k: int = 10, max_memory: int = 2 << 30) -> list[dict[str, Any]]:
+    """Neighbours of every valid row of ``query_cache`` among the valid rows of ``index_caches`` (searched one
+    after the other), by exact search streamed from the caches block by block: no index is built, and memory
+    holds the queries, their top k and one block whatever the caches' size. With ``run``, both sides are that
+    run's head embeddings; without, the caches' vectors as they are (L2-normalised)."""
+    from featcache.evaluate.protocols import EvalSet, check_run_fits, embed
+    from featcache.evaluate.search import search_blocks
+    from featcache.train.runs import Run
+
+    es = EvalSet.load(query_cache=query_cache, index_cache=list(index_caches), max_memory=max_memory)
+    run = Run.load(run) if run is not None else None
+    for cache in es.caches if run is not None else ():
+        check_run_fits(run, cache)
+
+    def embedded(raw: np.ndarray) -> np.ndarray:
+        return l2_normalize(embed(raw, run, None if run is not None else "raw"))
+
+    xq = embedded(es.query_features)
+    k = min(k, len(es.index))
+    scores, positions = search_blocks(xq, es.index_blocks(embedded, xq), k, self_ids=np.full(len(xq), -1),
+                                      max_memory=max_memory // 2, total=len(es.index))
+    order = np.argsort(positions.ravel(), kind="stable")  # each part's rows are read in row order, once
+    paths, labels, domains = (np.empty(positions.size, dtype=object) for _ in range(3))
+    for cache, rows, where in es.index.located(positions.ravel()[order]):
+        unique, back = np.unique(rows, return_inverse=True)
+        paths[order[where]] = np.asarray(_resolver(cache.meta["root"])(cache.strings("paths", unique).tolist()),
+                                         dtype=object)[back]
+    labels[:], domains[:] = es.index.labels[positions.ravel()], es.index.domains[positions.ravel()]
+    queries = _resolver(es.queries.cache.meta["root"])(es.queries.cache.strings("paths", es.queries.rows).tolist())
+    found = np.ones(positions.shape, dtype=bool)
+    return [{"query": q, "neighbours": n} for q, n in zip(queries, _per_query(found, scores, paths, labels, domains))]
 
 
 META_SHAPE = {"format_version": int, "index": dict, "rows": int, "dim": int, "space": dict, "features_space": dict,

@@ -66,8 +66,12 @@ def _save_figure(fig, dest: Path, overwrite: bool, option: str) -> Path:
 def neighbours_grid(ev: EvalOutput, dest: Path, overwrite: bool = False, option: str = "--plot") -> Path:
     """One row per shown query: the query (blue frame), then its top neighbours (at most ``MAX_COLUMNS``),
     green if relevant, red if not."""
-    q_root, i_root = location(ev.queries.cache.meta["root"]), location(ev.index.cache.meta["root"])
-    q_paths, i_paths = ev.queries.cache.strings("paths"), ev.index.cache.strings("paths")
+    q_root, q_paths = location(ev.queries.cache.meta["root"]), ev.queries.cache.strings("paths")
+    tiles: dict[int, tuple] = {}  # index position -> (root, path), looked up once for every shown neighbour
+    shown = np.unique(ev.neighbours)
+    for cache, rows, where in ev.index.located(shown):
+        root = location(cache.meta["root"])
+        tiles.update(zip(shown[where].tolist(), ((root, p) for p in cache.strings("paths", rows))))
     rows, k = ev.neighbours.shape
     k = min(k, MAX_COLUMNS)
     gap, label_h = 12, 18
@@ -80,11 +84,11 @@ def neighbours_grid(ev: EvalOutput, dest: Path, overwrite: bool = False, option:
         for j in range(k):
             pos = ev.neighbours[r, j]
             x = gap + (j + 1) * THUMB
-            if pos >= len(ev.index.rows):  # a distractor (eval --distractors): never relevant, drawn as a red tile
+            if pos >= len(ev.index):  # a distractor (eval --distractors): never relevant, drawn as a red tile
                 sheet.paste(ImageOps.expand(Image.new("RGB", (THUMB - 2 * BORDER,) * 2, GREY), border=BORDER, fill=RED), (x, y))
                 draw.text((x + 2, y + THUMB + 2), "distractor", fill="black")
                 continue
-            sheet.paste(_thumb(i_root, i_paths[ev.index.rows[pos]], GREEN if ev.relevant[r, j] else RED), (x, y))
+            sheet.paste(_thumb(*tiles[int(pos)], GREEN if ev.relevant[r, j] else RED), (x, y))
             draw.text((x + 2, y + THUMB + 2), str(ev.index.labels[pos])[:18], fill="black")
     return _save_sheet(sheet, dest, overwrite, option)
 

@@ -27,10 +27,10 @@ class EvalError(ValueError):
 
 @dataclass
 class Side:
-    """One side of the search: the rows of a cache that are queries (or index)."""
+    """One side of the search: rows of one cache (the queries), or of several searched one after the other (the
+    labelled index: ``--index-cache A --index-cache B``). Positions count through the parts in order."""
 
-    cache: FeatureCache
-    rows: np.ndarray  # int row numbers into the cache
+    parts: list[tuple[FeatureCache, np.ndarray]]  # (cache, its int row numbers)
     labels: np.ndarray  # class names (str), comparable across caches
     domains: np.ndarray
 
@@ -38,10 +38,46 @@ class Side:
     def of(cls, cache: FeatureCache, mask: np.ndarray) -> "Side":
         rows = np.flatnonzero(mask)
         classes = cache.classes()
-        return cls(cache, rows, classes[cache.labels()[rows]], cache.strings("domains")[rows])
+        return cls([(cache, rows)], classes[cache.labels()[rows]], cache.strings("domains")[rows])
+
+    @classmethod
+    def joined(cls, sides: list["Side"]) -> "Side":
+        if len(sides) == 1:
+            return sides[0]
+        return cls([part for s in sides for part in s.parts], np.concatenate([s.labels for s in sides]),
+                   np.concatenate([s.domains for s in sides]))
+
+    @property
+    def cache(self) -> FeatureCache:
+        """The first part's cache (every part holds vectors of its kind)."""
+        return self.parts[0][0]
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The row numbers of a side of one cache."""
+        if len(self.parts) != 1:
+            raise AttributeError(f"a side of {len(self.parts)} caches has no single list of rows")
+        return self.parts[0][1]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def taken(self, picked: np.ndarray) -> "Side":
+        """The side's rows at ``picked`` (a side of one cache)."""
+        return Side([(self.cache, self.rows[picked])], self.labels[picked], self.domains[picked])
+
+    def located(self, positions: np.ndarray) -> Iterator[tuple[FeatureCache, np.ndarray, np.ndarray]]:
+        """(cache, row numbers, mask into ``positions``) for each part that ``positions`` reach."""
+        positions = np.asarray(positions, dtype=np.int64)
+        start = 0
+        for cache, rows in self.parts:
+            where = (positions >= start) & (positions < start + len(rows))
+            if where.any():
+                yield cache, rows[positions[where] - start], where
+            start += len(rows)
 
 
-def select(cache: FeatureCache, query_cache: FeatureCache | None, index_cache: FeatureCache | None,
+def select(cache: FeatureCache | None, query_cache: FeatureCache | None, index_caches: list[FeatureCache],
            domains: list[str] | None = None):
     """(queries, index, self_ids): the two sides and, where a query is itself an index row, that row.
     With ``domains``, only those domains' rows take part, on both sides.
@@ -50,24 +86,35 @@ def select(cache: FeatureCache, query_cache: FeatureCache | None, index_cache: F
     are not. Within one cache, a domain that has query rows but no index rows is its own index: its
     queries search each other (each skipping itself) as well as the other domains' index rows. That
     is how UnED scores cars, SOP, iNat, Food2k and RP2K, whose test images are query and index at once.
+    With ``query_cache``, the index is every valid row of ``index_caches``, one after the other.
     """
-    if (query_cache is None) != (index_cache is None):
+    if (query_cache is None) != (not index_caches):
         raise EvalError("give both --query-cache and --index-cache, or neither")
     def usable(c: FeatureCache) -> np.ndarray:
         valid = c.valid()
         return valid if not domains else valid & np.isin(c.strings("domains"), domains)
 
     if query_cache is not None:
-        qs, is_ = feature_space(query_cache.meta), feature_space(index_cache.meta)
-        if qs != is_:
-            raise EvalError(f"--query-cache {query_cache.path} ({describe_space(qs)}) and --index-cache "
-                            f"{index_cache.path} ({describe_space(is_)}) hold different kinds of vectors (backbone, "
-                            "weights, preprocessing, head or declared space): they cannot be compared")
-        queries, index = Side.of(query_cache, usable(query_cache)), Side.of(index_cache, usable(index_cache))
-        if query_cache.key != index_cache.key:
-            return queries, index, None
-        # the same cache on both sides: each query is an index row, and must not find itself
-        return queries, index, np.searchsorted(index.rows, queries.rows).astype(np.int64)
+        qs = feature_space(query_cache.meta)
+        seen: set[str] = set()
+        for ic in index_caches:
+            if ic.key in seen:
+                raise EvalError(f"--index-cache {ic.path}: given twice")
+            seen.add(ic.key)
+            if feature_space(ic.meta) != qs:
+                raise EvalError(f"--query-cache {query_cache.path} ({describe_space(qs)}) and --index-cache "
+                                f"{ic.path} ({describe_space(feature_space(ic.meta))}) hold different kinds of vectors "
+                                "(backbone, weights, preprocessing, head or declared space): they cannot be compared")
+        queries = Side.of(query_cache, usable(query_cache))
+        parts = [Side.of(ic, usable(ic)) for ic in index_caches]
+        index = Side.joined(parts)
+        offset = 0
+        for part in parts:
+            if part.cache.key == query_cache.key:
+                # the same cache on both sides: each query is an index row, and must not find itself
+                return queries, index, offset + np.searchsorted(part.rows, queries.rows).astype(np.int64)
+            offset += len(part)
+        return queries, index, None
     valid, splits, row_domains = usable(cache), cache.strings("splits"), cache.strings("domains")
     has_q, has_i = (splits == "query").any(), (splits == "index").any()
     if has_q and has_i:
@@ -237,15 +284,21 @@ class EvalSet:
     @classmethod
     def load(cls, cache_path=None, query_cache=None, index_cache=None, domains: list[str] | None = None,
              distractors: list | None = None, max_memory: int = 2 << 30) -> "EvalSet":
-        """Queries and index of a cache (or of two caches), optionally of ``domains`` only, and the valid rows of
-        the ``distractors`` caches."""
+        """Queries and index of a cache, or the valid rows of a query cache against those of one or more index
+        caches (``index_cache``: one, or a list), optionally of ``domains`` only, and the valid rows of the
+        ``distractors`` caches."""
+        index_caches = [] if index_cache is None else [index_cache] if isinstance(index_cache, (str, Path)) \
+            else list(index_cache)
         main = FeatureCache.open(cache_path) if cache_path is not None else None
         qc = FeatureCache.open(query_cache) if query_cache is not None else None
-        ic = FeatureCache.open(index_cache) if index_cache is not None else None
+        ics = [FeatureCache.open(c) for c in index_caches]
         if main is None and qc is None:
             raise EvalError("give --cache, or --query-cache and --index-cache")
+        if main is not None and (qc is not None or ics):
+            raise EvalError("give --cache, or --query-cache and --index-cache, not both")
         extra = [FeatureCache.open(d) for d in distractors or []]
-        caches = [c for c in (main, qc, ic) if c is not None]
+        caches = [c for c in (main, qc) if c is not None]
+        caches += [c for c in ics if all(c.key != seen.key for seen in caches)]
         for c in caches + extra:
             c.require_complete()
         if domains:
@@ -253,10 +306,10 @@ class EvalSet:
             unknown = [d for d in domains if d not in known]
             if unknown:
                 raise EvalError(f"--domain {unknown[0]}: no such domain (domains: {', '.join(sorted(known))})")
-        queries, index, self_ids = select(main, qc, ic, domains)
+        queries, index, self_ids = select(main, qc, ics, domains)
         if len(queries.rows) == 0:
             raise EvalError("the query set is empty (no valid query rows)")
-        if len(index.rows) == 0:
+        if len(index) == 0:
             raise EvalError("the index set is empty (no valid index rows)")
         space = feature_space(index.cache.meta)
         for d in extra:
@@ -264,24 +317,25 @@ class EvalSet:
                 raise EvalError(f"--distractors {d.path} ({describe_space(feature_space(d.meta))}) and the index "
                                 f"{index.cache.path} ({describe_space(space)}) hold different kinds of vectors")
         parts = [(d, int(d.valid().sum())) for d in extra]
-        same = index.rows is queries.rows and not parts
+        same = index is queries and not parts
+        named = [absolute(c, resolve=True) for c in index_caches]
         source = (absolute(cache_path, resolve=True) if cache_path is not None
-                  else {"query": absolute(query_cache, resolve=True), "index": absolute(index_cache, resolve=True)})
+                  else {"query": absolute(query_cache, resolve=True), "index": named[0] if len(named) == 1 else named})
         if parts:
             source = {"index": source, "distractors": [absolute(d.path, resolve=True) for d in extra]}
-        row_bytes = index.cache.dim * np.dtype(index.cache.meta["dtype"]).itemsize
-        total = len(index.rows) + sum(n for _, n in parts)
+        row_bytes = max(c.dim * np.dtype(c.meta["dtype"]).itemsize for c, _ in index.parts)
+        total = len(index) + sum(n for _, n in parts)
         streamed = total * row_bytes > max_memory // IN_MEMORY_SHARE
         block_rows = max(1, (max_memory // (4 * IN_MEMORY_SHARE)) // max(row_bytes, 4 * index.cache.dim))
         index_features = None if same or streamed else np.concatenate(
-            [index.cache.features(index.rows)] + [d.features(d.valid()) for d, _ in parts])
+            [c.features(rows) for c, rows in index.parts] + [d.features(d.valid()) for d, _ in parts])
         return cls(queries, index, self_ids, caches + extra, source, queries.cache.features(queries.rows),
                    index_features, sorted(domains) if domains else None, parts, streamed, block_rows)
 
     @property
     def index_rows(self) -> int:
         """Rows searched: the index, then the distractors."""
-        return len(self.index.rows) + sum(n for _, n in self.distractors)
+        return len(self.index) + sum(n for _, n in self.distractors)
 
     def features_at(self, positions: np.ndarray) -> np.ndarray:
         """Raw features of index positions (the index's rows, then the distractors' valid rows), in the order
@@ -296,11 +350,9 @@ class EvalSet:
             unique, back = np.unique(rows, return_inverse=True)  # read in row order, once each
             out[here] = cache.features(unique)[back]
 
-        n = len(self.index.rows)
-        here = positions < n
-        if here.any():
-            fill(self.index.cache, self.index.rows[positions[here]], here)
-        start = n
+        for cache, rows, here in self.index.located(positions):
+            fill(cache, rows, here)
+        start = len(self.index)
         for cache, count in self.distractors:  # valid-row ordinals to rows, span by span (as index_blocks reads)
             here = (positions >= start) & (positions < start + count)
             if here.any():
@@ -330,10 +382,11 @@ class EvalSet:
                 raise EvalError(f"{cache.path}, the block from row {rows[0]}: {e}") from None
 
         offset = 0
-        for lo in range(0, len(self.index.rows), self.block_rows):
-            rows = self.index.rows[lo:lo + self.block_rows]
-            yield offset, embedded(self.index.cache, rows)
-            offset += len(rows)
+        for cache, part in self.index.parts:
+            for lo in range(0, len(part), self.block_rows):
+                rows = part[lo:lo + self.block_rows]
+                yield offset, embedded(cache, rows)
+                offset += len(rows)
         for cache, _ in self.distractors:
             for rows in self._valid_spans(cache):
                 if len(rows):
@@ -353,7 +406,7 @@ class EvalOutput:
     result: dict[str, Any]
     queries: Side  # with ``show``: only the shown queries
     index: Side
-    neighbours: np.ndarray  # (S, k) positions into index.rows, for the S shown queries
+    neighbours: np.ndarray  # (S, k) index positions (then the distractors'), for the S shown queries
     relevant: np.ndarray  # (S, k) bool
     per_query: dict[str, np.ndarray] = field(default_factory=dict)  # every query: ap, precision@5, first_relevant
 
@@ -365,7 +418,7 @@ def run_eval(
     zero_shot: str | None = None,
     protocol: str = "guiec",
     query_cache: str | Path | None = None,
-    index_cache: str | Path | None = None,
+    index_cache: str | Path | list | None = None,
     k: int = 5,
     max_memory: int = 2 << 30,
     show: int = 0,
@@ -450,7 +503,7 @@ def run_eval(
     if show:
         picked = np.linspace(0, len(queries.rows) - 1, min(show, len(queries.rows))).round().astype(np.int64)
         shown_neighbours = neighbours[picked]
-        queries = Side(queries.cache, queries.rows[picked], queries.labels[picked], queries.domains[picked])
+        queries = queries.taken(picked)
         relevant = np.array([relevant_to(lab, dom, index, row, protocol, label_sep)
                              for row, lab, dom in zip(shown_neighbours, queries.labels, queries.domains)],
                             dtype=bool).reshape(shown_neighbours.shape)

@@ -244,7 +244,9 @@ def describe_measured(measured: dict[str, Any]) -> str:
     if distractors is not None:
         cache = cache.get("index")
     if isinstance(cache, dict):
-        cache = f"{Path(str(cache.get('query'))).name} -> {Path(str(cache.get('index'))).name}"
+        index = cache.get("index")
+        named = "+".join(Path(str(c)).name for c in index) if isinstance(index, list) else Path(str(index)).name
+        cache = f"{Path(str(cache.get('query'))).name} -> {named}"
     parts = [str(measured.get("protocol"))]
     if distractors:
         parts.append("distractors " + ", ".join(Path(str(d)).name for d in distractors))
