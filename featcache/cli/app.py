@@ -9,7 +9,7 @@ import typer
 from rich.text import Text
 
 from featcache import __version__
-from featcache.cli import demo, deploy, evaluate, extract, train
+from featcache.cli import demo, deploy, evaluate, extract, serve, train
 from featcache.cli.console import err, flag, out
 from featcache.cli.manifest import manifest_app
 
@@ -19,8 +19,8 @@ app = typer.Typer(
         "Cache frozen-backbone image embeddings once, then train and evaluate retrieval heads from the "
         "cache in seconds.\n\n"
         "Stages: [bold]extract[/] (images -> Zarr feature cache), [bold]train-head[/] (cache -> projection "
-        "head), [bold]eval[/] (retrieval scores), [bold]export[/] / [bold]index[/] / [bold]search[/] (the trained model "
-        "outside featcache). Start with [bold]featcache demo[/]."
+        "head), [bold]eval[/] (retrieval scores), [bold]export[/] / [bold]index[/] / [bold]search[/] / [bold]serve[/] (the "
+        "trained model outside featcache). Start with [bold]featcache demo[/]."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -28,7 +28,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-for commands in (extract.app, train.app, evaluate.app, deploy.app, demo.app):  # the order of `featcache --help`
+for commands in (extract.app, train.app, evaluate.app, deploy.app, serve.app, demo.app):  # the order of `featcache --help`
     app.add_typer(commands)
 app.add_typer(manifest_app, name="manifest")
 

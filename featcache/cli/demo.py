@@ -58,4 +58,5 @@ def demo(
               f"  {fc} eval --cache {cache} --run {run} --plot {run}/plots --overwrite\n"
               f"  {fc} export --run {run} --out {run}/submission.zip\n"
               f"  {fc} search --index {summary['index']} --model {summary['model']} {summary['queries'][2]}\n"
+              f"  {fc} serve --index {summary['index']}\n"
               f"  {fc} runs")

@@ -1,0 +1,514 @@
+"""``featcache serve``: one or more indexes behind an HTTP API and a web page.
+
+Routes (FastAPI; the OpenAPI page is at ``/docs``):
+- ``POST /search``: an uploaded image (multipart field ``image``), or JSON with one of ``image_base64``,
+  ``embedding`` or ``row`` (that row's own image, as the page's "search by this result" sends), plus
+  ``index``, ``k`` and an optional ``domain``; answers the neighbours' row, path, label, domain and cosine score;
+- ``GET /indexes``, ``GET /image/{index}/{row}`` (a thumbnail of a served row's image: never a path taken
+  from the request), ``GET /healthz``, ``GET /metrics`` (Prometheus' text format);
+- ``GET /``: the page (plain HTML, CSS and JavaScript from ``featcache/deploy/web``; nothing from the internet).
+
+Queries are embedded as ``featcache search`` embeds them (the index's backbone and head, or an exported
+model). Requests arriving together are embedded together: a request waits at most ``max_wait_ms`` for others,
+up to ``max_batch`` images per forward pass; decoding and search run in a thread pool. Every refused request
+is a 4xx JSON ``{"error": "one line"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import io
+import json
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException
+
+from featcache.deploy.embedder import DeployError
+from featcache.deploy.index import Index, _module_embedder, _resolver
+from featcache.images import ImageFailure, load_image, load_image_bytes
+
+log = logging.getLogger("featcache.serve")
+
+WEB = "web"  # the page's files, beside this module
+THUMB_SIZES = (16, 1024)  # the ?size= a thumbnail may ask for
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class Limits:
+    """What one request may ask of the service."""
+
+    max_upload_bytes: int = 16 << 20
+    max_pixels: int = 40_000_000
+    max_k: int = 1000
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+
+
+class Refused(Exception):
+    """A request the service answers with a 4xx status and one line."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Batcher:
+    """Images from concurrent requests embedded together. The first image of a batch waits at most
+    ``max_wait`` seconds for others, and a batch holds at most ``max_batch`` images; one thread runs the model,
+    so requests never contend for it."""
+
+    def __init__(self, embed: Callable[[list], np.ndarray], max_batch: int = 32, max_wait: float = 0.005,
+                 observe: Callable[[int], None] | None = None):
+        self.embed, self.max_batch, self.max_wait, self.observe = embed, max(1, max_batch), max(0.0, max_wait), observe
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="featcache-batcher", daemon=True)
+        self.thread.start()
+
+    def submit(self, image) -> Future:
+        """A future of the image's (dim,) embedding."""
+        done: Future = Future()
+        self.queue.put((image, done))
+        return done
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while True:
+            first = self.queue.get()
+            if first is None:
+                return
+            batch, deadline, stop = [first], time.monotonic() + self.max_wait, False
+            while len(batch) < self.max_batch:
+                try:
+                    item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._run(batch)
+            if stop:
+                return
+
+    def _run(self, batch: list) -> None:
+        if self.observe is not None:
+            self.observe(len(batch))
+        try:
+            vectors = self.embed([image for image, _ in batch])
+        except Exception as e:  # every request of the batch gets the error
+            for _, done in batch:
+                done.set_exception(e)
+            return
+        for (_, done), vector in zip(batch, vectors):
+            done.set_result(vector)
+
+
+@dataclass
+class Served:
+    """One index as the service serves it."""
+
+    name: str
+    index: Index
+    batcher: Batcher
+    root: str
+    paths: np.ndarray = field(repr=False)
+    labels: np.ndarray = field(repr=False)
+    domains: np.ndarray = field(repr=False)
+    _by_domain: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @property
+    def rows(self) -> int:
+        return int(self.index.meta["rows"])
+
+    def domain_names(self) -> list[str]:
+        return sorted(set(self.domains.tolist()))
+
+    def rows_of(self, domain: str) -> tuple[np.ndarray, Any]:
+        """The rows of ``domain`` (sorted), and a faiss selector of them (built once per domain)."""
+        if domain not in self._by_domain:
+            import faiss
+
+            found = np.flatnonzero(self.domains == domain).astype(np.int64)
+            if not len(found):
+                shown = ", ".join(self.domain_names()[:20])
+                raise Refused(400, f"domain {domain!r}: no such domain in index {self.name!r} (domains: {shown})")
+            self._by_domain[domain] = (found, faiss.IDSelectorBatch(found))
+        return self._by_domain[domain]
+
+    def search(self, vector: np.ndarray, k: int, domain: str | None) -> list[dict[str, Any]]:
+        """The top ``k`` rows for one L2-normalised vector, of ``domain`` only when given."""
+        q = np.ascontiguousarray(vector.reshape(1, -1), dtype=np.float32)
+        if domain is None:
+            scores, ids = self.index.search(q, k)
+        else:
+            scores, ids = self._search_domain(q, k, *self.rows_of(domain))
+        return [{"row": int(i), "path": str(self.paths[i]), "label": str(self.labels[i]), "domain": str(self.domains[i]),
+                 "score": float(s), "image": f"/image/{self.name}/{int(i)}"}
+                for s, i in zip(scores[0], ids[0]) if i >= 0]
+
+    def _search_domain(self, q: np.ndarray, k: int, allowed: np.ndarray, selector):
+        import faiss
+
+        k = min(k, len(allowed))
+        top = faiss.downcast_index(self.index.faiss_index)
+        inner = faiss.downcast_index(top.index) if isinstance(top, faiss.IndexPreTransform) else top
+        params = (faiss.SearchParametersIVF(sel=selector, nprobe=inner.nprobe) if isinstance(inner, faiss.IndexIVF)
+                  else faiss.SearchParameters(sel=selector))
+        if inner is not top:  # OPQ or PCA before the index: the selector goes to the index inside
+            params = faiss.SearchParametersPreTransform(index_params=params)
+        try:  # faiss filters inside the search where the index kind takes a selector
+            scores, ids = self.index.faiss_index.search(q, k, params=params)
+            if np.isin(ids[ids >= 0], allowed).all():  # some kinds ignore it: then it is done below
+                return scores, ids
+        except (RuntimeError, TypeError, AttributeError):
+            pass
+        want = k  # a kind without selectors: ask for more neighbours until k of the domain are among them
+        while True:
+            want = min(self.rows, want * 8)
+            scores, ids = self.index.search(q, want)
+            keep = np.isin(ids[0], allowed)
+            if keep.sum() >= k or want >= self.rows:
+                return scores[:, keep][:, :k], ids[:, keep][:, :k]
+
+
+def check_binding(host: str, token: str | None) -> None:
+    """Refuse to serve beyond this machine without a token."""
+    if host not in LOOPBACK and not token:
+        raise DeployError(f"--host {host} serves beyond this machine: give --token (clients then send "
+                          "'Authorization: Bearer TOKEN'), or bind 127.0.0.1")
+
+
+def open_served(index_dirs: list, *, model=None, weights=None, device: str = "cpu", root=None,
+                limits: Limits | None = None, observe: Callable[[int], None] | None = None) -> dict[str, Served]:
+    """The indexes, each named by its folder, with one batcher per embedding model: indexes of one space share it."""
+    limits = limits or Limits()
+    served: dict[str, Served] = {}
+    batchers: dict[str, Batcher] = {}
+    for where in index_dirs:
+        index = Index.open(where)
+        name = index.path.name
+        if name in served:
+            raise DeployError(f"--index {where}: another served index is also named {name!r} (names are folder names)")
+        space = json.dumps(index.meta["space"], sort_keys=True)
+        if space not in batchers:
+            embed = _module_embedder(index, model) if model is not None else index.embedder(weights, device).embed_images
+            batchers[space] = Batcher(embed, limits.max_batch, limits.max_wait_ms / 1000, observe)
+        table = index.rows.select(["path", "label", "domain"]).to_pydict()
+        served[name] = Served(name, index, batchers[space], str(root) if root is not None else index.meta["root"],
+                              np.asarray(table["path"], dtype=object), np.asarray(table["label"], dtype=object),
+                              np.asarray(table["domain"], dtype=object))
+    return served
+
+
+def decode_upload(data: bytes, max_pixels: int):
+    """An uploaded image, decoded: its size checked from the header before any pixel is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise Refused(400, "the image is empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            w, h = probe.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        if isinstance(e, Image.DecompressionBombError):
+            raise Refused(413, f"the image has too many pixels ({str(e).splitlines()[0][:120]})") from None
+        raise Refused(400, "not an image (unrecognised or damaged format)") from None
+    if w * h > max_pixels:
+        raise Refused(413, f"the image has {w}x{h} = {w * h:,} pixels; this service takes at most {max_pixels:,}")
+    try:
+        return load_image_bytes(data)
+    except ImageFailure as e:
+        raise Refused(413 if "bomb" in str(e) else 400, f"the image cannot be decoded: {e}") from None
+
+
+def thumbnail(served: Served, row: int, size: int) -> bytes:
+    """A JPEG of at most ``size`` pixels a side of row ``row``'s image, read from the served root."""
+    if not 0 <= row < served.rows:
+        raise Refused(404, f"index {served.name!r} has no row {row} (rows 0 to {served.rows - 1})")
+    path = _resolver(served.root)([str(served.paths[row])])[0]
+    try:
+        image = load_image(path)
+    except ImageFailure as e:
+        raise Refused(404, f"row {row}'s image {served.paths[row]!r} cannot be read under the served root ({e})") from None
+    image.thumbnail((size, size))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+class Metrics:
+    """The service's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("featcache_requests", "HTTP requests answered", ["route", "method", "status"],
+                                registry=self.registry)
+        self.errors = Counter("featcache_request_errors", "HTTP requests answered with a 4xx or 5xx status",
+                              ["route", "status"], registry=self.registry)
+        self.latency = Histogram("featcache_request_seconds", "Time to answer a request", ["route"],
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10),
+                                 registry=self.registry)
+        self.batch = Histogram("featcache_batch_images", "Images per forward pass of the model",
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+def create_app(index_dirs: list, *, model=None, weights=None, device: str = "cpu", root=None, token: str | None = None,
+               limits: Limits | None = None, workers: int = 4):
+    """The FastAPI app serving ``index_dirs`` (each opened and checked before the app exists)."""
+    from featcache import __version__
+
+    limits = limits or Limits()
+    metrics = Metrics()
+    served = open_served(index_dirs, model=model, weights=weights, device=device, root=root, limits=limits,
+                         observe=metrics.batch.observe)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="featcache-serve")
+    default_index = next(iter(served))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        for batcher in {id(s.batcher): s.batcher for s in served.values()}.values():
+            batcher.close()
+        pool.shutdown(wait=False)
+
+    # FastAPIOffline: FastAPI with the /docs page's scripts served from the package, not fetched from a CDN
+    app = FastAPIOffline(title="featcache", version=__version__, lifespan=lifespan, description=
+                  "Search featcache indexes by image or embedding. Errors are JSON: {\"error\": \"one line\"}.")
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status,
+                            headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
+
+    @app.exception_handler(Refused)
+    async def refused(_, e: Refused):
+        return error(e.status, str(e))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        if e.status_code in (404, 405) and e.detail in ("Not Found", "Method Not Allowed"):  # the router's own
+            return error(e.status_code, f"no {request.method} {request.url.path[:100]} here (see /docs)")
+        return error(e.status_code, str(e.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path"))
+        return error(422, f"{where or 'request'}: {first.get('msg', 'invalid')}")
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        start = time.perf_counter()
+        try:
+            if token and request.url.path not in PUBLIC and not request.url.path.startswith(PUBLIC_FOLDERS):
+                given = request.headers.get("authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                    raise Refused(401, "a bearer token is required (Authorization: Bearer TOKEN)")
+            response = await call_next(request)
+        except Refused as e:
+            response = error(e.status, str(e))
+        except Exception as e:  # logged here in full; the client gets one line and no traceback
+            log.exception("internal error")
+            response = error(500, f"internal error ({type(e).__name__})")
+        route = request.scope.get("route")
+        name = getattr(route, "path", "other")
+        metrics.requests.labels(name, request.method, str(response.status_code)).inc()
+        if response.status_code >= 400:
+            metrics.errors.labels(name, str(response.status_code)).inc()
+        metrics.latency.labels(name).observe(time.perf_counter() - start)
+        return response
+
+    async def in_pool(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    def pick(name: Any) -> Served:
+        name = default_index if name in (None, "") else str(name)
+        if name not in served:
+            raise Refused(404, f"index {name!r}: not served (indexes: {', '.join(served)})")
+        return served[name]
+
+    def number(value: Any, what: str, lo: int, hi: int) -> int:
+        try:
+            n = int(str(value))
+        except ValueError:
+            raise Refused(422, f"{what}: {str(value)[:40]!r} is not a whole number") from None
+        if not lo <= n <= hi:
+            raise Refused(422, f"{what}: {n} is outside {lo} to {hi}")
+        return n
+
+    async def read_body(request: Request) -> bytes:
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limits.max_upload_bytes:
+            raise Refused(413, f"the request is {int(length):,} bytes; this service takes at most {limits.max_upload_bytes:,}")
+        chunks, seen = [], 0
+        async for chunk in request.stream():  # counted as it arrives: a body without a length is bounded too
+            seen += len(chunk)
+            if seen > limits.max_upload_bytes:
+                raise Refused(413, f"the request is over {limits.max_upload_bytes:,} bytes, the most this service takes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def query_of(request: Request) -> tuple[dict[str, Any], Any]:
+        """(fields, query): the query is an image, or an (E,) float32 embedding."""
+        body = await read_body(request)
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "multipart/form-data":
+            async def replay():
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            try:
+                form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
+            except Exception as e:  # the multipart parser's own errors
+                raise Refused(400, f"the multipart body cannot be read ({str(e)[:80] or type(e).__name__})") from None
+            try:
+                upload = form.get("image")
+                if upload is None or isinstance(upload, str):
+                    raise Refused(400, "the multipart body has no file field 'image'")
+                fields = {key: form.get(key) for key in ("index", "k", "domain")}
+                data = await upload.read()
+            finally:
+                await form.close()
+            return fields, await in_pool(decode_upload, data, limits.max_pixels)
+        if kind != "application/json":
+            raise Refused(415, "send multipart/form-data with a file field 'image', or JSON with image_base64, embedding or row")
+        try:
+            fields = json.loads(body, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+        except (ValueError, RecursionError) as e:
+            raise Refused(400, f"the JSON body cannot be read ({str(e)[:80]})") from None
+        if not isinstance(fields, dict):
+            raise Refused(400, "the JSON body must be an object")
+        given = [key for key in ("image_base64", "embedding", "row") if fields.get(key) is not None]
+        if len(given) != 1:
+            raise Refused(400, "give one of image_base64, embedding or row")
+        if given[0] == "image_base64":
+            text = fields["image_base64"]
+            if not isinstance(text, str):
+                raise Refused(400, "image_base64: give the image's bytes as base64 text")
+            text = text.split(",", 1)[1] if text.startswith("data:") else text  # a data: URL as the page sends it
+            try:
+                data = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                raise Refused(400, "image_base64: not valid base64") from None
+            return fields, await in_pool(decode_upload, data, limits.max_pixels)
+        if given[0] == "row":
+            where = pick(fields.get("index"))
+            row = number(fields["row"], "row", 0, where.rows - 1)
+            path = _resolver(where.root)([str(where.paths[row])])[0]
+            try:
+                return fields, await in_pool(load_image, path)
+            except ImageFailure as e:
+                raise Refused(404, f"row {row}'s image {where.paths[row]!r} cannot be read under the served root ({e})") from None
+        vector = fields["embedding"]
+        if not isinstance(vector, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vector):
+            raise Refused(400, "embedding: give a list of numbers")
+        return fields, np.asarray(vector, dtype=np.float32)
+
+    @app.post("/search", openapi_extra=SEARCH_BODY, summary="Nearest rows to an image or an embedding")
+    async def search(request: Request) -> dict[str, Any]:
+        start = time.perf_counter()
+        fields, query = await query_of(request)
+        where = pick(fields.get("index"))
+        k = number(10 if fields.get("k") in (None, "") else fields["k"], "k", 1, limits.max_k)
+        domain = fields.get("domain") or None
+        if domain is not None and not isinstance(domain, str):
+            raise Refused(400, "domain: give a domain's name")
+        if isinstance(query, np.ndarray):
+            dim = int(where.index.meta["dim"])
+            if query.shape != (dim,) or not np.isfinite(query).all() or not np.linalg.norm(query) > 0:
+                raise Refused(400, f"embedding: index {where.name!r} takes {dim} finite numbers, not all zero "
+                                   f"(got {query.size})")
+            vector = query / np.linalg.norm(query)
+        else:
+            vector = await asyncio.wrap_future(where.batcher.submit(query))
+        neighbours = await in_pool(where.search, vector, min(k, where.rows), domain)
+        return {"index": where.name, "k": k, "domain": domain, "neighbours": neighbours,
+                "took_ms": round(1000 * (time.perf_counter() - start), 2)}
+
+    @app.get("/indexes", summary="The served indexes")
+    async def indexes() -> list[dict[str, Any]]:
+        return [{"name": s.name, "rows": s.rows, "dim": s.index.meta["dim"], "kind": s.index.meta["index"]["kind"],
+                 "run": s.index.meta.get("run"), "domains": s.domain_names()} for s in served.values()]
+
+    @app.get("/image/{index}/{row}", summary="A thumbnail of a served row's image", response_class=Response)
+    async def image(index: str, row: str, size: int = 256):
+        where = pick(index)
+        n = number(row, "row", -(1 << 62), 1 << 62)
+        if not THUMB_SIZES[0] <= size <= THUMB_SIZES[1]:
+            raise Refused(422, f"size: {size} is outside {THUMB_SIZES[0]} to {THUMB_SIZES[1]}")
+        data = await in_pool(thumbnail, where, n, size)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "indexes": len(served)}
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus():
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
+    page = resources.files("featcache.deploy").joinpath(WEB)
+    static = {name: page.joinpath(name).read_bytes() for name in ("app.js", "style.css")}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def home():
+        return HTMLResponse(page.joinpath("index.html").read_text(encoding="utf-8"))
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def files(name: str):
+        if name not in static:
+            raise Refused(404, f"no file {name!r}")
+        kind = "text/javascript" if name.endswith(".js") else "text/css"
+        return Response(static[name], media_type=kind)
+
+    app.state.served = served
+    return app
+
+
+PUBLIC = ("/", "/healthz", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")  # no data: no token needed
+PUBLIC_FOLDERS = ("/static/", "/static-offline-docs/")
+
+SEARCH_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+        "image": {"type": "string", "format": "binary", "description": "The query image."},
+        "index": {"type": "string", "description": "Which served index (default: the first)."},
+        "k": {"type": "integer", "minimum": 1, "default": 10},
+        "domain": {"type": "string", "description": "Only neighbours of this domain."}}}},
+    "application/json": {"schema": {"type": "object", "description": "One of image_base64, embedding or row.",
+                                    "properties": {
+        "image_base64": {"type": "string", "description": "The query image's bytes, base64 (or a data: URL)."},
+        "embedding": {"type": "array", "items": {"type": "number"}, "description": "A vector of the index's space."},
+        "row": {"type": "integer", "description": "Search by this row's own image (of `index`)."},
+        "index": {"type": "string"}, "k": {"type": "integer", "minimum": 1, "default": 10},
+        "domain": {"type": "string"}}}}}}}
+
+
+__all__ = ["Batcher", "Limits", "Refused", "check_binding", "create_app", "decode_upload", "open_served"]
