@@ -132,28 +132,34 @@ class Served:
     index: Index
     batcher: Batcher
     root: str
-    paths: np.ndarray = field(repr=False)
-    labels: np.ndarray = field(repr=False)
-    domains: np.ndarray = field(repr=False)
-    _by_domain: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    domains: list[str] = field(default_factory=list)
+    _by_domain: dict[str, tuple] = field(default_factory=dict, repr=False)
 
     @property
     def rows(self) -> int:
         return int(self.index.meta["rows"])
 
-    def domain_names(self) -> list[str]:
-        return sorted(set(self.domains.tolist()))
+
+    def image(self, row: int):
+        """Row ``row``'s image, decoded, read under the served root (a 404 when it cannot be read)."""
+        path = self.index.rows.column("path")[row].as_py()
+        try:
+            return load_image(_resolver(self.root)([path])[0])
+        except ImageFailure as e:
+            raise Refused(404, f"row {row}'s image {path!r} cannot be read under the served root ({e})") from None
 
     def rows_of(self, domain: str) -> tuple[np.ndarray, Any]:
         """The rows of ``domain`` (sorted), and a faiss selector of them (built once per domain)."""
         if domain not in self._by_domain:
             import faiss
 
-            found = np.flatnonzero(self.domains == domain).astype(np.int64)
-            if not len(found):
-                shown = ", ".join(self.domain_names()[:20])
+            import pyarrow.compute as pc
+
+            if domain not in self.domains:
+                shown = ", ".join(self.domains[:20])
                 raise Refused(400, f"domain {domain!r}: no such domain in index {self.name!r} (domains: {shown})")
-            self._by_domain[domain] = (found, faiss.IDSelectorBatch(found))
+            found = np.flatnonzero(pc.equal(self.index.rows.column("domain"), domain).to_numpy(zero_copy_only=False))
+            self._by_domain[domain] = (found.astype(np.int64), faiss.IDSelectorBatch(found.astype(np.int64)))
         return self._by_domain[domain]
 
     def search(self, vector: np.ndarray, k: int, domain: str | None) -> list[dict[str, Any]]:
@@ -163,9 +169,11 @@ class Served:
             scores, ids = self.index.search(q, k)
         else:
             scores, ids = self._search_domain(q, k, *self.rows_of(domain))
-        return [{"row": int(i), "path": str(self.paths[i]), "label": str(self.labels[i]), "domain": str(self.domains[i]),
-                 "score": float(s), "image": f"/image/{self.name}/{int(i)}"}
-                for s, i in zip(scores[0], ids[0]) if i >= 0]
+        found = ids[0] >= 0
+        rows = self.index.rows.take(ids[0][found]).select(["path", "label", "domain"]).to_pydict()
+        return [{"row": int(i), "path": path, "label": label, "domain": domain, "score": float(s),
+                 "image": f"/image/{self.name}/{int(i)}"}
+                for s, i, path, label, domain in zip(scores[0][found], ids[0][found], rows["path"], rows["label"], rows["domain"])]
 
     def _search_domain(self, q: np.ndarray, k: int, allowed: np.ndarray, selector):
         import faiss
@@ -214,10 +222,10 @@ def open_served(index_dirs: list, *, model=None, weights=None, device: str = "cp
         if space not in batchers:
             embed = _module_embedder(index, model) if model is not None else index.embedder(weights, device).embed_images
             batchers[space] = Batcher(embed, limits.max_batch, limits.max_wait_ms / 1000, observe)
-        table = index.rows.select(["path", "label", "domain"]).to_pydict()
-        served[name] = Served(name, index, batchers[space], str(root) if root is not None else index.meta["root"],
-                              np.asarray(table["path"], dtype=object), np.asarray(table["label"], dtype=object),
-                              np.asarray(table["domain"], dtype=object))
+        import pyarrow.compute as pc
+
+        domains = sorted(pc.unique(index.rows.column("domain")).to_pylist())
+        served[name] = Served(name, index, batchers[space], str(root) if root is not None else index.meta["root"], domains)
     return served
 
 
@@ -246,11 +254,7 @@ def thumbnail(served: Served, row: int, size: int) -> bytes:
     """A JPEG of at most ``size`` pixels a side of row ``row``'s image, read from the served root."""
     if not 0 <= row < served.rows:
         raise Refused(404, f"index {served.name!r} has no row {row} (rows 0 to {served.rows - 1})")
-    path = _resolver(served.root)([str(served.paths[row])])[0]
-    try:
-        image = load_image(path)
-    except ImageFailure as e:
-        raise Refused(404, f"row {row}'s image {served.paths[row]!r} cannot be read under the served root ({e})") from None
+    image = served.image(row)
     image.thumbnail((size, size))
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=85)
@@ -420,11 +424,7 @@ def create_app(index_dirs: list, *, model=None, weights=None, device: str = "cpu
         if given[0] == "row":
             where = pick(fields.get("index"))
             row = number(fields["row"], "row", 0, where.rows - 1)
-            path = _resolver(where.root)([str(where.paths[row])])[0]
-            try:
-                return fields, await in_pool(load_image, path)
-            except ImageFailure as e:
-                raise Refused(404, f"row {row}'s image {where.paths[row]!r} cannot be read under the served root ({e})") from None
+            return fields, await in_pool(where.image, row)
         vector = fields["embedding"]
         if not isinstance(vector, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vector):
             raise Refused(400, "embedding: give a list of numbers")
@@ -454,7 +454,7 @@ def create_app(index_dirs: list, *, model=None, weights=None, device: str = "cpu
     @app.get("/indexes", summary="The served indexes")
     async def indexes() -> list[dict[str, Any]]:
         return [{"name": s.name, "rows": s.rows, "dim": s.index.meta["dim"], "kind": s.index.meta["index"]["kind"],
-                 "run": s.index.meta.get("run"), "domains": s.domain_names()} for s in served.values()]
+                 "run": s.index.meta.get("run"), "domains": s.domains} for s in served.values()]
 
     @app.get("/image/{index}/{row}", summary="A thumbnail of a served row's image", response_class=Response)
     async def image(index: str, row: str, size: int = 256):
