@@ -74,7 +74,7 @@ def _decode(source, box) -> Image.Image:
         raise ImageFailure(f"decompression bomb: {_first_line(e)}") from None
     except UnidentifiedImageError:
         raise ImageFailure("not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError, NotImplementedError) as e:  # a DDS of an unknown pixel format
         raise ImageFailure(f"decode error: {_first_line(e)}") from None
     if box is not None:
         rgb = crop(rgb, box)

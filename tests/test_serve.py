@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import textwrap
 import threading
 import time
 import uuid
@@ -48,6 +49,7 @@ def collection(tmp_path_factory):
     invoke("index", "--cache", tmp / "c.zarr", "--out", tmp / "raw-index")  # no head: another model serves it
     for name, factory in (("pca-ivf-index", "PCA8,IVF2,Flat"), ("pq-index", "PQ4x2")):  # approximate, compressed
         invoke("index", "--cache", tmp / "c.zarr", "--run", tmp / "run", "--factory", factory, "--out", tmp / name)
+    shutil.copytree(tmp / "demo-index", tmp / "odd #name")  # an index moved, to a folder name a URL must escape
     return data, tmp / "demo-index"
 
 
@@ -119,14 +121,14 @@ def multipart(image: bytes, fields: dict) -> tuple[bytes, str]:
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-INDEXES = ("demo-index", "ivf-index", "raw-index", "pca-ivf-index", "pq-index")
+INDEXES = ("demo-index", "ivf-index", "raw-index", "pca-ivf-index", "pq-index", "odd #name")
 
 
 @pytest.fixture(scope="module")
 def server(collection):
     _, index = collection
     s = Server(*[arg for name in INDEXES for arg in ("--index", index.parent / name)],
-               "--max-upload", "1MB", "--max-pixels", "4000000", "--max-wait-ms", "20")
+               "--max-upload", "1MB", "--max-pixels", "4000000", "--max-wait-ms", "20", "--read-timeout", "2")
     yield s
     s.stop()
 
@@ -154,6 +156,14 @@ def test_search_answers_what_featcache_search_answers(server, collection, tmp_pa
     status, raw = server.upload(image.read_bytes(), k="3", index="raw-index")
     assert status == 200 and [str(data / n["path"]) for n in raw["neighbours"]] == [n["path"] for n in want]
     assert [n["score"] for n in raw["neighbours"]] == pytest.approx([n["score"] for n in want], abs=1e-5)
+    # an index whose name a URL must escape: its thumbnail links work as given
+    status, odd = server.upload(image.read_bytes(), k="2", index="odd #name")
+    assert status == 200 and odd["neighbours"][0]["image"] == "/image/odd%20%23name/4"
+    assert server.request("GET", odd["neighbours"][0]["image"])[0] == 200
+    # base64 as `base64` writes it, with line breaks
+    wrapped = "\n".join(textwrap.wrap(base64.b64encode(image.read_bytes()).decode(), 76))
+    status, again = server.json("POST", "/search", {"image_base64": wrapped, "k": 5})
+    assert status == 200 and [n["row"] for n in again["neighbours"]] == [n["row"] for n in got["neighbours"]]
     # the same image as base64 (and as a data: URL), and by its row
     b64 = base64.b64encode(image.read_bytes()).decode()
     for payload in ({"image_base64": b64, "k": 5}, {"image_base64": "data:image/png;base64," + b64, "k": 5},
@@ -173,6 +183,10 @@ def test_an_embedding_and_a_domain_filter_against_brute_force(server, collection
     scores = vectors @ (query / np.linalg.norm(query))
     status, got = server.json("POST", "/search", {"embedding": query.tolist(), "k": 7})
     assert status == 200
+    for scale in (1e30, 1e-30):  # only the direction counts: float32 would overflow or vanish
+        status, scaled = server.json("POST", "/search", {"embedding": (query * scale).tolist(), "k": 7})
+        assert status == 200 and [n["row"] for n in scaled["neighbours"]] == [n["row"] for n in got["neighbours"]]
+        assert [n["score"] for n in scaled["neighbours"]] == pytest.approx([n["score"] for n in got["neighbours"]], abs=1e-6)
     assert [n["row"] for n in got["neighbours"]] == np.argsort(-scores, kind="stable")[:7].tolist()
     assert [n["score"] for n in got["neighbours"]] == pytest.approx(np.sort(scores)[::-1][:7], abs=1e-5)
     odd = np.arange(len(scores)) % 2 == 1  # rows of domain d1
@@ -191,7 +205,7 @@ def test_indexes_images_health_and_metrics(server, collection):
     data, _ = collection
     status, indexes = server.json("GET", "/indexes")
     assert status == 200 and [(i["name"], i["rows"], i["kind"], i["domains"]) for i in indexes] == [
-        (name, 18, kind, ["d0", "d1"]) for name, kind in zip(INDEXES, ("flat", "ivf", "flat", "factory", "factory"))]
+        (name, 18, kind, ["d0", "d1"]) for name, kind in zip(INDEXES, ("flat", "ivf", "flat", "factory", "factory", "flat"))]
     assert indexes[0]["dim"] == 64 and indexes[2]["run"] is None
     status, headers, body = server.request("GET", "/image/demo-index/3?size=32")
     assert status == 200 and headers["content-type"] == "image/jpeg"
@@ -257,11 +271,49 @@ def test_bad_requests_are_one_json_line_with_a_4xx(server, collection):
         (server.json("GET", "/image/demo-index/1?size=100000"), 422, "size"),
         (server.json("GET", "/nothing-here"), 404, ""),
         (server.json("DELETE", "/search"), 405, ""),
+        (server.upload(png((2, 200_000))), 413, "times the other"),  # 400k pixels, but resized it would be huge
+        (server.json("POST", "/search", {"image_base64": "data:image/png;base64"}), 400, "data: URL"),
+        (server.json("POST", "/search", raw=b'{"embedding": [1' + b"0" * 400 + b', 1]}'), 400, "too large"),
+        (server.json("POST", "/search", {"embedding": [1e300] * 64}), 400, "finite"),
+        (server.json("POST", "/search", {"row": 3, "k": 2.5}), 422, "k"),
+        (server.json("POST", "/search", {"row": True}), 422, "row"),
+        (server.json("POST", "/search", {"row": 3, "domain": 0}), 400, "domain"),
+        (server.json("POST", "/search", {"row": 3, "domain": False}), 400, "domain"),
+        (server.json("POST", "/search", {"row": 3, "index": "x" * 5000}), 404, "not served"),
+        (server.json("GET", "/indexes", headers={"Host": "evil.example"}), 421, "127.0.0.1"),
     ]
     status, _, body = server.request("POST", "/search", b"k=3", {"Content-Type": "text/plain"})
     cases.append(((status, json.loads(body)), 415, "multipart"))
     for (status, answer), want, words in cases:
         assert words in one_error(status, answer, want)
+        assert len(answer["error"]) < 400  # what the request sent is not echoed whole
+    status, headers, _ = server.request("DELETE", "/search")
+    assert "POST" in headers.get("allow", "")
+    # a body that stops arriving is refused after --read-timeout (2 s here), not waited for
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    body, kind = multipart(image, {"k": "3"})
+    conn.putrequest("POST", "/search")
+    conn.putheader("Content-Type", kind)
+    conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders(body[:100])
+    r = conn.getresponse()
+    assert r.status == 408 and "stopped arriving" in json.loads(r.read())["error"]
+    conn.close()
+    # a client that goes away mid-body is not the service's error
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.putrequest("POST", "/search")
+    conn.putheader("Content-Type", kind)
+    conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders(body[:100])
+    conn.close()
+    assert server.request("HEAD", "/healthz")[0] == 200 and server.request("FOO", "/healthz")[0] == 405
+    from prometheus_client.parser import text_string_to_metric_families
+
+    time.sleep(0.5)
+    families = {f.name: f for f in text_string_to_metric_families(server.request("GET", "/metrics")[2].decode())}
+    samples = [s.labels for s in families["featcache_requests"].samples if s.name.endswith("_total")]
+    assert not [x for x in samples if x["status"].startswith("5")]
+    assert {x["method"] for x in samples} <= {"GET", "HEAD", "POST", "DELETE", "other"}  # "FOO" is not a label
     assert server.request("GET", "/healthz")[0] == 200  # and it still answers
 
 
@@ -313,6 +365,30 @@ def test_batcher_returns_each_its_own_embedding():
     b.close(), failing.close()
 
 
+def test_batcher_survives_a_cancelled_request_and_isolates_a_failing_one():
+    from featcache.deploy.serve import Batcher
+
+    gate = threading.Event()
+
+    def embed(items):
+        gate.wait(10)
+        if any(x < 0 for x in items):
+            raise ValueError("a negative image")
+        return np.array([[x] for x in items], dtype=np.float32)
+
+    b = Batcher(embed, max_batch=8, max_wait=0.05)
+    first = b.submit(1.0)  # holds the model while the next ones queue
+    time.sleep(0.1)
+    given_up, bad, good = b.submit(2.0), b.submit(-1.0), b.submit(3.0)
+    assert given_up.cancel()  # its request went away before the model took it
+    gate.set()
+    assert first.result(10)[0] == 1.0 and good.result(10)[0] == 3.0  # the bad one fails alone
+    with pytest.raises(ValueError):
+        bad.result(10)
+    assert b.submit(4.0).result(10)[0] == 4.0 and b.thread.is_alive()
+    b.close()
+
+
 def test_a_token_guards_the_api_and_an_exported_model_embeds_the_queries(collection, tmp_path):
     data, index = collection
     r = invoke("serve", "--index", index, "--host", "0.0.0.0", code=2)
@@ -331,6 +407,7 @@ def test_a_token_guards_the_api_and_an_exported_model_embeds_the_queries(collect
         assert "token" in one_error(status, answer, 401)
         assert one_error(*s.json("GET", "/indexes", headers={"Authorization": "Bearer wrong"}), 401)
         assert s.json("GET", "/indexes", headers={"Authorization": "Bearer s3cret"})[0] == 200
+        assert s.json("GET", "/indexes", headers={"Authorization": "bearer s3cret"})[0] == 200  # the scheme is any case
         assert s.request("GET", "/image/demo-index/0")[0] == 401
         assert s.request("GET", "/healthz")[0] == 200 and s.request("GET", "/")[0] == 200  # no data in either
     finally:

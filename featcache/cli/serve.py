@@ -30,6 +30,7 @@ def serve(
     max_pixels: int = typer.Option(40_000_000, min=1, help="Largest image accepted, in pixels (width x height), checked before decoding."),
     max_k: int = typer.Option(1000, min=1, help="Most neighbours one query may ask for."),
     workers: int = typer.Option(4, min=1, help="Threads that decode uploads and search the indexes."),
+    read_timeout: float = typer.Option(30.0, min=0.1, help="Seconds a request body may pause before the request is refused (408)."),
 ) -> None:
     """Serve indexes over HTTP: a search page at /, the API at /search, /indexes, /image, /healthz, /metrics
     (OpenAPI page at /docs).
@@ -41,14 +42,15 @@ def serve(
     import uvicorn
 
     from featcache.cli.evaluate import parse_bytes
-    from featcache.deploy.serve import Limits, check_binding, create_app
+    from featcache.deploy.serve import LOOPBACK, Limits, check_binding, create_app
     from featcache.devices import resolve_device
 
     check_binding(host, token)
     limits = Limits(max_upload_bytes=parse_bytes(max_upload), max_pixels=max_pixels, max_k=max_k,
-                    max_batch=max_batch, max_wait_ms=max_wait_ms)
+                    max_batch=max_batch, max_wait_ms=max_wait_ms, read_timeout=read_timeout)
     api = create_app([place(d) for d in index_dirs], model=model, weights=weights, device=resolve_device(device),
-                     root=place(root), token=token, limits=limits, workers=workers)
+                     root=place(root), token=token, limits=limits, workers=workers,
+                     hosts=LOOPBACK if host in LOOPBACK else None)
     import gc
 
     gc.collect()
@@ -57,4 +59,4 @@ def serve(
     shown = f"[{host}]" if ":" in host else host
     err.print(f"serving {names} on http://{shown}:{port} (page /, API /docs); Ctrl-C stops", markup=False, highlight=False)
     uvicorn.run(api, host=host, port=port, log_level=os.environ.get("FEATCACHE_LOG_LEVEL", "warning"),
-                limit_concurrency=1024, timeout_keep_alive=30)
+                timeout_keep_alive=30)

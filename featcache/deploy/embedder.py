@@ -138,11 +138,19 @@ class Embedder:
     def encoder(self) -> nn.Module:
         return Encoder(self.backbone, self.head) if self.head is not None else self.backbone
 
+    def prepare(self, image: Image.Image) -> torch.Tensor:
+        """An RGB image preprocessed as at extraction: what ``embed_prepared`` takes."""
+        return self.backbone.transform(image)
+
     @torch.inference_mode()
+    def embed_prepared(self, tensors: list[torch.Tensor]) -> np.ndarray:
+        """(B, E) float32 L2-normalised embeddings of images ``prepare`` made."""
+        x = torch.stack(list(tensors)).to(self.device)
+        return F.normalize(self.encoder()(x).float(), dim=1).cpu().numpy()
+
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
         """(B, E) float32 L2-normalised embeddings of RGB images, preprocessed as at extraction."""
-        x = torch.stack([self.backbone.transform(im) for im in images]).to(self.device)
-        return F.normalize(self.encoder()(x).float(), dim=1).cpu().numpy()
+        return self.embed_prepared([self.prepare(im) for im in images])
 
 
 __all__ = ["DeployError", "Embedder", "Encoder", "RunError", "check_weights", "collection", "open_run", "rebuild_backbone"]

@@ -447,8 +447,17 @@ def _module_embedder(index: Index, model: str | os.PathLike) -> Callable[[list],
     module = load_torchscript(model)
 
     def embed(images: list) -> np.ndarray:
+        """The module takes images of one size at a time (it resizes inside): one pass per size."""
+        out: np.ndarray | None = None
+        sizes: dict[tuple, list[int]] = {}
+        for i, im in enumerate(images):
+            sizes.setdefault(im.size, []).append(i)
         with torch.inference_mode():
-            return module(image_tensor(images)).float().numpy()
+            for at in sizes.values():
+                got = module(image_tensor([images[i] for i in at])).float().numpy()
+                out = np.empty((len(images), got.shape[1]), dtype=np.float32) if out is None else out
+                out[at] = got
+        return out
 
     return embed
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import quote
 
 import numpy as np
 from fastapi import Request
@@ -39,6 +40,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from featcache.deploy.embedder import DeployError
 from featcache.deploy.index import Index, _module_embedder, _resolver
@@ -49,6 +51,8 @@ log = logging.getLogger("featcache.serve")
 WEB = "web"  # the page's files, beside this module
 THUMB_SIZES = (16, 1024)  # the ?size= a thumbnail may ask for
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_ASPECT = 32  # longest side over shortest side of an upload
+METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")  # metric labels; any other is "other"
 
 
 @dataclass
@@ -60,6 +64,8 @@ class Limits:
     max_k: int = 1000
     max_batch: int = 32
     max_wait_ms: float = 5.0
+    max_pending: int = 128  # decoded query images held at once, waiting for the model
+    read_timeout: float = 30.0  # seconds a request body may pause between two pieces
 
 
 class Refused(Exception):
@@ -73,19 +79,21 @@ class Refused(Exception):
 class Batcher:
     """Images from concurrent requests embedded together. The first image of a batch waits at most
     ``max_wait`` seconds for others, and a batch holds at most ``max_batch`` images; one thread runs the model,
-    so requests never contend for it."""
+    so requests never contend for it. ``embed`` takes what ``prepare`` made of each image (``prepare`` runs
+    in the caller's thread: resizing a large upload never holds up the batch)."""
 
     def __init__(self, embed: Callable[[list], np.ndarray], max_batch: int = 32, max_wait: float = 0.005,
-                 observe: Callable[[int], None] | None = None):
-        self.embed, self.max_batch, self.max_wait, self.observe = embed, max(1, max_batch), max(0.0, max_wait), observe
+                 observe: Callable[[int], None] | None = None, prepare: Callable[[Any], Any] = lambda image: image):
+        self.embed, self.prepare, self.observe = embed, prepare, observe
+        self.max_batch, self.max_wait = max(1, max_batch), max(0.0, max_wait)
         self.queue: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._loop, name="featcache-batcher", daemon=True)
         self.thread.start()
 
-    def submit(self, image) -> Future:
-        """A future of the image's (dim,) embedding."""
+    def submit(self, prepared) -> Future:
+        """A future of the (dim,) embedding of an image ``prepare`` made."""
         done: Future = Future()
-        self.queue.put((image, done))
+        self.queue.put((prepared, done))
         return done
 
     def close(self) -> None:
@@ -107,18 +115,24 @@ class Batcher:
                     stop = True
                     break
                 batch.append(item)
-            self._run(batch)
+            # a request given up (its future cancelled) is dropped; the others are now running
+            self._run([(x, done) for x, done in batch if done.set_running_or_notify_cancel()])
             if stop:
                 return
 
     def _run(self, batch: list) -> None:
+        if not batch:
+            return
         if self.observe is not None:
             self.observe(len(batch))
         try:
-            vectors = self.embed([image for image, _ in batch])
-        except Exception as e:  # every request of the batch gets the error
-            for _, done in batch:
-                done.set_exception(e)
+            vectors = self.embed([x for x, _ in batch])
+        except Exception as e:
+            if len(batch) > 1:  # one request's fault is its own: each alone
+                for item in batch:
+                    self._run([item])
+            else:
+                batch[0][1].set_exception(e)
             return
         for (_, done), vector in zip(batch, vectors):
             done.set_result(vector)
@@ -139,7 +153,6 @@ class Served:
     def rows(self) -> int:
         return int(self.index.meta["rows"])
 
-
     def image(self, row: int):
         """Row ``row``'s image, decoded, read under the served root (a 404 when it cannot be read)."""
         path = self.index.rows.column("path")[row].as_py()
@@ -157,7 +170,7 @@ class Served:
 
             if domain not in self.domains:
                 shown = ", ".join(self.domains[:20])
-                raise Refused(400, f"domain {domain!r}: no such domain in index {self.name!r} (domains: {shown})")
+                raise Refused(400, f"domain {domain[:80]!r}: no such domain in index {self.name!r} (domains: {shown})")
             found = np.flatnonzero(pc.equal(self.index.rows.column("domain"), domain).to_numpy(zero_copy_only=False))
             self._by_domain[domain] = (found.astype(np.int64), faiss.IDSelectorBatch(found.astype(np.int64)))
         return self._by_domain[domain]
@@ -171,8 +184,8 @@ class Served:
             scores, ids = self._search_domain(q, k, *self.rows_of(domain))
         found = ids[0] >= 0
         rows = self.index.rows.take(ids[0][found]).select(["path", "label", "domain"]).to_pydict()
-        return [{"row": int(i), "path": path, "label": label, "domain": domain, "score": float(s),
-                 "image": f"/image/{self.name}/{int(i)}"}
+        link = f"/image/{quote(self.name, safe='')}/"
+        return [{"row": int(i), "path": path, "label": label, "domain": domain, "score": float(s), "image": f"{link}{int(i)}"}
                 for s, i, path, label, domain in zip(scores[0][found], ids[0][found], rows["path"], rows["label"], rows["domain"])]
 
     def _search_domain(self, q: np.ndarray, k: int, allowed: np.ndarray, selector):
@@ -220,8 +233,12 @@ def open_served(index_dirs: list, *, model=None, weights=None, device: str = "cp
             raise DeployError(f"--index {where}: another served index is also named {name!r} (names are folder names)")
         space = json.dumps(index.meta["space"], sort_keys=True)
         if space not in batchers:
-            embed = _module_embedder(index, model) if model is not None else index.embedder(weights, device).embed_images
-            batchers[space] = Batcher(embed, limits.max_batch, limits.max_wait_ms / 1000, observe)
+            if model is not None:  # the exported module resizes inside: it takes the decoded image as it is
+                batchers[space] = Batcher(_module_embedder(index, model), limits.max_batch, limits.max_wait_ms / 1000, observe)
+            else:
+                embedder = index.embedder(weights, device)
+                batchers[space] = Batcher(embedder.embed_prepared, limits.max_batch, limits.max_wait_ms / 1000, observe,
+                                          prepare=embedder.prepare)
         import pyarrow.compute as pc
 
         domains = sorted(pc.unique(index.rows.column("domain")).to_pylist())
@@ -230,24 +247,28 @@ def open_served(index_dirs: list, *, model=None, weights=None, device: str = "cp
 
 
 def decode_upload(data: bytes, max_pixels: int):
-    """An uploaded image, decoded: its size checked from the header before any pixel is decoded."""
-    from PIL import Image, UnidentifiedImageError
+    """An uploaded image, decoded: its size and shape checked from the header before any pixel is decoded."""
+    from PIL import Image
 
     if not data:
         raise Refused(400, "the image is empty (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as probe:
             w, h = probe.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        if isinstance(e, Image.DecompressionBombError):
-            raise Refused(413, f"the image has too many pixels ({str(e).splitlines()[0][:120]})") from None
+    except Image.DecompressionBombError as e:
+        raise Refused(413, f"the image has too many pixels ({str(e).splitlines()[0][:120]})") from None
+    except Exception:  # whatever a decoder raises on bytes from outside: the upload is at fault
         raise Refused(400, "not an image (unrecognised or damaged format)") from None
     if w * h > max_pixels:
         raise Refused(413, f"the image has {w}x{h} = {w * h:,} pixels; this service takes at most {max_pixels:,}")
+    if max(w, h) > MAX_ASPECT * max(1, min(w, h)):  # resized to the model's input, it would be huge
+        raise Refused(413, f"the image is {w}x{h}: one side is more than {MAX_ASPECT} times the other")
     try:
         return load_image_bytes(data)
     except ImageFailure as e:
         raise Refused(413 if "bomb" in str(e) else 400, f"the image cannot be decoded: {e}") from None
+    except Exception as e:
+        raise Refused(400, f"the image cannot be decoded ({type(e).__name__})") from None
 
 
 def thumbnail(served: Served, row: int, size: int) -> bytes:
@@ -285,8 +306,10 @@ class Metrics:
 
 
 def create_app(index_dirs: list, *, model=None, weights=None, device: str = "cpu", root=None, token: str | None = None,
-               limits: Limits | None = None, workers: int = 4):
-    """The FastAPI app serving ``index_dirs`` (each opened and checked before the app exists)."""
+               limits: Limits | None = None, workers: int = 4, hosts: tuple[str, ...] | None = LOOPBACK):
+    """The FastAPI app serving ``index_dirs`` (each opened and checked before the app exists). ``hosts``: the
+    names a request's Host header may give (loopback by default, so that no web page can reach the service
+    through a DNS name that resolves to this machine); None: any."""
     from featcache import __version__
 
     limits = limits or Limits()
@@ -294,6 +317,7 @@ def create_app(index_dirs: list, *, model=None, weights=None, device: str = "cpu
     served = open_served(index_dirs, model=model, weights=weights, device=device, root=root, limits=limits,
                          observe=metrics.batch.observe)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="featcache-serve")
+    pending = asyncio.Semaphore(limits.max_pending)  # decoded images held at once, waiting for the model
     default_index = next(iter(served))
 
     @contextlib.asynccontextmanager
@@ -305,11 +329,11 @@ def create_app(index_dirs: list, *, model=None, weights=None, device: str = "cpu
 
     # FastAPIOffline: FastAPI with the /docs page's scripts served from the package, not fetched from a CDN
     app = FastAPIOffline(title="featcache", version=__version__, lifespan=lifespan, description=
-                  "Search featcache indexes by image or embedding. Errors are JSON: {\"error\": \"one line\"}.")
+                         "Search featcache indexes by image or embedding. Errors are JSON: {\"error\": \"one line\"}.")
 
-    def error(status: int, message: str) -> JSONResponse:
+    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status,
-                            headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
+                            headers={**(headers or {}), **({"WWW-Authenticate": "Bearer"} if status == 401 else {})})
 
     @app.exception_handler(Refused)
     async def refused(_, e: Refused):
@@ -318,8 +342,8 @@ def create_app(index_dirs: list, *, model=None, weights=None, device: str = "cpu
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
         if e.status_code in (404, 405) and e.detail in ("Not Found", "Method Not Allowed"):  # the router's own
-            return error(e.status_code, f"no {request.method} {request.url.path[:100]} here (see /docs)")
-        return error(e.status_code, str(e.detail))
+            return error(e.status_code, f"no {request.method[:10]} {request.url.path[:100]} here (see /docs)", e.headers)
+        return error(e.status_code, str(e.detail)[:200], e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, e: RequestValidationError):
@@ -327,23 +351,38 @@ def create_app(index_dirs: list, *, model=None, weights=None, device: str = "cpu
         where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path"))
         return error(422, f"{where or 'request'}: {first.get('msg', 'invalid')}")
 
+    def host_allowed(request: Request) -> bool:
+        if hosts is None:
+            return True
+        host = request.headers.get("host", "").lower()
+        name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        return name in hosts
+
+    def authorised(request: Request) -> bool:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
     @app.middleware("http")
     async def measure(request: Request, call_next):
         start = time.perf_counter()
         try:
-            if token and request.url.path not in PUBLIC and not request.url.path.startswith(PUBLIC_FOLDERS):
-                given = request.headers.get("authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                    raise Refused(401, "a bearer token is required (Authorization: Bearer TOKEN)")
+            if not host_allowed(request):
+                raise Refused(421, f"this service answers requests for {', '.join(hosts)} only (Host: "
+                                   f"{request.headers.get('host', '')[:60]!r}); serve with --host and --token to be reached by other names")
+            if token and request.url.path not in PUBLIC and not request.url.path.startswith(PUBLIC_FOLDERS) \
+                    and not authorised(request):
+                raise Refused(401, "a bearer token is required (Authorization: Bearer TOKEN)")
             response = await call_next(request)
         except Refused as e:
             response = error(e.status, str(e))
+        except ClientDisconnect:  # nobody to answer: counted, not logged as the service's fault
+            response = error(499, "the client closed the connection before its request was read")
         except Exception as e:  # logged here in full; the client gets one line and no traceback
             log.exception("internal error")
             response = error(500, f"internal error ({type(e).__name__})")
-        route = request.scope.get("route")
-        name = getattr(route, "path", "other")
-        metrics.requests.labels(name, request.method, str(response.status_code)).inc()
+        name = getattr(request.scope.get("route"), "path", "other")
+        method = request.method if request.method in METHODS else "other"
+        metrics.requests.labels(name, method, str(response.status_code)).inc()
         if response.status_code >= 400:
             metrics.errors.labels(name, str(response.status_code)).inc()
         metrics.latency.labels(name).observe(time.perf_counter() - start)
@@ -355,16 +394,18 @@ def create_app(index_dirs: list, *, model=None, weights=None, device: str = "cpu
     def pick(name: Any) -> Served:
         name = default_index if name in (None, "") else str(name)
         if name not in served:
-            raise Refused(404, f"index {name!r}: not served (indexes: {', '.join(served)})")
+            raise Refused(404, f"index {name[:80]!r}: not served (indexes: {', '.join(served)})")
         return served[name]
 
     def number(value: Any, what: str, lo: int, hi: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise Refused(422, f"{what}: {str(value)[:40]!r} is not a whole number")
         try:
-            n = int(str(value))
+            n = int(value)
         except ValueError:
             raise Refused(422, f"{what}: {str(value)[:40]!r} is not a whole number") from None
         if not lo <= n <= hi:
-            raise Refused(422, f"{what}: {n} is outside {lo} to {hi}")
+            raise Refused(422, f"{what}: {str(n)[:40]} is outside {lo} to {hi}")
         return n
 
     async def read_body(request: Request) -> bytes:
@@ -372,15 +413,21 @@ def create_app(index_dirs: list, *, model=None, weights=None, device: str = "cpu
         if length.isdigit() and int(length) > limits.max_upload_bytes:
             raise Refused(413, f"the request is {int(length):,} bytes; this service takes at most {limits.max_upload_bytes:,}")
         chunks, seen = [], 0
-        async for chunk in request.stream():  # counted as it arrives: a body without a length is bounded too
+        stream = request.stream().__aiter__()
+        while True:  # counted as it arrives (a body without a length is bounded too), and never waited for long
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), limits.read_timeout)
+            except StopAsyncIteration:
+                return b"".join(chunks)
+            except asyncio.TimeoutError:
+                raise Refused(408, f"the request body stopped arriving for {limits.read_timeout:g} s") from None
             seen += len(chunk)
             if seen > limits.max_upload_bytes:
                 raise Refused(413, f"the request is over {limits.max_upload_bytes:,} bytes, the most this service takes")
             chunks.append(chunk)
-        return b"".join(chunks)
 
-    async def query_of(request: Request) -> tuple[dict[str, Any], Any]:
-        """(fields, query): the query is an image, or an (E,) float32 embedding."""
+    async def fields_of(request: Request) -> dict[str, Any]:
+        """The request's fields; the query is one of ``image`` (bytes), ``image_base64``, ``embedding`` or ``row``."""
         body = await read_body(request)
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "multipart/form-data":
@@ -394,59 +441,44 @@ def create_app(index_dirs: list, *, model=None, weights=None, device: str = "cpu
             try:
                 upload = form.get("image")
                 if upload is None or isinstance(upload, str):
-                    raise Refused(400, "the multipart body has no file field 'image'")
+                    raise Refused(400, "the multipart body has no file field 'image' (or it is cut short)")
                 fields = {key: form.get(key) for key in ("index", "k", "domain")}
-                data = await upload.read()
+                fields["image"] = await upload.read()
             finally:
                 await form.close()
-            return fields, await in_pool(decode_upload, data, limits.max_pixels)
+            return fields
         if kind != "application/json":
             raise Refused(415, "send multipart/form-data with a file field 'image', or JSON with image_base64, embedding or row")
-        try:
-            fields = json.loads(body, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
-        except (ValueError, RecursionError) as e:
-            raise Refused(400, f"the JSON body cannot be read ({str(e)[:80]})") from None
-        if not isinstance(fields, dict):
-            raise Refused(400, "the JSON body must be an object")
-        given = [key for key in ("image_base64", "embedding", "row") if fields.get(key) is not None]
-        if len(given) != 1:
-            raise Refused(400, "give one of image_base64, embedding or row")
-        if given[0] == "image_base64":
-            text = fields["image_base64"]
-            if not isinstance(text, str):
-                raise Refused(400, "image_base64: give the image's bytes as base64 text")
-            text = text.split(",", 1)[1] if text.startswith("data:") else text  # a data: URL as the page sends it
-            try:
-                data = base64.b64decode(text, validate=True)
-            except (binascii.Error, ValueError):
-                raise Refused(400, "image_base64: not valid base64") from None
-            return fields, await in_pool(decode_upload, data, limits.max_pixels)
-        if given[0] == "row":
-            where = pick(fields.get("index"))
+        return await in_pool(parse_json, body)
+
+    async def embedding_of(fields: dict[str, Any], where: Served) -> np.ndarray:
+        """The query's L2-normalised embedding: an image's through the index's model (batched), or the one given."""
+        if "embedding" in fields:
+            return fields["embedding"]
+        if "row" in fields:
             row = number(fields["row"], "row", 0, where.rows - 1)
-            return fields, await in_pool(where.image, row)
-        vector = fields["embedding"]
-        if not isinstance(vector, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vector):
-            raise Refused(400, "embedding: give a list of numbers")
-        return fields, np.asarray(vector, dtype=np.float32)
+            load = lambda: where.batcher.prepare(where.image(row))  # noqa: E731
+        else:
+            data = fields["image"]
+            load = lambda: where.batcher.prepare(decode_upload(data, limits.max_pixels))  # noqa: E731
+        async with pending:
+            return await asyncio.wrap_future(where.batcher.submit(await in_pool(load)))
 
     @app.post("/search", openapi_extra=SEARCH_BODY, summary="Nearest rows to an image or an embedding")
     async def search(request: Request) -> dict[str, Any]:
         start = time.perf_counter()
-        fields, query = await query_of(request)
+        fields = await fields_of(request)
         where = pick(fields.get("index"))
         k = number(10 if fields.get("k") in (None, "") else fields["k"], "k", 1, limits.max_k)
-        domain = fields.get("domain") or None
+        domain = fields.get("domain")
+        if domain == "":
+            domain = None
         if domain is not None and not isinstance(domain, str):
             raise Refused(400, "domain: give a domain's name")
-        if isinstance(query, np.ndarray):
-            dim = int(where.index.meta["dim"])
-            if query.shape != (dim,) or not np.isfinite(query).all() or not np.linalg.norm(query) > 0:
-                raise Refused(400, f"embedding: index {where.name!r} takes {dim} finite numbers, not all zero "
-                                   f"(got {query.size})")
-            vector = query / np.linalg.norm(query)
-        else:
-            vector = await asyncio.wrap_future(where.batcher.submit(query))
+        if "embedding" in fields and len(fields["embedding"]) != int(where.index.meta["dim"]):
+            raise Refused(400, f"embedding: index {where.name!r} takes {where.index.meta['dim']} numbers "
+                               f"(got {len(fields['embedding'])})")
+        vector = await embedding_of(fields, where)
         neighbours = await in_pool(where.search, vector, min(k, where.rows), domain)
         return {"index": where.name, "k": k, "domain": domain, "neighbours": neighbours,
                 "took_ms": round(1000 * (time.perf_counter() - start), 2)}
@@ -454,9 +486,11 @@ def create_app(index_dirs: list, *, model=None, weights=None, device: str = "cpu
     @app.get("/indexes", summary="The served indexes")
     async def indexes() -> list[dict[str, Any]]:
         return [{"name": s.name, "rows": s.rows, "dim": s.index.meta["dim"], "kind": s.index.meta["index"]["kind"],
-                 "run": s.index.meta.get("run"), "domains": s.domains} for s in served.values()]
+                 "run": Path(s.index.meta["run"]).name if s.index.meta.get("run") else None, "domains": s.domains}
+                for s in served.values()]
 
-    @app.get("/image/{index}/{row}", summary="A thumbnail of a served row's image", response_class=Response)
+    @app.api_route("/image/{index}/{row}", methods=["GET", "HEAD"], summary="A thumbnail of a served row's image",
+                   response_class=Response)
     async def image(index: str, row: str, size: int = 256):
         where = pick(index)
         n = number(row, "row", -(1 << 62), 1 << 62)
@@ -465,7 +499,7 @@ def create_app(index_dirs: list, *, model=None, weights=None, device: str = "cpu
         data = await in_pool(thumbnail, where, n, size)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
-    @app.get("/healthz", summary="Liveness")
+    @app.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "indexes": len(served)}
 
@@ -485,12 +519,52 @@ def create_app(index_dirs: list, *, model=None, weights=None, device: str = "cpu
     @app.get("/static/{name}", include_in_schema=False)
     async def files(name: str):
         if name not in static:
-            raise Refused(404, f"no file {name!r}")
+            raise Refused(404, f"no file {name[:80]!r}")
         kind = "text/javascript" if name.endswith(".js") else "text/css"
         return Response(static[name], media_type=kind)
 
     app.state.served = served
     return app
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    """A JSON search request's fields, checked: one query (``image`` bytes from ``image_base64``, an L2-normalised
+    ``embedding`` or a ``row``), and the options as given."""
+    try:
+        fields = json.loads(body, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"{c} is not a number")))
+    except (ValueError, RecursionError) as e:
+        raise Refused(400, f"the JSON body cannot be read ({str(e)[:80]})") from None
+    if not isinstance(fields, dict):
+        raise Refused(400, "the JSON body must be an object")
+    given = [key for key in ("image_base64", "embedding", "row") if fields.get(key) is not None]
+    if len(given) != 1:
+        raise Refused(400, "give one of image_base64, embedding or row")
+    fields = {key: fields.get(key) for key in ("index", "k", "domain", given[0])}
+    if given[0] == "image_base64":
+        text = fields.pop("image_base64")
+        if not isinstance(text, str):
+            raise Refused(400, "image_base64: give the image's bytes as base64 text")
+        if text.startswith("data:"):  # a data: URL, as a page may send it
+            header, comma, text = text.partition(",")
+            if not comma or not header.endswith(";base64"):
+                raise Refused(400, "image_base64: a data: URL must be 'data:<type>;base64,<bytes>'")
+        try:
+            fields["image"] = base64.b64decode("".join(text.split()), validate=True)  # line breaks allowed
+        except (binascii.Error, ValueError):
+            raise Refused(400, "image_base64: not valid base64") from None
+    elif given[0] == "embedding":
+        vector = fields["embedding"]
+        if not isinstance(vector, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vector):
+            raise Refused(400, "embedding: give a list of numbers")
+        try:
+            x = np.asarray(vector, dtype=np.float64)
+        except OverflowError:
+            raise Refused(400, "embedding: a number is too large") from None
+        norm = np.linalg.norm(x) if np.isfinite(x).all() else np.inf
+        if not np.isfinite(norm) or not norm > 0:
+            raise Refused(400, "embedding: give finite numbers, not all zero")
+        fields["embedding"] = (x / norm).astype(np.float32)
+    return fields
 
 
 PUBLIC = ("/", "/healthz", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")  # no data: no token needed

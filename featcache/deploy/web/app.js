@@ -48,9 +48,22 @@ function showDomains() {
   $("domain").replaceChildren(new Option("all", ""), ...names.map((d) => new Option(d, d)));
 }
 
+let objectURLs = [];  // made for the shown query and thumbnails; freed when the next search replaces them
+
+function objectURL(blob) {
+  const url = URL.createObjectURL(blob);
+  objectURLs.push(url);
+  return url;
+}
+
+function freeObjectURLs() {
+  objectURLs.forEach((url) => URL.revokeObjectURL(url));
+  objectURLs = [];
+}
+
 async function thumbnail(img, url) {
   if (!token()) { img.src = url; return; }  // an <img> cannot send a header: fetch it with the token
-  try { img.src = URL.createObjectURL(await (await api(url)).blob()); } catch (e) { img.alt = e.message; }
+  try { img.src = objectURL(await (await api(url)).blob()); } catch (e) { img.alt = e.message; }
 }
 
 function render(answer) {
@@ -84,7 +97,8 @@ function fields() {
 
 async function searchFile(file) {
   if (!file) return;
-  $("query").src = URL.createObjectURL(file);
+  freeObjectURLs();
+  $("query").src = objectURL(file);
   $("query").hidden = false;
   const form = new FormData();
   form.append("image", file);
@@ -94,6 +108,7 @@ async function searchFile(file) {
 }
 
 async function searchRow(index, row, image) {
+  freeObjectURLs();  // images already shown stay on screen until the new results replace them
   thumbnail($("query"), image);
   $("query").hidden = false;
   const body = { ...fields(), index, row, k: Number(fields().k) };
