@@ -20,6 +20,7 @@ import argparse
 import http.client
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from featcache.deploy.index import Index
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed: still stop the server (finally below)
     here = os.getcwd()
     tmp = Path(tempfile.mkdtemp(prefix="featcache-bench-serve-"))
     proc = None

@@ -4,6 +4,7 @@ whole index (ties included), distractors that are searched but never relevant, a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -213,6 +214,15 @@ def test_search_streams_caches_as_an_index_would_answer(tmp_path, cli):
         want_paths = [str(tmp_path / f"img{j if j < first.sum() else j - first.sum():05d}.png") for j in neighbours[i]]
         assert [n["path"] for n in result["neighbours"]] == want_paths
     assert got["index"] == [str(a.resolve()), str(b.resolve())]
+    # the zero-shot pooling on both sides: 16 dims averaged in pairs to 8 (eval's baseline, by hand here)
+    wide = make_cache(tmp_path, np.repeat(x, 8, axis=1)[:, :128] + 0.01 * np.arange(128), y, name="wide")  # 128-d
+    cli("search", "--query-cache", wide, "--index-cache", wide, "--zero-shot", "pooled", "--k", "3", "--json",
+        tmp_path / "p.json", "-q", "--max-memory", "8KB")
+    by_hand = (np.repeat(x, 8, axis=1)[:, :128] + 0.01 * np.arange(128)).reshape(len(x), 64, 2).mean(axis=2)
+    _, want = brute_mp(by_hand, list(y), by_hand, list(y), 3, [-1] * len(y))
+    pooled_rows = [[int(Path(n["path"]).stem[3:]) for n in r["neighbours"]]
+                   for r in json.loads((tmp_path / "p.json").read_text())["queries"]]
+    assert pooled_rows == want.tolist()
     # with a run's head: what faiss's exact index of the same cache answers
     cli("train-head", "--cache", a, "--epochs", "1", "--batch-size", "8", "--out", tmp_path / "run", "--embed-dim", "8")
     cli("index", "--cache", a, "--run", tmp_path / "run", "--out", tmp_path / "idx")
@@ -224,5 +234,6 @@ def test_search_streams_caches_as_an_index_would_answer(tmp_path, cli):
         assert f["query"] == s["query"] and [n["path"] for n in f["neighbours"]] == [n["path"] for n in s["neighbours"]]
         assert [n["score"] for n in f["neighbours"]] == pytest.approx([n["score"] for n in s["neighbours"]], abs=1e-5)
     for bad, words in ((("--index-cache", a), "--query-cache"), (("--query-cache", q), "one of them"),
-                       (("--query-cache", q, "--index", tmp_path / "idx", "--run", tmp_path / "run"), "--run goes")):
+                       (("--query-cache", q, "--index", tmp_path / "idx", "--run", tmp_path / "run"), "--run and"),
+                       (("--query-cache", q, "--index-cache", a, "--run", tmp_path / "run", "--zero-shot", "raw"), "not both")):
         assert words in " ".join(cli("search", *bad, code=2).output.replace("│", " ").split())

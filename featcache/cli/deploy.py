@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
+from featcache.cli.evaluate import ZeroShot
 from featcache.cli.console import (
     allow_break_lock, break_lock_flag, err, flag, friendly_errors, human_bytes, out, place, print_json, progress_updates, table,
 )
@@ -110,7 +111,8 @@ def search(
     images: Optional[List[str]] = typer.Argument(None, help="Query images (files or URLs)."),
     index_dir: Optional[str] = typer.Option(None, "--index", "-i", help="An index written by `featcache index` (a folder or a URL)."),
     index_cache: List[str] = typer.Option([], "--index-cache", metavar="CACHE", help="Instead of --index: search these caches' valid rows exactly, streamed block by block (no index is built; repeatable; with --query-cache)."),
-    run: Optional[str] = typer.Option(None, "--run", "-r", help="With --index-cache: embed both sides with this run's head. \\[default: the caches' vectors as they are]"),
+    run: Optional[str] = typer.Option(None, "--run", "-r", help="With --index-cache: embed both sides with this run's head. \\[default: --zero-shot]"),
+    zero_shot: Optional[ZeroShot] = typer.Option(None, "--zero-shot", help="With --index-cache and no --run: 'raw' (the caches' vectors as they are) or 'pooled' (averaged to 64 dims, eval's baseline). \\[default: raw]"),
     max_memory: str = typer.Option("2GB", help="With --index-cache: bound on the search's memory; a larger index is streamed from disk."),
     k: int = typer.Option(10, "--k", min=1, help="Neighbours per query."),
     weights: Optional[Path] = typer.Option(None, help="The backbone's weights file, when the index's cache was extracted from one."),
@@ -145,8 +147,10 @@ def search(
     if index_cache and query_cache is None:
         raise typer.BadParameter("--index-cache searches with --query-cache; to search by image, build an index "
                                  "(`featcache index`) and give --index")
-    if run is not None and not index_cache:
-        raise typer.BadParameter("--run goes with --index-cache; an index embeds its queries with its own head")
+    if (run is not None or zero_shot is not None) and not index_cache:
+        raise typer.BadParameter("--run and --zero-shot go with --index-cache; an index embeds its queries with its own head")
+    if run is not None and zero_shot is not None:
+        raise typer.BadParameter("give --run or --zero-shot, not both")
     mem = parse_bytes(max_memory)
     for file, ours, what, option in ((json_file, is_featcache_json, "search results", "--json"),
                                      (plot, is_our_png, "a featcache picture", "--plot")):
@@ -155,7 +159,7 @@ def search(
     idx = Index.open(index_dir) if index_dir is not None else None
     failures: list[str] = []
     if index_cache:
-        results = search_caches(query_cache, index_cache, run=run, k=k, max_memory=mem)
+        results = search_caches(query_cache, index_cache, run=run, zero_shot=zero_shot.value if zero_shot else "raw", k=k, max_memory=mem)
     elif query_cache is not None:
         results = search_cache(idx, query_cache, k=k)
     else:

@@ -490,11 +490,12 @@ def search_cache(index: Index, query_cache: str | os.PathLike, *, k: int = 10,
 
 
 def search_caches(query_cache: str | os.PathLike, index_caches: list, *, run: str | os.PathLike | None = None,
-                  k: int = 10, max_memory: int = 2 << 30) -> list[dict[str, Any]]:
+                  zero_shot: str = "raw", k: int = 10, max_memory: int = 2 << 30) -> list[dict[str, Any]]:
     """Neighbours of every valid row of ``query_cache`` among the valid rows of ``index_caches`` (searched one
     after the other), by exact search streamed from the caches block by block: no index is built, and memory
     holds the queries, their top k and one block whatever the caches' size. With ``run``, both sides are that
-    run's head embeddings; without, the caches' vectors as they are (L2-normalised)."""
+    run's head embeddings; without, ``zero_shot``: the caches' vectors as they are (``raw``, L2-normalised) or
+    averaged to 64 dims (``pooled``, eval's baseline)."""
     from featcache.evaluate.protocols import EvalSet, check_run_fits, embed
     from featcache.evaluate.search import search_blocks
     from featcache.train.runs import Run
@@ -505,7 +506,7 @@ def search_caches(query_cache: str | os.PathLike, index_caches: list, *, run: st
         check_run_fits(run, cache)
 
     def embedded(raw: np.ndarray) -> np.ndarray:
-        return l2_normalize(embed(raw, run, None if run is not None else "raw"))
+        return l2_normalize(embed(raw, run, None if run is not None else zero_shot))
 
     xq = embedded(es.query_features)
     k = min(k, len(es.index))
