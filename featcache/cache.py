@@ -445,8 +445,9 @@ class FeatureCache:
         """Whether each row (of ``rows``: a mask or increasing row numbers) holds a real embedding."""
         return self._read_rows("valid", rows, 64 << 20, None)
 
-    def labels(self) -> np.ndarray:
-        return self.group["labels"][:]
+    def labels(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Label codes (into ``classes``) of every row, or of the sorted ``rows`` given."""
+        return self.group["labels"][:] if rows is None else self._picked("labels", rows)
 
     def classes(self) -> np.ndarray:
         return np.asarray(self.group["classes"][:], dtype=object)
@@ -456,10 +457,19 @@ class FeatureCache:
         sorted ``rows`` given (reading only the span that holds them)."""
         if rows is None:
             return np.asarray(self.group[name][:], dtype=object)
+        return np.asarray(self._picked(name, rows), dtype=object)
+
+    def _picked(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Values of the sorted ``rows`` of a one-dimensional array: one read of their span when they are dense,
+        else only the chunks that hold them (a few neighbours among 100M rows)."""
+        arr = self.group[name]
+        rows = np.asarray(rows, dtype=np.int64)
         if not len(rows):
-            return np.zeros(0, dtype=object)
+            return np.asarray(arr[0:0])
         lo, hi = int(rows[0]), int(rows[-1]) + 1
-        return np.asarray(self.group[name][lo:hi], dtype=object)[np.asarray(rows) - lo]
+        if hi - lo <= 2 * len(rows) + arr.chunks[0]:
+            return np.asarray(arr[lo:hi])[rows - lo]
+        return np.asarray(arr.oindex[rows])
 
     def features(self, rows: np.ndarray | None = None, block_bytes: int = 64 << 20, out: np.ndarray | None = None) -> np.ndarray:
         """All features, or the rows picked by a boolean mask or sorted index array, in one pass that

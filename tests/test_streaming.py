@@ -237,3 +237,62 @@ def test_search_streams_caches_as_an_index_would_answer(tmp_path, cli):
                        (("--query-cache", q, "--index", tmp_path / "idx", "--run", tmp_path / "run"), "--run and"),
                        (("--query-cache", q, "--index-cache", a, "--run", tmp_path / "run", "--zero-shot", "raw"), "not both")):
         assert words in " ".join(cli("search", *bad, code=2).output.replace("│", " ").split())
+
+
+def test_index_caches_are_each_checked_read_in_their_own_dtype_and_not_held_per_row(tmp_path, cli, monkeypatch):
+    import shutil
+
+    from featcache.cache import FeatureCache, import_features
+    from featcache.evaluate.protocols import EvalSet, run_eval
+    from featcache.manifest import read_manifest
+
+    x, y = blobs(6, 8, dim=16, noise=1.0, seed=7)
+    a = make_cache(tmp_path, x[:24] * 1e5, y[:24], name="a")  # float32 values that float16 cannot hold
+    # a second index cache in float16, with values float16 holds only approximately
+    import_features((x[24:] * 3.3).astype(np.float32), read_manifest(make_cache(tmp_path, x[24:], y[24:], name="h32")
+                    .with_suffix(".csv")), tmp_path / "h.zarr", source="h.npy", source_sha256="0" * 64, dtype="float16")
+    h = tmp_path / "h.zarr"
+    # query expansion reads neighbours' features back: streamed, as in memory (float16 rows widened alike)
+    whole = run_eval(eval_set=EvalSet.load(query_cache=a, index_cache=[h, a]), k=5, zero_shot="raw", qe=2, show=24)
+    streamed_set = EvalSet.load(query_cache=a, index_cache=[h, a], max_memory=1 << 12)
+    assert streamed_set.streamed
+    streamed = run_eval(eval_set=streamed_set, k=5, zero_shot="raw", qe=2, show=24)
+    assert streamed.result["overall"] == whole.result["overall"]
+    np.testing.assert_array_equal(streamed.neighbours, whole.neighbours)
+    # a damaged copy of the query cache (same key) is refused as an index cache, as any other cache is
+    shutil.copytree(a, tmp_path / "copy.zarr")
+    chunk = next(p for p in (tmp_path / "copy.zarr" / "features" / "c").rglob("*") if p.is_file())
+    chunk.unlink()
+    for command in (("eval", "--zero-shot", "raw"), ("search", "-q")):
+        r = cli(*command, "--query-cache", a, "--index-cache", tmp_path / "copy.zarr", code=2)
+        assert "damaged" in r.output or "missing" in r.output
+    # search reads the paths, labels and domains of the neighbours only, never a whole column of an index cache
+    whole_reads = []
+    strings, labels = FeatureCache.strings, FeatureCache.labels
+    monkeypatch.setattr(FeatureCache, "strings", lambda self, name, rows=None: (
+        whole_reads.append((self.path.name, name)) if rows is None else None) or strings(self, name, rows))
+    monkeypatch.setattr(FeatureCache, "labels", lambda self, rows=None: (
+        whole_reads.append((self.path.name, "labels")) if rows is None else None) or labels(self, rows))
+    q = make_cache(tmp_path, x[:3], y[:3], name="q")
+    cli("search", "--query-cache", q, "--index-cache", a, "--index-cache", h, "--k", "4", "--json", tmp_path / "s.json", "-q")
+    assert not [r for r in whole_reads if r[0] != "q.zarr"], whole_reads
+    got = json.loads((tmp_path / "s.json").read_text())["queries"]
+    index = np.concatenate([x[:24], np.float16(x[24:] * 3.3).astype(np.float32)])
+    _, want = brute_mp(x[:3], list(y[:3]), index, list(y), 4, [-1] * 3)
+    assert [[n["label"] for n in r["neighbours"]] for r in got] == [[str(v) for v in y[w]] for w in want]
+
+
+def test_eval_set_takes_one_index_cache_as_any_path_like(tmp_path):
+    from featcache.evaluate.protocols import EvalSet
+
+    class Where:  # a PathLike that is neither str nor Path (as a Remote is not)
+        def __init__(self, path):
+            self.path = path
+
+        def __fspath__(self):
+            return str(self.path)
+
+    x, y = blobs(3, 6, dim=8)
+    a, b = make_cache(tmp_path, x, y, name="a"), make_cache(tmp_path, x, y, name="b")
+    es = EvalSet.load(query_cache=a, index_cache=Where(b))
+    assert len(es.index) == len(y) and es.self_ids is None

@@ -151,6 +151,9 @@ def search(
         raise typer.BadParameter("--run and --zero-shot go with --index-cache; an index embeds its queries with its own head")
     if run is not None and zero_shot is not None:
         raise typer.BadParameter("give --run or --zero-shot, not both")
+    if index_cache and (weights is not None or model is not None or device is not None):
+        raise typer.BadParameter("--weights, --model and --device embed query images; --index-cache searches the "
+                                 "features cached already")
     mem = parse_bytes(max_memory)
     for file, ours, what, option in ((json_file, is_featcache_json, "search results", "--json"),
                                      (plot, is_our_png, "a featcache picture", "--plot")):

@@ -493,35 +493,57 @@ def search_caches(query_cache: str | os.PathLike, index_caches: list, *, run: st
                   zero_shot: str = "raw", k: int = 10, max_memory: int = 2 << 30) -> list[dict[str, Any]]:
     """Neighbours of every valid row of ``query_cache`` among the valid rows of ``index_caches`` (searched one
     after the other), by exact search streamed from the caches block by block: no index is built, and memory
-    holds the queries, their top k and one block whatever the caches' size. With ``run``, both sides are that
+    holds the queries, their top k and one block whatever the caches' size (nothing is held per index row:
+    the neighbours' paths, labels and domains are read for them alone). With ``run``, both sides are that
     run's head embeddings; without, ``zero_shot``: the caches' vectors as they are (``raw``, L2-normalised) or
     averaged to 64 dims (``pooled``, eval's baseline)."""
-    from featcache.evaluate.protocols import EvalSet, check_run_fits, embed
+    from featcache.evaluate.protocols import (
+        EvalError, block_rows_for, check_comparable, check_run_fits, embed, rows_at, valid_spans,
+    )
     from featcache.evaluate.search import search_blocks
     from featcache.train.runs import Run
 
-    es = EvalSet.load(query_cache=query_cache, index_cache=list(index_caches), max_memory=max_memory)
+    queries, caches = FeatureCache.open(query_cache), [FeatureCache.open(c) for c in index_caches]
+    for cache in [queries, *caches]:
+        cache.require_complete()
+    check_comparable(queries, caches)
     run = Run.load(run) if run is not None else None
-    for cache in es.caches if run is not None else ():
+    for cache in [queries, *caches] if run is not None else ():
         check_run_fits(run, cache)
 
     def embedded(raw: np.ndarray) -> np.ndarray:
         return l2_normalize(embed(raw, run, None if run is not None else zero_shot))
 
-    xq = embedded(es.query_features)
-    k = min(k, len(es.index))
-    scores, positions = search_blocks(xq, es.index_blocks(embedded, xq), k, self_ids=np.full(len(xq), -1),
-                                      max_memory=max_memory // 2, total=len(es.index))
-    order = np.argsort(positions.ravel(), kind="stable")  # each part's rows are read in row order, once
-    paths, labels, domains = (np.empty(positions.size, dtype=object) for _ in range(3))
-    for cache, rows, where in es.index.located(positions.ravel()[order]):
-        unique, back = np.unique(rows, return_inverse=True)
-        paths[order[where]] = np.asarray(_resolver(cache.meta["root"])(cache.strings("paths", unique).tolist()),
-                                         dtype=object)[back]
-    labels[:], domains[:] = es.index.labels[positions.ravel()], es.index.domains[positions.ravel()]
-    queries = _resolver(es.queries.cache.meta["root"])(es.queries.cache.strings("paths", es.queries.rows).tolist())
+    query_rows = np.flatnonzero(queries.valid())
+    if not len(query_rows):
+        raise EvalError(f"--query-cache {queries.path}: no valid rows to search with")
+    parts = [(cache, int(cache.valid().sum())) for cache in caches]
+    total = sum(n for _, n in parts)
+    if not total:
+        raise EvalError("the index set is empty (no valid rows in the --index-cache caches)")
+    block_rows = block_rows_for(max_memory, caches)
+
+    def blocks():
+        offset = 0
+        for cache, _ in parts:
+            for rows in valid_spans(cache, block_rows):
+                if len(rows):
+                    yield offset, embedded(cache.features(rows))
+                    offset += len(rows)
+
+    xq = embedded(queries.features(query_rows))
+    scores, positions = search_blocks(xq, blocks(), min(k, total), self_ids=np.full(len(xq), -1),
+                                      max_memory=max_memory // 2, total=total)
+    flat = positions.ravel()
+    paths, labels, domains = (np.empty(flat.size, dtype=object) for _ in range(3))
+    for cache, rows, here in rows_at(parts, flat, block_rows):
+        unique, back = np.unique(rows, return_inverse=True)  # each neighbour row read once, in row order
+        paths[here] = np.asarray(_resolver(cache.meta["root"])(cache.strings("paths", unique).tolist()), dtype=object)[back]
+        labels[here] = cache.classes()[cache.labels(unique)][back]
+        domains[here] = cache.strings("domains", unique)[back]
+    named = _resolver(queries.meta["root"])(queries.strings("paths", query_rows).tolist())
     found = np.ones(positions.shape, dtype=bool)
-    return [{"query": q, "neighbours": n} for q, n in zip(queries, _per_query(found, scores, paths, labels, domains))]
+    return [{"query": q, "neighbours": n} for q, n in zip(named, _per_query(found, scores, paths, labels, domains))]
 
 
 META_SHAPE = {"format_version": int, "index": dict, "rows": int, "dim": int, "space": dict, "features_space": dict,

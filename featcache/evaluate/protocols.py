@@ -95,16 +95,7 @@ def select(cache: FeatureCache | None, query_cache: FeatureCache | None, index_c
         return valid if not domains else valid & np.isin(c.strings("domains"), domains)
 
     if query_cache is not None:
-        qs = feature_space(query_cache.meta)
-        seen: set[str] = set()
-        for ic in index_caches:
-            if ic.key in seen:
-                raise EvalError(f"--index-cache {ic.path}: given twice")
-            seen.add(ic.key)
-            if feature_space(ic.meta) != qs:
-                raise EvalError(f"--query-cache {query_cache.path} ({describe_space(qs)}) and --index-cache "
-                                f"{ic.path} ({describe_space(feature_space(ic.meta))}) hold different kinds of vectors "
-                                "(backbone, weights, preprocessing, head or declared space): they cannot be compared")
+        check_comparable(query_cache, index_caches)
         queries = Side.of(query_cache, usable(query_cache))
         parts = [Side.of(ic, usable(ic)) for ic in index_caches]
         index = Side.joined(parts)
@@ -133,6 +124,56 @@ def select(cache: FeatureCache | None, query_cache: FeatureCache | None, index_c
         raise EvalError(f"{cache.path}: has {'query' if has_q else 'index'} rows but no {'index' if has_q else 'query'} rows")
     both = Side.of(cache, valid)
     return both, both, np.arange(len(both.rows), dtype=np.int64)
+
+
+def check_comparable(query_cache: FeatureCache, index_caches: list[FeatureCache]) -> None:
+    """Refuse, in one line, index caches given twice or holding vectors of another kind than the queries'."""
+    qs = feature_space(query_cache.meta)
+    seen: set[str] = set()
+    for ic in index_caches:
+        if ic.key in seen:
+            raise EvalError(f"--index-cache {ic.path}: given twice")
+        seen.add(ic.key)
+        if feature_space(ic.meta) != qs:
+            raise EvalError(f"--query-cache {query_cache.path} ({describe_space(qs)}) and --index-cache "
+                            f"{ic.path} ({describe_space(feature_space(ic.meta))}) hold different kinds of vectors "
+                            "(backbone, weights, preprocessing, head or declared space): they cannot be compared")
+
+
+def block_rows_for(max_memory: int, caches: list[FeatureCache]) -> int:
+    """Rows of a block read from ``caches`` while the index side is streamed within ``max_memory``."""
+    row_bytes = max(c.dim * max(np.dtype(c.meta["dtype"]).itemsize, 4) for c in caches)
+    return max(1, (max_memory // (4 * IN_MEMORY_SHARE)) // row_bytes)
+
+
+def valid_spans(cache: FeatureCache, block_rows: int) -> Iterator[np.ndarray]:
+    """A cache's valid row numbers, one span of ``block_rows`` rows at a time: no list of its 100M row numbers
+    is held."""
+    for lo in range(0, cache.rows, block_rows):
+        span = np.arange(lo, min(cache.rows, lo + block_rows))
+        yield span[cache.valid(span)]
+
+
+def rows_at(parts: list[tuple[FeatureCache, int]], positions: np.ndarray, block_rows: int
+            ) -> Iterator[tuple[FeatureCache, np.ndarray, np.ndarray]]:
+    """(cache, row numbers, mask into ``positions``) for each of ``parts`` (a cache and its count of valid rows,
+    searched one after the other) that ``positions`` reach: valid-row ordinals mapped to rows span by span."""
+    positions = np.asarray(positions, dtype=np.int64)
+    start = 0
+    for cache, count in parts:
+        here = (positions >= start) & (positions < start + count)
+        if here.any():
+            ordinals = positions[here] - start
+            rows = np.empty(len(ordinals), dtype=np.int64)
+            seen = 0
+            for valid_rows in valid_spans(cache, block_rows):
+                inside = (ordinals >= seen) & (ordinals < seen + len(valid_rows))
+                rows[inside] = valid_rows[ordinals[inside] - seen]
+                seen += len(valid_rows)
+                if seen > ordinals.max():
+                    break
+            yield cache, rows, here
+        start += count
 
 
 # (L2-normalised queries, self ids) -> (Q, k) scores and positions of the top k, best first
@@ -287,8 +328,8 @@ class EvalSet:
         """Queries and index of a cache, or the valid rows of a query cache against those of one or more index
         caches (``index_cache``: one, or a list), optionally of ``domains`` only, and the valid rows of the
         ``distractors`` caches."""
-        index_caches = [] if index_cache is None else [index_cache] if isinstance(index_cache, (str, Path)) \
-            else list(index_cache)
+        index_caches = [] if index_cache is None else list(index_cache) if isinstance(index_cache, (list, tuple)) \
+            else [index_cache]
         main = FeatureCache.open(cache_path) if cache_path is not None else None
         qc = FeatureCache.open(query_cache) if query_cache is not None else None
         ics = [FeatureCache.open(c) for c in index_caches]
@@ -297,10 +338,10 @@ class EvalSet:
         if main is not None and (qc is not None or ics):
             raise EvalError("give --cache, or --query-cache and --index-cache, not both")
         extra = [FeatureCache.open(d) for d in distractors or []]
-        caches = [c for c in (main, qc) if c is not None]
-        caches += [c for c in ics if all(c.key != seen.key for seen in caches)]
-        for c in caches + extra:
+        for c in [c for c in (main, qc) if c is not None] + ics + extra:
             c.require_complete()
+        caches = [c for c in (main, qc) if c is not None]
+        caches += [c for c in ics if all(c.key != seen.key for seen in caches)]  # each checked against a run once
         if domains:
             known = set().union(*(set(c.strings("domains").tolist()) for c in caches))
             unknown = [d for d in domains if d not in known]
@@ -326,7 +367,7 @@ class EvalSet:
         row_bytes = max(c.dim * np.dtype(c.meta["dtype"]).itemsize for c, _ in index.parts)
         total = len(index) + sum(n for _, n in parts)
         streamed = total * row_bytes > max_memory // IN_MEMORY_SHARE
-        block_rows = max(1, (max_memory // (4 * IN_MEMORY_SHARE)) // max(row_bytes, 4 * index.cache.dim))
+        block_rows = block_rows_for(max_memory, [c for c, _ in index.parts])
         index_features = None if same or streamed else np.concatenate(
             [c.features(rows) for c, rows in index.parts] + [d.features(d.valid()) for d, _ in parts])
         return cls(queries, index, self_ids, caches + extra, source, queries.cache.features(queries.rows),
@@ -344,7 +385,9 @@ class EvalSet:
         if not self.streamed:
             source = self.query_features if self.index_features is None else self.index_features
             return source[positions]
-        out = np.empty((len(positions), self.index.cache.dim), dtype=self.index.cache.meta["dtype"])
+        # as the in-memory path concatenates them: in the widest of the caches' dtypes
+        dtype = np.result_type(*[c.meta["dtype"] for c, _ in self.index.parts + self.distractors])
+        out = np.empty((len(positions), self.index.cache.dim), dtype=dtype)
 
         def fill(cache: FeatureCache, rows: np.ndarray, here: np.ndarray) -> None:
             unique, back = np.unique(rows, return_inverse=True)  # read in row order, once each
@@ -352,21 +395,9 @@ class EvalSet:
 
         for cache, rows, here in self.index.located(positions):
             fill(cache, rows, here)
-        start = len(self.index)
-        for cache, count in self.distractors:  # valid-row ordinals to rows, span by span (as index_blocks reads)
-            here = (positions >= start) & (positions < start + count)
-            if here.any():
-                ordinals = positions[here] - start
-                rows = np.empty(len(ordinals), dtype=np.int64)
-                seen = 0
-                for valid_rows in self._valid_spans(cache):
-                    inside = (ordinals >= seen) & (ordinals < seen + len(valid_rows))
-                    rows[inside] = valid_rows[ordinals[inside] - seen]
-                    seen += len(valid_rows)
-                    if seen > ordinals.max():
-                        break
-                fill(cache, rows, here)
-            start += count
+        beyond = positions - len(self.index)  # the distractors' valid-row ordinals, as index_blocks reads them
+        for cache, rows, here in rows_at(self.distractors, np.where(beyond >= 0, beyond, -1), self.block_rows):
+            fill(cache, rows, here)
         return out
 
     def index_blocks(self, embed_block: Callable[[np.ndarray], np.ndarray], xq: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
@@ -388,17 +419,10 @@ class EvalSet:
                 yield offset, embedded(cache, rows)
                 offset += len(rows)
         for cache, _ in self.distractors:
-            for rows in self._valid_spans(cache):
+            for rows in valid_spans(cache, self.block_rows):
                 if len(rows):
                     yield offset, embedded(cache, rows)
                     offset += len(rows)
-
-    def _valid_spans(self, cache: FeatureCache) -> Iterator[np.ndarray]:
-        """A distractor cache's valid row numbers, one span of ``block_rows`` rows at a time: no list of its
-        100M row numbers is held."""
-        for lo in range(0, cache.rows, self.block_rows):
-            span = np.arange(lo, min(cache.rows, lo + self.block_rows))
-            yield span[cache.valid(span)]
 
 
 @dataclass
