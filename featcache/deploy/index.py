@@ -389,7 +389,7 @@ class Index:
         score; faiss's -1 ("no more rows") dropped. One lookup in the rows table for the whole block."""
         found = positions >= 0
         picked = self.rows.take(positions[found]).select(["path", "label", "domain"]).to_pydict()
-        paths = _resolver(self.meta["root"])(picked["path"])
+        paths = path_resolver(self.meta["root"])(picked["path"])
         return _per_query(found, scores, paths, picked["label"], picked["domain"])
 
 
@@ -404,7 +404,7 @@ def _per_query(found: np.ndarray, scores: np.ndarray, paths: list, labels, domai
     return out
 
 
-def _resolver(root: str) -> Callable[[list[str]], list[str]]:
+def path_resolver(root: str) -> Callable[[list[str]], list[str]]:
     """Manifest paths to file paths (``manifest.resolve``'s rule, with string joins: a search maps
     thousands of neighbours a block)."""
     if is_url(root):
@@ -420,7 +420,7 @@ def search_images(index: Index, images: list[str | os.PathLike], *, k: int = 10,
     """Neighbours of each image file; images that cannot be read are skipped and named in the second list.
     With ``model`` (a file written by ``featcache export``), queries are embedded by that module instead
     of the rebuilt backbone and head."""
-    embed = _module_embedder(index, model) if model is not None else index.embedder(weights, device).embed_images
+    embed = module_embedder(index, model) if model is not None else index.embedder(weights, device).embed_images
     results, failures = [], []
     for path in images:
         try:
@@ -433,7 +433,7 @@ def search_images(index: Index, images: list[str | os.PathLike], *, k: int = 10,
     return results, failures
 
 
-def _module_embedder(index: Index, model: str | os.PathLike) -> Callable[[list], np.ndarray]:
+def module_embedder(index: Index, model: str | os.PathLike) -> Callable[[list], np.ndarray]:
     import torch
 
     from featcache.deploy.export import image_tensor, load_torchscript, read_export_metadata
@@ -479,7 +479,7 @@ def search_cache(index: Index, query_cache: str | os.PathLike, *, k: int = 10,
                           f"{describe_space(index.meta['space'])}: they cannot be compared")
     rows = np.flatnonzero(cache.valid())
     paths = cache.strings("paths")
-    to_file = _resolver(cache.meta["root"])
+    to_file = path_resolver(cache.meta["root"])
     results = []
     for lo in range(0, len(rows), block_rows):
         scores, positions = index.search(embed(cache.features(rows[lo:lo + block_rows])), k)
@@ -538,10 +538,10 @@ def search_caches(query_cache: str | os.PathLike, index_caches: list, *, run: st
     paths, labels, domains = (np.empty(flat.size, dtype=object) for _ in range(3))
     for cache, rows, here in rows_at(parts, flat, block_rows):
         unique, back = np.unique(rows, return_inverse=True)  # each neighbour row read once, in row order
-        paths[here] = np.asarray(_resolver(cache.meta["root"])(cache.strings("paths", unique).tolist()), dtype=object)[back]
+        paths[here] = np.asarray(path_resolver(cache.meta["root"])(cache.strings("paths", unique).tolist()), dtype=object)[back]
         labels[here] = cache.classes()[cache.labels(unique)][back]
         domains[here] = cache.strings("domains", unique)[back]
-    named = _resolver(queries.meta["root"])(queries.strings("paths", query_rows).tolist())
+    named = path_resolver(queries.meta["root"])(queries.strings("paths", query_rows).tolist())
     found = np.ones(positions.shape, dtype=bool)
     return [{"query": q, "neighbours": n} for q, n in zip(named, _per_query(found, scores, paths, labels, domains))]
 

@@ -35,6 +35,7 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 import numpy as np
+import pyarrow.compute as pc
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -43,7 +44,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from featcache.deploy.embedder import DeployError
-from featcache.deploy.index import Index, _module_embedder, _resolver
+from featcache.deploy.index import Index, module_embedder, path_resolver
+from featcache.evaluate.search import import_faiss
 from featcache.images import ImageFailure, load_image, load_image_bytes
 
 log = logging.getLogger("featcache.serve")
@@ -157,22 +159,18 @@ class Served:
         """Row ``row``'s image, decoded, read under the served root (a 404 when it cannot be read)."""
         path = self.index.rows.column("path")[row].as_py()
         try:
-            return load_image(_resolver(self.root)([path])[0])
+            return load_image(path_resolver(self.root)([path])[0])
         except ImageFailure as e:
             raise Refused(404, f"row {row}'s image {path!r} cannot be read under the served root ({e})") from None
 
     def rows_of(self, domain: str) -> tuple[np.ndarray, Any]:
         """The rows of ``domain`` (sorted), and a faiss selector of them (built once per domain)."""
         if domain not in self._by_domain:
-            import faiss
-
-            import pyarrow.compute as pc
-
             if domain not in self.domains:
                 shown = ", ".join(self.domains[:20])
                 raise Refused(400, f"domain {domain[:80]!r}: no such domain in index {self.name!r} (domains: {shown})")
             found = np.flatnonzero(pc.equal(self.index.rows.column("domain"), domain).to_numpy(zero_copy_only=False))
-            self._by_domain[domain] = (found.astype(np.int64), faiss.IDSelectorBatch(found.astype(np.int64)))
+            self._by_domain[domain] = (found.astype(np.int64), import_faiss().IDSelectorBatch(found.astype(np.int64)))
         return self._by_domain[domain]
 
     def search(self, vector: np.ndarray, k: int, domain: str | None) -> list[dict[str, Any]]:
@@ -185,12 +183,11 @@ class Served:
         found = ids[0] >= 0
         rows = self.index.rows.take(ids[0][found]).select(["path", "label", "domain"]).to_pydict()
         link = f"/image/{quote(self.name, safe='')}/"
-        return [{"row": int(i), "path": path, "label": label, "domain": domain, "score": float(s), "image": f"{link}{int(i)}"}
-                for s, i, path, label, domain in zip(scores[0][found], ids[0][found], rows["path"], rows["label"], rows["domain"])]
+        return [{"row": int(i), "path": path, "label": label, "domain": dom, "score": float(s), "image": f"{link}{int(i)}"}
+                for s, i, path, label, dom in zip(scores[0][found], ids[0][found], rows["path"], rows["label"], rows["domain"])]
 
     def _search_domain(self, q: np.ndarray, k: int, allowed: np.ndarray, selector):
-        import faiss
-
+        faiss = import_faiss()
         k = min(k, len(allowed))
         top = faiss.downcast_index(self.index.faiss_index)
         inner = faiss.downcast_index(top.index) if isinstance(top, faiss.IndexPreTransform) else top
@@ -234,13 +231,11 @@ def open_served(index_dirs: list, *, model=None, weights=None, device: str = "cp
         space = json.dumps(index.meta["space"], sort_keys=True)
         if space not in batchers:
             if model is not None:  # the exported module resizes inside: it takes the decoded image as it is
-                batchers[space] = Batcher(_module_embedder(index, model), limits.max_batch, limits.max_wait_ms / 1000, observe)
+                batchers[space] = Batcher(module_embedder(index, model), limits.max_batch, limits.max_wait_ms / 1000, observe)
             else:
                 embedder = index.embedder(weights, device)
                 batchers[space] = Batcher(embedder.embed_prepared, limits.max_batch, limits.max_wait_ms / 1000, observe,
                                           prepare=embedder.prepare)
-        import pyarrow.compute as pc
-
         domains = sorted(pc.unique(index.rows.column("domain")).to_pylist())
         served[name] = Served(name, index, batchers[space], str(root) if root is not None else index.meta["root"], domains)
     return served
