@@ -157,16 +157,21 @@ def brute_mp(q, q_labels, b, b_labels, k, self_ids):
     return float(np.mean(values)), np.array(neighbours)
 
 
+def three_caches(tmp_path, classes: int, per_class: int, seed: int):
+    """Blobs split row by row into two index caches (a, b) and a query cache (q): the vectors, labels, the three
+    row masks and the three caches."""
+    x, y = blobs(classes, per_class, dim=16, noise=1.0, seed=seed)
+    first, second = np.arange(len(y)) % 3 == 0, np.arange(len(y)) % 3 == 1
+    queries = ~(first | second)
+    caches = [make_cache(tmp_path, x[m], y[m], name=n) for m, n in ((first, "a"), (second, "b"), (queries, "q"))]
+    return x, y, first, second, queries, caches
+
+
 @pytest.mark.parametrize("max_memory", [2 << 30, 1 << 13])
 def test_several_index_caches_are_one_labelled_index(tmp_path, cli, max_memory):
     from featcache.evaluate.protocols import EvalSet, run_eval
 
-    x, y = blobs(8, 12, dim=16, noise=1.0, seed=3)
-    first, second = np.arange(len(y)) % 3 == 0, np.arange(len(y)) % 3 == 1
-    queries = ~(first | second)
-    a = make_cache(tmp_path, x[first], y[first], name="a")
-    b = make_cache(tmp_path, x[second], y[second], name="b")
-    q = make_cache(tmp_path, x[queries], y[queries], name="q")
+    x, y, first, second, queries, (a, b, q) = three_caches(tmp_path, 8, 12, seed=3)
     index, labels = np.concatenate([x[first], x[second]]), list(y[first]) + list(y[second])
     # queries from another cache: nothing excluded
     es = EvalSet.load(query_cache=q, index_cache=[a, b], max_memory=max_memory)
@@ -195,12 +200,7 @@ def test_several_index_caches_are_one_labelled_index(tmp_path, cli, max_memory):
 
 
 def test_search_streams_caches_as_an_index_would_answer(tmp_path, cli):
-    x, y = blobs(6, 10, dim=16, noise=1.0, seed=4)
-    first, second = np.arange(len(y)) % 3 == 0, np.arange(len(y)) % 3 == 1
-    queries = ~(first | second)
-    a = make_cache(tmp_path, x[first], y[first], name="a")
-    b = make_cache(tmp_path, x[second], y[second], name="b")
-    q = make_cache(tmp_path, x[queries], y[queries], name="q")
+    x, y, first, second, queries, (a, b, q) = three_caches(tmp_path, 6, 10, seed=4)
     # raw vectors against two caches, streamed 8 rows a block: the brute-force cosine ranking
     cli("search", "--query-cache", q, "--index-cache", a, "--index-cache", b, "--k", "7", "--max-memory", "8KB",
         "--json", tmp_path / "s.json", "-q")
