@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 from typing import List, Optional
@@ -51,8 +52,6 @@ def serve(
     api = create_app([place(d) for d in index_dirs], model=model, weights=weights, device=resolve_device(device),
                      root=place(root), token=token, limits=limits, workers=workers,
                      hosts=LOOPBACK if host in LOOPBACK else None)
-    import gc
-
     gc.collect()
     gc.freeze()  # the model's and the libraries' objects are never garbage: full collections need not walk them
     names = ", ".join(api.state.served)

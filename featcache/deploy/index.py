@@ -498,7 +498,7 @@ def search_caches(query_cache: str | os.PathLike, index_caches: list, *, run: st
     run's head embeddings; without, ``zero_shot``: the caches' vectors as they are (``raw``, L2-normalised) or
     averaged to 64 dims (``pooled``, eval's baseline)."""
     from featcache.evaluate.protocols import (
-        EvalError, block_rows_for, check_comparable, check_run_fits, embed, rows_at, valid_spans,
+        EvalError, block_rows_for, check_comparable, check_run_fits, embed, rows_at, valid_blocks,
     )
     from featcache.evaluate.search import search_blocks
     from featcache.train.runs import Run
@@ -523,16 +523,9 @@ def search_caches(query_cache: str | os.PathLike, index_caches: list, *, run: st
         raise EvalError("the index set is empty (no valid rows in the --index-cache caches)")
     block_rows = block_rows_for(max_memory, caches)
 
-    def blocks():
-        offset = 0
-        for cache, _ in parts:
-            for rows in valid_spans(cache, block_rows):
-                if len(rows):
-                    yield offset, embedded(cache.features(rows))
-                    offset += len(rows)
-
     xq = embedded(queries.features(query_rows))
-    scores, positions = search_blocks(xq, blocks(), min(k, total), self_ids=np.full(len(xq), -1),
+    blocks = valid_blocks(parts, block_rows, lambda cache, rows: embedded(cache.features(rows)))
+    scores, positions = search_blocks(xq, blocks, min(k, total), self_ids=np.full(len(xq), -1),
                                       max_memory=max_memory // 2, total=total)
     flat = positions.ravel()
     paths, labels, domains = (np.empty(flat.size, dtype=object) for _ in range(3))

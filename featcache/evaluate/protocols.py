@@ -154,6 +154,18 @@ def valid_spans(cache: FeatureCache, block_rows: int) -> Iterator[np.ndarray]:
         yield span[cache.valid(span)]
 
 
+def valid_blocks(parts: list[tuple[FeatureCache, int]], block_rows: int,
+                 embedded: Callable[[FeatureCache, np.ndarray], np.ndarray], offset: int = 0
+                 ) -> Iterator[tuple[int, np.ndarray]]:
+    """(offset, ``embedded`` rows) of the valid rows of each of ``parts`` in turn, ``block_rows`` rows a span:
+    how caches of any size are searched without a list of their rows."""
+    for cache, _ in parts:
+        for rows in valid_spans(cache, block_rows):
+            if len(rows):
+                yield offset, embedded(cache, rows)
+                offset += len(rows)
+
+
 def rows_at(parts: list[tuple[FeatureCache, int]], positions: np.ndarray, block_rows: int
             ) -> Iterator[tuple[FeatureCache, np.ndarray, np.ndarray]]:
     """(cache, row numbers, mask into ``positions``) for each of ``parts`` (a cache and its count of valid rows,
@@ -418,11 +430,7 @@ class EvalSet:
                 rows = part[lo:lo + self.block_rows]
                 yield offset, embedded(cache, rows)
                 offset += len(rows)
-        for cache, _ in self.distractors:
-            for rows in valid_spans(cache, self.block_rows):
-                if len(rows):
-                    yield offset, embedded(cache, rows)
-                    offset += len(rows)
+        yield from valid_blocks(self.distractors, self.block_rows, embedded, offset)
 
 
 @dataclass
