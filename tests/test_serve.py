@@ -420,54 +420,95 @@ def chromium() -> tuple[str, str] | None:
     return (browser, driver) if browser and Path(driver).exists() else None
 
 
-@pytest.mark.skipif(chromium() is None and not os.environ.get("CI"), reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
-def test_the_page_in_a_real_browser(server, collection):
+needs_chromium = pytest.mark.skipif(chromium() is None and not os.environ.get("CI"),
+                                    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+
+
+@pytest.fixture
+def browser():
+    """Headless chromium driven by selenium."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+
+    binary, driver_path = chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+def thumbnails_loaded(driver) -> bool:
+    from selenium.webdriver.common.by import By
+
+    images = driver.find_elements(By.CSS_SELECTOR, "#results img")
+    return bool(images) and all(driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
+                                for img in images)
+
+
+@needs_chromium
+def test_the_page_in_a_real_browser(server, collection, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     data, _ = collection
-    browser, driver_path = chromium()
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver = browser
+    driver.get(server.url + "/")
+    wait = WebDriverWait(driver, 60)
+    wait.until(lambda d: d.find_element(By.ID, "status").text == "Ready.")
+    assert Select(driver.find_element(By.ID, "index")).first_selected_option.get_attribute("value") == "demo-index"
+    k = driver.find_element(By.ID, "k")
+    k.clear()
+    k.send_keys("4")
+    image = data / "images" / "img0007.png"
+    driver.find_element(By.ID, "file").send_keys(str(image))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .result")) == 4)
+    shown = [(e.find_element(By.CLASS_NAME, "label").text, e.find_element(By.CLASS_NAME, "domain").text,
+              float(e.find_element(By.CLASS_NAME, "score").text), int(e.get_attribute("data-row")))
+             for e in driver.find_elements(By.CSS_SELECTOR, "#results .result")]
+    status, answer = server.upload(image.read_bytes(), k="4")
+    assert [(n["label"], n["domain"], round(n["score"], 4), n["row"]) for n in answer["neighbours"]] == shown
+    wait.until(thumbnails_loaded)
+    # a click on a result searches by it: that row comes first, as itself
+    second = driver.find_elements(By.CSS_SELECTOR, "#results .result")[1]
+    row = int(second.get_attribute("data-row"))
+    second.click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .result")[0].get_attribute("data-row") == str(row))
+    assert float(driver.find_elements(By.CSS_SELECTOR, "#results .score")[0].text) > 0.999
+    # a bad upload: one line on the page, the grid kept
+    bad = data / "not-an-image.png"
+    bad.write_bytes(b"hello")
+    driver.find_element(By.ID, "file").send_keys(str(bad))
+    wait.until(lambda d: "not an image" in d.find_element(By.ID, "status").text)
+    assert driver.find_element(By.ID, "status").get_attribute("class") == "error"
+    assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "not-an-image" not in e["message"]
+                and "400" not in e["message"]]
+    # the API's page, with its scripts from the service itself
+    driver.get(server.url + "/docs")
+    wait.until(lambda d: "/search" in [e.text for e in d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")])
+
+
+@needs_chromium
+def test_the_page_asks_for_the_token_and_sends_it(collection, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    data, index = collection
+    s = Server("--index", index, "--token", "s3cret")
     try:
-        driver.get(server.url + "/")
-        wait = WebDriverWait(driver, 60)
+        browser.get(s.url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: "token" in d.find_element(By.ID, "status").text)  # /indexes answered 401
+        box = browser.find_element(By.ID, "token")
+        assert box.is_displayed()
+        box.send_keys("s3cret")
+        browser.find_element(By.ID, "k").click()  # leaving the box commits it
         wait.until(lambda d: d.find_element(By.ID, "status").text == "Ready.")
-        assert Select(driver.find_element(By.ID, "index")).first_selected_option.get_attribute("value") == "demo-index"
-        k = driver.find_element(By.ID, "k")
-        k.clear()
-        k.send_keys("4")
-        image = data / "images" / "img0007.png"
-        driver.find_element(By.ID, "file").send_keys(str(image))
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .result")) == 4)
-        shown = [(e.find_element(By.CLASS_NAME, "label").text, e.find_element(By.CLASS_NAME, "domain").text,
-                  float(e.find_element(By.CLASS_NAME, "score").text), int(e.get_attribute("data-row")))
-                 for e in driver.find_elements(By.CSS_SELECTOR, "#results .result")]
-        status, answer = server.upload(image.read_bytes(), k="4")
-        assert [(n["label"], n["domain"], round(n["score"], 4), n["row"]) for n in answer["neighbours"]] == shown
-        wait.until(lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
-                                 for img in d.find_elements(By.CSS_SELECTOR, "#results img")))  # thumbnails loaded
-        # a click on a result searches by it: that row comes first, as itself
-        second = driver.find_elements(By.CSS_SELECTOR, "#results .result")[1]
-        row = int(second.get_attribute("data-row"))
-        second.click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .result")[0].get_attribute("data-row") == str(row))
-        assert float(driver.find_elements(By.CSS_SELECTOR, "#results .score")[0].text) > 0.999
-        # a bad upload: one line on the page, the grid kept
-        bad = data / "not-an-image.png"
-        bad.write_bytes(b"hello")
-        driver.find_element(By.ID, "file").send_keys(str(bad))
-        wait.until(lambda d: "not an image" in d.find_element(By.ID, "status").text)
-        assert driver.find_element(By.ID, "status").get_attribute("class") == "error"
-        assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "not-an-image" not in e["message"]
-                    and "400" not in e["message"]]
-        # the API's page, with its scripts from the service itself
-        driver.get(server.url + "/docs")
-        wait.until(lambda d: "/search" in [e.text for e in d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")])
+        browser.find_element(By.ID, "file").send_keys(str(data / "images" / "img0002.png"))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .result")) == 10)
+        wait.until(thumbnails_loaded)  # fetched with the token: an <img> alone could not send it
+        assert browser.find_elements(By.CSS_SELECTOR, "#results .result")[0].get_attribute("data-row") == "2"
     finally:
-        driver.quit()
+        s.stop()
